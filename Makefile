@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` and `make test` (Python 3.11 and make are all they need).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.slicreg-installed
+
+.PHONY: demo test setup clean-runs
+
+setup: $(STAMP)
+
+# torch first and pinned: an open-ended torch requirement would pull a multi-GB CUDA build.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python run_pipeline.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs

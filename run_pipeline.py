@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""Run a slicreg pipeline: ``python run_pipeline.py [PIPELINE.toml] [--work-dir DIR] [--only ...] [--list] ...``.
+
+The same as ``slicreg run``; see ``python run_pipeline.py --help``."""
+
+import sys
+
+from pipelines.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

@@ -1,0 +1,201 @@
+"""Sampling and warping with displacement fields (voxels, fixed -> moving; see :mod:`slicreg.conventions`).
+
+The sampler works in voxel coordinates directly (trilinear or nearest, with a gather), so an integer
+position returns the stored value bit for bit: a zero field reproduces the input exactly and an integer shift
+is an exact shift. ``grid_sample`` is used only where its speed on CUDA or its autograd matter (the
+registration toolkit); :func:`sample_grid_sample` shows the one place where voxel coordinates become
+normalised ones and is checked against :func:`sample` in the tests.
+
+Boundary handling (``padding``):
+
+- ``"border"``: positions are clamped to the grid, i.e. the edge value continues outwards (deeds' rule, and the
+  right choice for intensities);
+- ``"zeros"``: samples outside the grid are 0 (background; the right choice for label maps, as in Learn2Reg's
+  ``map_coordinates(..., order=0)`` with its default constant mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from slicreg.conventions import identity_grid_vox, vox_to_normalised
+from slicreg.errors import InputError
+
+__all__ = ["sample", "sample_grid_sample", "warp_image", "warp_labels", "compose", "apply_affine_vox"]
+
+Padding = Literal["border", "zeros"]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _to_tensor(x: Any, device: Any, dtype: Any = None) -> Any:
+    torch = _torch()
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device=device)
+
+
+def sample(values: Any, coords_vox: Any, *, order: int = 1, padding: Padding = "border") -> Any:
+    """Sample a volume at voxel coordinates.
+
+    Args:
+        values: torch tensor ``(X, Y, Z)`` or ``(C, X, Y, Z)``.
+        coords_vox: torch tensor ``(3, *S)``: positions in voxels along array axes 0, 1, 2.
+        order: 1 = trilinear, 0 = nearest (rounds half up: ``floor(x + 0.5)``, as ``scipy.ndimage``).
+        padding: ``"border"`` (clamp positions to the grid) or ``"zeros"`` (0 outside).
+
+    Returns:
+        ``(*S)`` or ``(C, *S)``, dtype of ``values`` for nearest, floating for trilinear.
+    """
+    torch = _torch()
+    if order not in (0, 1):
+        raise InputError(f"sample: order must be 0 (nearest) or 1 (linear), got {order}")
+    if padding not in ("border", "zeros"):
+        raise InputError(f"sample: padding must be 'border' or 'zeros', got {padding!r}")
+    squeeze = values.ndim == 3
+    vol = values[None] if squeeze else values
+    if vol.ndim != 4 or coords_vox.shape[0] != 3:
+        raise InputError(
+            f"sample: expected values (X, Y, Z) or (C, X, Y, Z) and coords (3, ...), got "
+            f"{tuple(values.shape)} and {tuple(coords_vox.shape)}"
+        )
+    n_ch, size = vol.shape[0], vol.shape[1:]
+    out_shape = coords_vox.shape[1:]
+    pos = coords_vox.reshape(3, -1)
+    flat = vol.reshape(n_ch, -1)
+    strides = (size[1] * size[2], size[2], 1)
+
+    if order == 0:
+        idx = torch.floor(pos + 0.5).to(torch.int64)
+        inside = torch.ones(idx.shape[1], dtype=torch.bool, device=idx.device)
+        lin = torch.zeros(idx.shape[1], dtype=torch.int64, device=idx.device)
+        for a in range(3):
+            inside &= (idx[a] >= 0) & (idx[a] < size[a])
+            lin += idx[a].clamp(0, size[a] - 1) * strides[a]
+        out = flat[:, lin]
+        if padding == "zeros":
+            out = out * inside.to(out.dtype)
+        return out.reshape(n_ch, *out_shape)[0] if squeeze else out.reshape(n_ch, *out_shape)
+
+    work_dtype = vol.dtype if vol.dtype.is_floating_point else torch.float32
+    pos = pos.to(work_dtype)
+    if padding == "border":
+        pos = torch.stack([pos[a].clamp(0, size[a] - 1) for a in range(3)])
+    lo = torch.floor(pos)
+    frac = pos - lo
+    lo = lo.to(torch.int64)
+    out = torch.zeros(n_ch, pos.shape[1], dtype=work_dtype, device=vol.device)
+    flat = flat.to(work_dtype)
+    for corner in range(8):
+        bits = [(corner >> (2 - a)) & 1 for a in range(3)]
+        weight = torch.ones(pos.shape[1], dtype=work_dtype, device=vol.device)
+        lin = torch.zeros(pos.shape[1], dtype=torch.int64, device=vol.device)
+        valid = torch.ones(pos.shape[1], dtype=torch.bool, device=vol.device)
+        for a in range(3):
+            i = lo[a] + bits[a]
+            weight = weight * (frac[a] if bits[a] else 1 - frac[a])
+            valid &= (i >= 0) & (i < size[a])
+            lin += i.clamp(0, size[a] - 1) * strides[a]
+        if padding == "zeros":
+            weight = weight * valid.to(work_dtype)
+        # skip corners whose weight is zero everywhere (e.g. integer positions): keeps identity bit-exact
+        if torch.any(weight != 0):
+            out += flat[:, lin] * weight
+    out = out.reshape(n_ch, *out_shape)
+    return out[0] if squeeze else out
+
+
+def sample_grid_sample(values: Any, coords_vox: Any, *, order: int = 1, padding: Padding = "border",
+                       align_corners: bool = True) -> Any:
+    """The same as :func:`sample` through ``torch.nn.functional.grid_sample`` (differentiable, fast on CUDA).
+
+    Voxel coordinates become normalised ones here and nowhere else. With ``align_corners=True`` voxel
+    centres map exactly to the normalised corners, which is what voxel coordinates mean; ``False`` is accepted
+    for completeness and gives the same result because the conversion accounts for it."""
+    torch = _torch()
+    squeeze = values.ndim == 3
+    vol = (values[None] if squeeze else values)[None]
+    if not vol.dtype.is_floating_point:
+        vol = vol.float()
+    grid = vox_to_normalised(coords_vox.to(vol.dtype), vol.shape[2:], align_corners=align_corners)
+    grid = grid.reshape(1, *coords_vox.shape[1:], 3) if coords_vox.ndim == 4 else grid.reshape(1, 1, 1, -1, 3)
+    out = torch.nn.functional.grid_sample(
+        vol, grid, mode="bilinear" if order == 1 else "nearest", padding_mode=padding, align_corners=align_corners
+    )[0]
+    out = out.reshape(out.shape[0], *coords_vox.shape[1:])
+    return out[0] if squeeze else out
+
+
+def _check_pair(moving_shape: tuple, disp: Any, name: str) -> None:
+    if disp.ndim != 4 or disp.shape[0] != 3:
+        raise InputError(f"{name}: expected a displacement field (3, X, Y, Z) in voxels, got {tuple(disp.shape)}")
+    if len(moving_shape) not in (3, 4):
+        raise InputError(f"{name}: moving must be (X, Y, Z) or (C, X, Y, Z), got {tuple(moving_shape)}")
+
+
+def _warp(moving: Any, disp_vox: Any, *, order: int, padding: Padding, device: Any) -> Any:
+    torch = _torch()
+    is_numpy = not isinstance(moving, torch.Tensor)
+    mov = _to_tensor(moving, device)
+    disp = _to_tensor(disp_vox, device)
+    _check_pair(tuple(mov.shape), disp, "warp")
+    if not disp.dtype.is_floating_point:
+        disp = disp.float()
+    grid = torch.as_tensor(identity_grid_vox(disp.shape[1:], dtype=np.float32), device=device, dtype=disp.dtype)
+    out = sample(mov, grid + disp, order=order, padding=padding)
+    if order == 1 and mov.dtype.is_floating_point:
+        out = out.to(mov.dtype)
+    return out.cpu().numpy() if is_numpy else out
+
+
+def warp_image(moving: Any, disp_vox: Any, *, padding: Padding = "border", device: Any = "cpu") -> Any:
+    """Warp an intensity volume: ``warped(p) = moving(p + u(p))``, trilinear.
+
+    Args:
+        moving: ``(X', Y', Z')`` or ``(C, X', Y', Z')`` numpy array or torch tensor (any grid size).
+        disp_vox: ``(3, X, Y, Z)`` displacement on the fixed grid, voxels of the moving grid's index space
+            (for fixed and moving on the same grid, the usual case, simply voxels).
+        padding: ``"border"`` (default) or ``"zeros"``.
+        device: where to compute (``"cpu"`` or ``"cuda"``); numpy in -> numpy out.
+
+    Returns:
+        The warped volume on the fixed grid ``(X, Y, Z)`` (or ``(C, X, Y, Z)``), floating point.
+    """
+    return _warp(moving, disp_vox, order=1, padding=padding, device=device)
+
+
+def warp_labels(moving: Any, disp_vox: Any, *, padding: Padding = "zeros", device: Any = "cpu") -> Any:
+    """Warp a label map by nearest neighbour (dtype kept); outside the moving grid is background (0)."""
+    return _warp(moving, disp_vox, order=0, padding=padding, device=device)
+
+
+def compose(first: Any, second: Any) -> Any:
+    """Composition of two pull fields on the same grid: ``w(p) = first(p) + second(p + first(p))``.
+
+    Warping with ``w`` equals warping with ``second`` and then warping that result with ``first``; with
+    ``first`` = fixed -> intermediate and ``second`` = intermediate -> moving, ``w`` is fixed -> moving."""
+    torch = _torch()
+    is_numpy = not isinstance(first, torch.Tensor)
+    u = _to_tensor(first, "cpu" if is_numpy else first.device)
+    v = _to_tensor(second, u.device, u.dtype)
+    _check_pair(tuple(v.shape[1:]), u, "compose")
+    if u.shape != v.shape:
+        raise InputError(f"compose: fields must have the same shape, got {tuple(u.shape)} and {tuple(v.shape)}")
+    grid = torch.as_tensor(identity_grid_vox(u.shape[1:], dtype=np.float32), dtype=u.dtype, device=u.device)
+    out = u + sample(v, grid + u, order=1, padding="border")
+    return out.numpy() if is_numpy else out
+
+
+def apply_affine_vox(matrix: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """The displacement field ``(3, X, Y, Z)`` of a voxel-space affine map ``p -> A p`` (4x4, fixed -> moving)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise InputError(f"apply_affine_vox: expected a 4x4 matrix, got {matrix.shape}")
+    grid = identity_grid_vox(shape, dtype=np.float64)
+    moved = np.einsum("ab,b...->a...", matrix[:3, :3], grid) + matrix[:3, 3].reshape(3, 1, 1, 1)
+    return (moved - grid).astype(np.float32)
