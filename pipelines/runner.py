@@ -7,6 +7,8 @@ folder it is given. A *pipeline* is a TOML file listing stage instances in order
     [pipeline]
     name = "demo"
     work_dir = "runs/demo"          # relative paths resolve against the current directory
+    seed = 0                        # part of every stage's key; stages derive their own seeds from it
+    plugins = ["my_stages"]         # optional: modules of your own that register more stage types
 
     [stages.example]                # stage id; `type` defaults to the id
     type = "fetch-example"
@@ -213,7 +215,7 @@ class Pipeline:
     stages: list[StageInstance]
 
 
-PIPELINE_KEYS = {"name", "work_dir", "seed", "description"}
+PIPELINE_KEYS = {"name", "work_dir", "seed", "description", "plugins"}
 
 
 def load_pipeline(path: str | os.PathLike, *, work_dir: str | os.PathLike | None = None) -> Pipeline:
@@ -233,6 +235,13 @@ def load_pipeline(path: str | os.PathLike, *, work_dir: str | os.PathLike | None
     if bad:
         raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [pipeline]; allowed: {sorted(PIPELINE_KEYS)}")
     registry = load_stage_types()
+    for module in head.get("plugins", []):  # extra stage modules of the user's own, importable by name
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"{path}: [pipeline] plugins: cannot import {module!r} ({exc})") from None
     stages: list[StageInstance] = []
     seen: set[str] = set()
     for stage_id, entry in doc.get("stages", {}).items():

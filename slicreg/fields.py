@@ -10,8 +10,9 @@ Boundary handling (``padding``):
 
 - ``"border"``: positions are clamped to the grid, i.e. the edge value continues outwards (deeds' rule, and the
   right choice for intensities);
-- ``"zeros"``: samples outside the grid are 0 (background; the right choice for label maps, as in Learn2Reg's
-  ``map_coordinates(..., order=0)`` with its default constant mode).
+- ``"zeros"``: samples at positions outside ``[0, S - 1]`` on any axis are 0 (background; the right choice for
+  label maps). This is exactly ``scipy.ndimage.map_coordinates(..., mode="constant", cval=0)``, which Learn2Reg's
+  evaluation uses with ``order=0``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def sample(values: Any, coords_vox: Any, *, order: int = 1, padding: Padding = "
         values: torch tensor ``(X, Y, Z)`` or ``(C, X, Y, Z)``.
         coords_vox: torch tensor ``(3, *S)``: positions in voxels along array axes 0, 1, 2.
         order: 1 = trilinear, 0 = nearest (rounds half up: ``floor(x + 0.5)``, as ``scipy.ndimage``).
-        padding: ``"border"`` (clamp positions to the grid) or ``"zeros"`` (0 outside).
+        padding: ``"border"`` (clamp positions to the grid) or ``"zeros"`` (0 outside ``[0, S - 1]``).
 
     Returns:
         ``(*S)`` or ``(C, *S)``, dtype of ``values`` for nearest, floating for trilinear.
@@ -70,22 +71,24 @@ def sample(values: Any, coords_vox: Any, *, order: int = 1, padding: Padding = "
     flat = vol.reshape(n_ch, -1)
     strides = (size[1] * size[2], size[2], 1)
 
+    inside = None
+    if padding == "zeros":
+        inside = torch.ones(pos.shape[1], dtype=torch.bool, device=pos.device)
+        for a in range(3):
+            inside &= (pos[a] >= 0) & (pos[a] <= size[a] - 1)
+    # clamping never changes a sample that counts: inside positions are unchanged, outside ones are zeroed
+    pos = torch.stack([pos[a].clamp(0, size[a] - 1) for a in range(3)])
+
     if order == 0:
         idx = torch.floor(pos + 0.5).to(torch.int64)
-        inside = torch.ones(idx.shape[1], dtype=torch.bool, device=idx.device)
-        lin = torch.zeros(idx.shape[1], dtype=torch.int64, device=idx.device)
-        for a in range(3):
-            inside &= (idx[a] >= 0) & (idx[a] < size[a])
-            lin += idx[a].clamp(0, size[a] - 1) * strides[a]
+        lin = idx[0] * strides[0] + idx[1] * strides[1] + idx[2]
         out = flat[:, lin]
-        if padding == "zeros":
+        if inside is not None:
             out = out * inside.to(out.dtype)
         return out.reshape(n_ch, *out_shape)[0] if squeeze else out.reshape(n_ch, *out_shape)
 
     work_dtype = vol.dtype if vol.dtype.is_floating_point else torch.float32
     pos = pos.to(work_dtype)
-    if padding == "border":
-        pos = torch.stack([pos[a].clamp(0, size[a] - 1) for a in range(3)])
     lo = torch.floor(pos)
     frac = pos - lo
     lo = lo.to(torch.int64)
@@ -95,14 +98,12 @@ def sample(values: Any, coords_vox: Any, *, order: int = 1, padding: Padding = "
         bits = [(corner >> (2 - a)) & 1 for a in range(3)]
         weight = torch.ones(pos.shape[1], dtype=work_dtype, device=vol.device)
         lin = torch.zeros(pos.shape[1], dtype=torch.int64, device=vol.device)
-        valid = torch.ones(pos.shape[1], dtype=torch.bool, device=vol.device)
         for a in range(3):
-            i = lo[a] + bits[a]
+            # at the last voxel frac is 0, so the clamped upper neighbour gets weight 0
+            lin += (lo[a] + bits[a]).clamp(max=size[a] - 1) * strides[a]
             weight = weight * (frac[a] if bits[a] else 1 - frac[a])
-            valid &= (i >= 0) & (i < size[a])
-            lin += i.clamp(0, size[a] - 1) * strides[a]
-        if padding == "zeros":
-            weight = weight * valid.to(work_dtype)
+        if inside is not None:
+            weight = weight * inside.to(work_dtype)
         # skip corners whose weight is zero everywhere (e.g. integer positions): keeps identity bit-exact
         if torch.any(weight != 0):
             out += flat[:, lin] * weight

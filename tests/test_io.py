@@ -1,0 +1,181 @@
+"""NIfTI and field IO: affines kept, dtypes kept, every bad input is one clear error naming the file."""
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from slicreg.conventions import Volume
+from slicreg.errors import InputError
+from slicreg.io import (
+    atomic_path,
+    atomic_write_json,
+    load_field,
+    load_image,
+    load_labels,
+    load_volume,
+    read_json,
+    save_field,
+    save_volume,
+)
+
+SHAPE = (10, 20, 30)
+
+
+def affine_lps():
+    a = np.diag([-1.5, -2.0, 2.5, 1.0])
+    a[:3, 3] = [40.0, 50.0, -60.0]
+    return a
+
+
+def write(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def test_image_round_trip_keeps_affine(tmp_path):
+    data = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+    vol = Volume(data, affine_lps())
+    save_volume(vol, tmp_path / "img.nii.gz")
+    back = load_image(tmp_path / "img.nii.gz")
+    np.testing.assert_array_equal(back.array, data)
+    np.testing.assert_allclose(back.affine, affine_lps())
+    assert back.array.dtype == np.float32
+
+
+def test_labels_stay_integer(tmp_path):
+    lab = np.random.default_rng(1).integers(0, 14, size=SHAPE).astype(np.int32)
+    write(tmp_path / "lab.nii.gz", lab)
+    back = load_labels(tmp_path / "lab.nii.gz")
+    assert back.array.dtype == np.uint8
+    np.testing.assert_array_equal(back.array, lab)
+    save_volume(back, tmp_path / "lab2.nii.gz")
+    assert nib.load(str(tmp_path / "lab2.nii.gz")).get_data_dtype() == np.uint8
+
+
+def test_labels_stored_as_integral_float_are_accepted(tmp_path):
+    write(tmp_path / "lab.nii", np.full(SHAPE, 3.0, np.float32))
+    assert load_labels(tmp_path / "lab.nii").array.dtype == np.uint8
+
+
+def test_canonical_reorientation(tmp_path):
+    data = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    write(tmp_path / "lps.nii.gz", data, affine_lps())
+    vol = load_image(tmp_path / "lps.nii.gz", canonical=True)
+    assert vol.meta["original_axcodes"] == "LPS"
+    assert "".join(nib.aff2axcodes(vol.affine)) == "RAS"
+    # the same voxel has the same world position before and after
+    ijk = np.array([2, 3, 4, 1.0])
+    world = affine_lps() @ ijk
+    new_ijk = np.linalg.solve(vol.affine, world)
+    np.testing.assert_allclose(new_ijk[:3], np.round(new_ijk[:3]), atol=1e-9)
+    assert vol.array[tuple(np.round(new_ijk[:3]).astype(int))] == data[2, 3, 4]
+
+
+def test_multichannel_round_trip(tmp_path):
+    layers = np.random.default_rng(2).integers(0, 128, size=(4, *SHAPE)).astype(np.uint8)
+    save_volume(Volume(layers, np.eye(4)), tmp_path / "sv.nii.gz")
+    assert nib.load(str(tmp_path / "sv.nii.gz")).shape == (*SHAPE, 4)
+    back = load_volume(tmp_path / "sv.nii.gz", kind="labels", channels=True)
+    np.testing.assert_array_equal(back.array, layers)
+
+
+def test_field_round_trip(tmp_path):
+    u = np.random.default_rng(3).normal(size=(3, *SHAPE)).astype(np.float32)
+    save_field(u, affine_lps(), tmp_path / "disp.nii.gz")
+    assert nib.load(str(tmp_path / "disp.nii.gz")).shape == (*SHAPE, 3)
+    back = load_field(tmp_path / "disp.nii.gz")
+    np.testing.assert_array_equal(back.array, u)
+    np.testing.assert_allclose(back.affine, affine_lps())
+    with pytest.raises(InputError, match="does not match"):
+        load_field(tmp_path / "disp.nii.gz", fixed=Volume(np.zeros((5, 5, 5)), np.eye(4)))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found") as err:
+        load_image(tmp_path / "nope.nii.gz")
+    assert "nope.nii.gz" in str(err.value)
+
+
+def test_not_nifti(tmp_path):
+    (tmp_path / "x.nii.gz").write_text("hello, I am not an image")
+    with pytest.raises(InputError, match="x.nii.gz"):
+        load_image(tmp_path / "x.nii.gz")
+
+
+def test_truncated_file(tmp_path):
+    write(tmp_path / "full.nii.gz", np.random.default_rng(4).normal(size=SHAPE).astype(np.float32))
+    raw = (tmp_path / "full.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError, match="cut.nii.gz"):
+        load_image(tmp_path / "cut.nii.gz")
+    # an uncompressed file cut inside the data block
+    write(tmp_path / "full.nii", np.zeros(SHAPE, np.float32))
+    raw = (tmp_path / "full.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[:1000])
+    with pytest.raises(InputError, match="cut.nii"):
+        load_image(tmp_path / "cut.nii")
+
+
+@pytest.mark.parametrize("shape", [(10, 20), (4, 5, 6, 2, 3)])
+def test_wrong_dimensionality(tmp_path, shape):
+    write(tmp_path / "bad.nii.gz", np.zeros(shape, np.float32))
+    with pytest.raises(InputError, match="3-D"):
+        load_image(tmp_path / "bad.nii.gz")
+
+
+def test_nan_voxels(tmp_path):
+    data = np.zeros(SHAPE, np.float32)
+    data[1, 2, 3] = np.nan
+    data[2, 2, 3] = np.inf
+    write(tmp_path / "nan.nii.gz", data)
+    with pytest.raises(InputError, match="2 voxels are NaN or Inf"):
+        load_image(tmp_path / "nan.nii.gz")
+
+
+def test_non_integer_labels(tmp_path):
+    write(tmp_path / "soft.nii.gz", np.full(SHAPE, 0.5, np.float32))
+    with pytest.raises(InputError, match="integer label map"):
+        load_labels(tmp_path / "soft.nii.gz")
+
+
+def test_field_of_wrong_shape(tmp_path):
+    write(tmp_path / "f.nii.gz", np.zeros((*SHAPE, 2), np.float32))
+    with pytest.raises(InputError, match=r"\(X, Y, Z, 3\)"):
+        load_field(tmp_path / "f.nii.gz")
+
+
+def test_bad_output_name(tmp_path):
+    with pytest.raises(InputError, match=".nii"):
+        save_volume(Volume(np.zeros(SHAPE), np.eye(4)), tmp_path / "out.png")
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert read_json(target) == {"v": 1}
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+def test_temp_name_keeps_nifti_suffix(tmp_path):
+    with atomic_path(tmp_path / "x.nii.gz") as tmp:
+        assert tmp.name.endswith(".nii.gz")
+        with gzip.open(tmp, "wb") as fh:
+            fh.write(b"")
+    assert (tmp_path / "x.nii.gz").exists()
+
+
+def test_read_json_errors(tmp_path):
+    (tmp_path / "b.json").write_text("{oops")
+    with pytest.raises(InputError, match="b.json"):
+        read_json(tmp_path / "b.json")
+    with pytest.raises(InputError, match="not found"):
+        read_json(tmp_path / "c.json")
