@@ -88,27 +88,39 @@ def sample(values: Any, coords_vox: Any, *, order: int = 1, padding: Padding = "
         return out.reshape(n_ch, *out_shape)[0] if squeeze else out.reshape(n_ch, *out_shape)
 
     work_dtype = vol.dtype if vol.dtype.is_floating_point else torch.float32
-    pos = pos.to(work_dtype)
-    lo = torch.floor(pos)
-    frac = pos - lo
-    lo = lo.to(torch.int64)
-    out = torch.zeros(n_ch, pos.shape[1], dtype=work_dtype, device=vol.device)
     flat = flat.to(work_dtype)
-    for corner in range(8):
-        bits = [(corner >> (2 - a)) & 1 for a in range(3)]
-        weight = torch.ones(pos.shape[1], dtype=work_dtype, device=vol.device)
-        lin = torch.zeros(pos.shape[1], dtype=torch.int64, device=vol.device)
-        for a in range(3):
-            # at the last voxel frac is 0, so the clamped upper neighbour gets weight 0
-            lin += (lo[a] + bits[a]).clamp(max=size[a] - 1) * strides[a]
-            weight = weight * (frac[a] if bits[a] else 1 - frac[a])
-        if inside is not None:
-            weight = weight * inside.to(work_dtype)
-        # skip corners whose weight is zero everywhere (e.g. integer positions): keeps identity bit-exact
-        if torch.any(weight != 0):
-            out += flat[:, lin] * weight
-    out = out.reshape(n_ch, *out_shape)
+    out = _trilinear(flat, pos.to(work_dtype), size, strides, inside).reshape(n_ch, *out_shape)
     return out[0] if squeeze else out
+
+
+def _trilinear(flat: Any, pos: Any, size: Any, strides: tuple, inside: Any) -> Any:
+    """Trilinear interpolation of ``flat`` (C, N_voxels) at clamped voxel positions ``pos`` (3, P)."""
+    torch = _torch()
+    work_dtype = flat.dtype
+    vol_device = flat.device
+    # lower corner clamped to [0, S - 2] so the upper corner is always on the grid; at the last voxel this
+    # gives frac = 1, i.e. all weight on the upper corner. Weights of 0 and 1 are exact, so integer positions
+    # return the stored values bit for bit.
+    base = torch.zeros(pos.shape[1], dtype=torch.int64, device=vol_device)
+    weights = []
+    offsets = []
+    for a in range(3):
+        lo = torch.floor(pos[a]).clamp(0, max(size[a] - 2, 0))
+        frac = pos[a] - lo
+        base += lo.to(torch.int64) * strides[a]
+        weights.append((1 - frac, frac))
+        offsets.append((0, strides[a] if size[a] > 1 else 0))
+    if inside is not None:
+        mask = inside.to(work_dtype)
+        weights[0] = (weights[0][0] * mask, weights[0][1] * mask)
+    out = torch.zeros(flat.shape[0], pos.shape[1], dtype=work_dtype, device=vol_device)
+    for b0 in (0, 1):
+        for b1 in (0, 1):
+            w01 = weights[0][b0] * weights[1][b1]
+            off01 = offsets[0][b0] + offsets[1][b1]
+            for b2 in (0, 1):
+                out += flat[:, base + (off01 + offsets[2][b2])] * (w01 * weights[2][b2])
+    return out
 
 
 def sample_grid_sample(values: Any, coords_vox: Any, *, order: int = 1, padding: Padding = "border",

@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--field", required=True, help="displacement field (X, Y, Z, 3) in voxels, fixed -> moving")
     p.add_argument("--out", required=True, help="warped output (NIfTI, on the field's grid)")
     p.add_argument("--labels", action="store_true", help="the moving volume is a label map: nearest, integer out")
+    p.add_argument("--padding", choices=["border", "zeros"], default=None,
+                   help="outside the moving grid: border = continue the edge value (deeds' rule; default for "
+                        "images), zeros = background (default for labels, as Learn2Reg)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 
@@ -23,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
     moving = load_labels(args.moving) if args.labels else load_image(args.moving)
     field = load_field(args.field)
-    warped = (warp_labels if args.labels else warp_image)(moving.array, field.array, device=args.device)
+    padding = args.padding or ("zeros" if args.labels else "border")
+    warp = warp_labels if args.labels else warp_image
+    warped = warp(moving.array, field.array, padding=padding, device=args.device)
     save_volume(Volume(warped, field.affine), args.out)
     print(f"wrote {args.out} ({'labels, nearest' if args.labels else 'image, linear'}; grid {field.shape})")
     return 0
