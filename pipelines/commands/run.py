@@ -46,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
             runner.run(only=args.only, start=args.start, until=args.until, force=args.force, dry_run=True)
         return 0
     runner.run(only=args.only, start=args.start, until=args.until, force=args.force)
-    report = pipeline.work_dir / "report" / "current" / "index.md"
     print(f"outputs: {pipeline.work_dir.resolve()}")
-    if report.exists():
-        print(f"report: {report.resolve()}")
+    for inst in pipeline.stages:  # stages that write a report keep it at <stage>/current/report/index.md
+        report = pipeline.work_dir / inst.stage_id / "current" / "report" / "index.md"
+        if report.exists():
+            print(f"report: {report.resolve()}")
     return 0
