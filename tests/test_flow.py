@@ -1,0 +1,394 @@
+"""The supervoxel flow: keypoints, features, the gather sampler, the Adam flow and the TPS dense field.
+
+Synthetic supervoxel maps are Voronoi cells inside an ellipsoid (a stand-in for SLIC layers); the moving maps
+are the fixed maps pulled through a known smooth field, so the true fixed -> moving displacement is known.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slicreg import flow
+from slicreg.conventions import downsample_affine
+from slicreg.errors import InputError
+from slicreg.fields import sample
+
+SV_SHAPE = (28, 24, 32)  # supervoxel grid (stands for 96 x 80 x 128 at 4 mm)
+
+
+def voronoi_maps(shape, n_layers, n_sv, seed):
+    """(L, X, Y, Z) uint8: Voronoi cells of n_sv random seeds per layer inside an ellipsoid, 0 outside."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3).astype(float)
+    centre, radius = (np.array(shape) - 1) / 2, np.array(shape) * 0.45
+    mask = (((grid - centre) / radius) ** 2).sum(1) <= 1
+    fg = grid[mask]
+    out = np.zeros((n_layers, grid.shape[0]), np.uint8)
+    for layer in range(n_layers):
+        seeds = fg[rng.choice(len(fg), n_sv, replace=False)] + rng.uniform(-0.3, 0.3, (n_sv, 3))
+        d2 = ((fg[:, None, :] - seeds[None]) ** 2).sum(-1)
+        out[layer, mask] = d2.argmin(1) + 1
+    return out.reshape(n_layers, *shape)
+
+
+def smooth_field(shape, amp, shift, seed=1):
+    """v(x): (N, 3) -> (N, 3), voxels: a translation plus two sine modes per component."""
+    rng = np.random.default_rng(seed)
+    size = np.array(shape, float)
+    modes = [(a, rng.normal(size=3) * 2 * np.pi / size, rng.uniform(0, 2 * np.pi)) for a in range(3) for _ in range(2)]
+
+    def v(x):
+        out = np.zeros_like(x) + np.asarray(shift, float)
+        for a, kvec, phase in modes:
+            out[:, a] += amp * np.sin(x @ kvec + phase)
+        return out
+
+    return v
+
+
+def pull_maps(fixed, v):
+    """moving(q) = fixed(q + v(q)) (nearest, 0 outside)."""
+    shape = fixed.shape[1:]
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3).astype(float)
+    coords = torch.from_numpy((grid + v(grid)).T.reshape(3, *shape).astype(np.float32))
+    return sample(torch.from_numpy(fixed), coords, order=0, padding="zeros").numpy()
+
+
+def true_disp(points, v, iters=60):
+    """Fixed -> moving displacement u with moving(p + u) = fixed(p): solve u = -v(p + u)."""
+    u = np.zeros_like(points, dtype=float)
+    for _ in range(iters):
+        u = -v(points + u)
+    return u
+
+
+@pytest.fixture(scope="module")
+def pair():
+    fixed = voronoi_maps(SV_SHAPE, 6, 40, seed=0)
+    v = smooth_field(SV_SHAPE, amp=1.0, shift=(1.5, -1.0, 2.0))
+    return fixed, pull_maps(fixed, v), v
+
+
+# ---------------------------------------------------------------------------------------------- keypoints
+def test_centres_of_boxes_are_exact():
+    lab = np.zeros((2, 10, 12, 14), np.uint8)
+    lab[0, 1:4, 2:6, 3:4] = 5  # centre (2, 3.5, 3)
+    lab[0, 6:10, 0:1, 10:14] = 2  # centre (7.5, 0, 11.5)
+    lab[1, 0:10, 0:12, 0:14] = 127  # whole grid
+    lab[1, 0, 0, 0] = 3  # a one-voxel supervoxel
+    pts, ids = flow.supervoxel_centres(lab)
+    np.testing.assert_array_equal(ids, [[0, 2], [0, 5], [1, 3], [1, 127]])
+    expected_full = (np.arange(10).sum() * 12 * 14 - 0) / (10 * 12 * 14 - 1)  # axis-0 mean without voxel 0
+    np.testing.assert_allclose(pts[:3], [[7.5, 0, 11.5], [2, 3.5, 3], [0, 0, 0]], atol=1e-6)
+    np.testing.assert_allclose(pts[3, 0], expected_full, rtol=1e-6)
+    assert pts.dtype == np.float32
+    _, ids2 = flow.supervoxel_centres(lab, min_voxels=2)
+    np.testing.assert_array_equal(ids2, [[0, 2], [0, 5], [1, 127]])
+    # torch in -> torch out
+    t_pts, _ = flow.supervoxel_centres(torch.from_numpy(lab))
+    assert isinstance(t_pts, torch.Tensor)
+    np.testing.assert_array_equal(t_pts.numpy(), pts)
+
+
+def test_foreground_keypoints_are_seeded_foreground_points():
+    lab = voronoi_maps((12, 10, 14), 2, 8, seed=3)
+    a = flow.foreground_keypoints(lab, n=50, seed=0)
+    b = flow.foreground_keypoints(lab, n=50, seed=0)
+    c = flow.foreground_keypoints(lab, n=50, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (50, 3) and np.all(a % 2 == 0)
+    idx = a.astype(int)
+    assert np.all(lab[0, idx[:, 0], idx[:, 1], idx[:, 2]] > 0)
+    assert len(np.unique(a, axis=0)) == 50
+    every = flow.foreground_keypoints(lab, n=10**6, seed=0, stride=1)
+    assert len(every) == int((lab[0] > 0).sum())
+
+
+# ---------------------------------------------------------------------------------------------- features
+def test_label_channel_map_is_a_seeded_grouping():
+    lut = flow.label_channel_map(3, seed=7, include_background=True)
+    assert lut.shape == (3, 128)
+    for layer in lut:
+        np.testing.assert_array_equal(np.bincount(layer), [8] * 16)
+    assert not np.array_equal(lut[0], lut[1])
+    np.testing.assert_array_equal(lut, flow.label_channel_map(3, seed=7, include_background=True))
+    assert not np.array_equal(lut, flow.label_channel_map(3, seed=8, include_background=True))
+    nobg = flow.label_channel_map(3, seed=7)
+    assert np.all(nobg[:, 0] == -1)
+    np.testing.assert_array_equal(nobg[:, 1:], lut[:, 1:])
+
+
+def _reference_features(lab, seed, include_background=False):
+    lut = torch.from_numpy(flow.label_channel_map(lab.shape[0], seed=seed, include_background=include_background))
+    out = []
+    for layer in range(lab.shape[0]):
+        chan = lut[layer][torch.from_numpy(lab[layer]).long()]
+        onehot = torch.stack([(chan == c).float() for c in range(16)])[None]
+        pooled = F.avg_pool3d(onehot, 3, stride=2, padding=1, count_include_pad=True)
+        out.append(F.avg_pool3d(pooled, 5, stride=1, padding=2, count_include_pad=True)[0])
+    return torch.cat(out).numpy()
+
+
+@pytest.mark.parametrize("include_background", [False, True])
+def test_features_equal_onehot_then_avg_pool(include_background):
+    lab = np.random.default_rng(0).integers(0, 128, (3, 11, 12, 9)).astype(np.uint8)
+    feats = flow.supervoxel_features(lab, seed=3, include_background=include_background)
+    assert feats.shape == (48, 6, 6, 5) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats, _reference_features(lab, 3, include_background), atol=1e-6)
+    # probabilities that are one-hot give the same features; a batch gives the stack
+    prob = F.one_hot(torch.from_numpy(lab).long(), 128).permute(0, 4, 1, 2, 3).float()
+    np.testing.assert_allclose(flow.supervoxel_features(prob, seed=3, include_background=include_background).numpy(),
+                               feats, atol=1e-6)
+    batch = flow.supervoxel_features(np.stack([lab, lab[::-1]]), seed=3, include_background=include_background)
+    assert batch.shape == (2, 48, 6, 6, 5)
+    np.testing.assert_allclose(batch[0], feats, atol=1e-6)
+
+
+def test_probability_upsampling_commutes_with_the_compression():
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.normal(size=(2, 128, 5, 6, 4)).astype(np.float32))
+    prob = torch.softmax(logits, dim=1)
+    coarse = flow.supervoxel_features(prob, seed=2, upsample=2)
+    fine = F.interpolate(prob, scale_factor=2, mode="trilinear", align_corners=False)
+    np.testing.assert_allclose(coarse.numpy(), flow.supervoxel_features(fine, seed=2).numpy(), atol=1e-6)
+    assert coarse.shape == (32, 5, 6, 4)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (5, 1), (3, 1), (1, 2), (5, 3)])
+def test_box_pool3d_equals_avg_pool3d(kernel, stride):
+    x = torch.rand(2, 3, 9, 10, 7, generator=torch.Generator().manual_seed(0))
+    ref = F.avg_pool3d(x, kernel, stride, kernel // 2, count_include_pad=True)
+    torch.testing.assert_close(flow.box_pool3d(x, kernel, stride), ref, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def test_gather_sampler_equals_grid_sample_values_and_gradients():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.rand(7, 6, 5, 8, generator=gen, dtype=torch.float64)
+    pts = torch.rand(200, 3, generator=gen, dtype=torch.float64) * torch.tensor([8.0, 7.0, 10.0]) - 1.0  # some outside
+    p1 = pts.clone().requires_grad_(True)
+    p2 = pts.clone().requires_grad_(True)
+    a = flow.sample_channels_last(flow.to_channels_last(feats), p1)
+    b = flow.sample_points_grid_sample(feats, p2)
+    assert a.shape == (200, 7)
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    w = torch.rand(200, 7, generator=gen, dtype=torch.float64)
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad, atol=1e-9, rtol=0)
+    # at voxel centres the sampler returns the stored values exactly
+    idx = torch.tensor([[0, 0, 0], [5, 4, 7], [2, 3, 1]])
+    vals = flow.sample_channels_last(flow.to_channels_last(feats), idx.double())
+    torch.testing.assert_close(vals, feats[:, idx[:, 0], idx[:, 1], idx[:, 2]].t(), atol=0, rtol=0)
+
+
+def test_gather_sampler_gradient_is_analytic():
+    feats = torch.zeros(2, 4, 4, 4, dtype=torch.float64)
+    feats[0] = torch.arange(4, dtype=torch.float64)[:, None, None] * 3.0  # 3 x
+    feats[1] = torch.arange(4, dtype=torch.float64)[None, None, :] * -2.0  # -2 z
+    p = torch.tensor([[1.3, 2.2, 0.7]], dtype=torch.float64, requires_grad=True)
+    out = flow.sample_channels_last(flow.to_channels_last(feats), p)
+    torch.testing.assert_close(out, torch.tensor([[3.9, -1.4]], dtype=torch.float64))
+    out.sum().backward()
+    torch.testing.assert_close(p.grad, torch.tensor([[3.0, 0.0, -2.0]], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------- Adam flow
+def test_knn_graph_excludes_self_and_orders_by_distance():
+    pts = torch.tensor([[0.0, 0, 0], [1, 0, 0], [3, 0, 0], [7, 0, 0]])
+    np.testing.assert_array_equal(flow.knn_graph(pts, 2).numpy(), [[1, 2], [0, 2], [1, 0], [2, 1]])
+
+
+def test_knn_penalty_value_and_gradient():
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.rand(30, 3, generator=gen)
+    d = torch.randn(30, 3, generator=gen, dtype=torch.float32, requires_grad=True)
+    knn = flow.knn_graph(pts, 4)
+    direct = ((d[knn] - d[:, None, :]) ** 2).sum()
+    direct.backward()
+    value, grad = flow.knn_penalty(knn, 30)(d.detach())
+    torch.testing.assert_close(value, direct.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, d.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_adam_flow_recovers_a_known_smooth_displacement(pair):
+    fixed, moving, v = pair
+    pts, _ = flow.supervoxel_centres(fixed)
+    disp, info = flow.adam_keypoint_flow(flow.supervoxel_features(fixed), flow.supervoxel_features(moving), pts)
+    truth = true_disp(pts.astype(float), v)
+    err = np.linalg.norm(disp - truth, axis=1)
+    assert np.linalg.norm(truth, axis=1).mean() > 2.0  # the problem is not trivial
+    # interior keypoints (ellipsoid radius < 0.7; the outer ones see the mask border and the grid edge)
+    inner = np.linalg.norm((pts - (np.array(SV_SHAPE) - 1) / 2) / (np.array(SV_SHAPE) * 0.45), axis=1) < 0.7
+    assert inner.sum() > 40
+    assert err.mean() < 1.0, err.mean()
+    assert err[inner].mean() < 0.5 and np.percentile(err[inner], 90) < 1.0, (err[inner].mean(),
+                                                                           np.percentile(err[inner], 90))
+    assert info["loss"][-1] < 0.25 * info["loss"][0]
+    assert len(info["loss"]) == 100
+
+
+def test_supervoxel_flow_dense_field_matches_truth_in_the_interior(pair):
+    fixed, moving, v = pair
+    # lam is in fine voxels (kernel r scales with distance): this grid is ~3.5x smaller than 192 x 160 x 256
+    disp, info = flow.supervoxel_flow(fixed, moving, lam=5.0)
+    fine_shape = tuple(2 * s for s in SV_SHAPE)
+    assert disp.shape == (3, *fine_shape) and disp.dtype == np.float32
+    # truth on the fine grid: fine voxel f = 2 q + 0.5, displacement x 2
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in fine_shape], indexing="ij"), -1).reshape(-1, 3)
+    q = (grid - 0.5) / 2
+    centre, radius = (np.array(SV_SHAPE) - 1) / 2, np.array(SV_SHAPE) * 0.45
+    interior = (((q - centre) / (0.7 * radius)) ** 2).sum(1) <= 1
+    truth = 2 * true_disp(q[interior], v)
+    est = disp.reshape(3, -1).T[interior]
+    err = np.linalg.norm(est - truth, axis=1) / 2  # in sv voxels (the maps' resolution; 1 sv voxel = 2 fine)
+    assert np.linalg.norm(truth, axis=1).mean() / 2 > 2.0
+    assert err.mean() < 0.6 and np.percentile(err, 90) < 1.0, (err.mean(), np.percentile(err, 90))
+    # the keypoints reported on the fine grid follow the contract's rule
+    np.testing.assert_allclose(info["keypoints_vox"], 2 * info["keypoints_sv_vox"] + 0.5)
+    np.testing.assert_allclose(info["disp_keypoints_vox"], 2 * info["disp_sv_vox"])
+    assert info["params"]["n_keypoints"] == len(info["keypoints_vox"]) <= 6 * 40
+
+
+def test_centre_matching_init_recovers_a_large_shift():
+    fixed = voronoi_maps(SV_SHAPE, 4, 40, seed=5)
+    shift = np.array([6.0, -4.0, 8.0])
+    moving = pull_maps(fixed, smooth_field(SV_SHAPE, amp=0.0, shift=-shift))  # moving(q) = fixed(q - shift)
+    pts, _ = flow.supervoxel_centres(fixed)
+    init = flow.centre_matching_init(fixed, moving, pts)
+    inner = np.linalg.norm((pts - (np.array(SV_SHAPE) - 1) / 2) / (np.array(SV_SHAPE) * 0.3), axis=1) <= 1
+    assert np.median(np.linalg.norm(init - shift, axis=1)[inner]) < 0.5
+    _, info = flow.supervoxel_flow(fixed, moving, init="centres", iterations=30)
+    np.testing.assert_allclose(info["init_disp_sv_vox"], init)
+    assert np.median(np.linalg.norm(info["disp_sv_vox"] - shift, axis=1)[inner]) < 0.5
+
+
+def test_identity_pair_gives_a_zero_field(pair):
+    fixed, _, _ = pair
+    for kwargs in ({}, {"init": "centres"}, {"keypoints": "random", "n_random": 100}):
+        disp, info = flow.supervoxel_flow(fixed, fixed, iterations=10, **kwargs)
+        assert np.abs(disp).max() < 1e-5, kwargs
+        assert info["mse"] == 0.0
+
+
+def test_flow_is_deterministic_under_a_seed(pair):
+    fixed, moving, _ = pair
+    a, ia = flow.supervoxel_flow(fixed, moving, keypoints="random", n_random=150, seed=4, iterations=20)
+    b, ib = flow.supervoxel_flow(fixed, moving, keypoints="random", n_random=150, seed=4, iterations=20)
+    c, ic = flow.supervoxel_flow(fixed, moving, keypoints="random", n_random=150, seed=5, iterations=20)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ia["disp_sv_vox"], ib["disp_sv_vox"])
+    assert not np.array_equal(ia["keypoints_sv_vox"], ic["keypoints_sv_vox"])
+
+
+def test_probabilities_give_the_same_flow_as_labels(pair):
+    fixed, moving, _ = pair
+    prob = F.one_hot(torch.from_numpy(moving).long(), 128).permute(0, 4, 1, 2, 3).float().numpy()
+    a, _ = flow.supervoxel_flow(fixed, moving, iterations=10)
+    b, _ = flow.supervoxel_flow(fixed, prob, iterations=10)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_probabilities_on_the_network_grid_are_upsampled():
+    coarse = voronoi_maps((10, 8, 12), 3, 12, seed=2)
+    prob = F.one_hot(torch.from_numpy(coarse).long(), 128).permute(0, 4, 1, 2, 3).float()
+    disp, info = flow.supervoxel_flow(prob, prob, prob_upsample=2, iterations=5)
+    assert disp.shape == (3, 40, 32, 48) and isinstance(disp, torch.Tensor)
+    assert float(disp.abs().max()) < 1e-5
+    # keypoints from the coarse argmax, mapped to the supervoxel grid (coarse q -> 2 q + 0.5)
+    centres, _ = flow.supervoxel_centres(coarse)
+    np.testing.assert_allclose(info["keypoints_sv_vox"].numpy(), 2 * centres + 0.5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- TPS
+@pytest.mark.parametrize("kernel", ["r", "r2logr"])
+@pytest.mark.parametrize("lam", [0.0, 5.0])
+def test_tps_reproduces_an_affine_field_exactly(kernel, lam):
+    rng = np.random.default_rng(0)
+    shape = (14, 11, 17)
+    pts = rng.uniform(0, np.array(shape) - 1, (60, 3))
+    a = np.eye(3) * 0.05 + rng.normal(scale=0.05, size=(3, 3))
+    t = np.array([1.5, -2.0, 0.5])
+    field = flow.tps_dense_field(pts, pts @ a.T + t, shape, kernel=kernel, lam=lam, step=4)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    expected = np.einsum("ab,b...->a...", a, grid) + t[:, None, None, None]
+    np.testing.assert_allclose(field, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["r", "r2logr"])
+def test_tps_interpolates_the_keypoints_with_lam_zero(kernel):
+    rng = np.random.default_rng(1)
+    pts = torch.from_numpy(rng.uniform(0, 20, (40, 3)))
+    vals = torch.from_numpy(rng.normal(size=(40, 3)))
+    tps = flow.tps_fit(pts, vals, kernel=kernel, lam=0.0)
+    torch.testing.assert_close(flow.tps_evaluate(tps, pts), vals, atol=1e-6, rtol=0)
+    smooth = flow.tps_fit(pts, vals, kernel=kernel, lam=50.0)
+    resid = (flow.tps_evaluate(smooth, pts) - vals).norm(dim=1).mean()
+    assert 0.05 < float(resid) < float(vals.norm(dim=1).mean())
+    # on the dense grid (step 1), voxel keypoints keep their values
+    ipts = torch.from_numpy(rng.permutation(np.stack(np.meshgrid(*[np.arange(0, 12, 3)] * 3, indexing="ij"),
+                                                     -1).reshape(-1, 3))[:30].astype(np.float64))
+    ivals = torch.from_numpy(rng.normal(size=(30, 3)))
+    dense = flow.tps_dense_field(ipts, ivals, (12, 12, 12), kernel=kernel, lam=0.0, step=1)
+    idx = ipts.long()
+    torch.testing.assert_close(dense[:, idx[:, 0], idx[:, 1], idx[:, 2]].t().double(), ivals, atol=1e-5, rtol=0)
+
+
+def test_coarse_to_fine_follows_downsample_affine():
+    fine_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fine_affine[:3, 3] = [-190.0, -150.0, -250.0]
+    coarse_affine = downsample_affine(fine_affine, 2)
+    q = np.array([[0.0, 0.0, 0.0], [3.5, 1.0, 95.25]])
+    world = (coarse_affine @ np.c_[q, np.ones(2)].T)[:3].T
+    fine = (np.linalg.inv(fine_affine) @ np.c_[world, np.ones(2)].T)[:3].T
+    np.testing.assert_allclose(flow.coarse_to_fine_vox(q, factor=2), fine)
+    _, d = flow.coarse_to_fine_vox(q, np.ones((2, 3)), factor=2)
+    np.testing.assert_allclose(d, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_raise_input_error(pair):
+    fixed, moving, _ = pair
+    with pytest.raises(InputError, match="fixed_sv.*integer|fixed_sv.*probabilities"):
+        flow.supervoxel_flow(fixed.astype(np.float32), moving)  # float maps without the 128 axis
+    with pytest.raises(InputError, match=r"fixed_sv.*\(L, X, Y, Z\)"):
+        flow.supervoxel_flow(fixed[0], moving)
+    with pytest.raises(InputError, match="moving_sv.*0..127"):
+        flow.supervoxel_flow(fixed, np.full_like(moving, 200))
+    with pytest.raises(InputError, match="same layers and supervoxel grid"):
+        flow.supervoxel_flow(fixed, moving[:, :-2])
+    with pytest.raises(InputError, match="same layers"):
+        flow.supervoxel_flow(fixed, moving[:3])
+    with pytest.raises(InputError, match="fixed_sv: expected integer"):
+        flow.supervoxel_flow(fixed.astype(bool), moving)
+    bad_prob = np.zeros((2, 127, 4, 4, 4), np.float32)
+    with pytest.raises(InputError, match=r"moving_sv.*\(L, 128, X, Y, Z\)"):
+        flow.supervoxel_flow(fixed, bad_prob)
+    nan_prob = np.full((6, 128, *SV_SHAPE), np.nan, np.float32)
+    with pytest.raises(InputError, match="moving_sv.*finite"):
+        flow.supervoxel_flow(fixed, nan_prob)
+    with pytest.raises(InputError, match="fixed_sv: only .* keypoints .* k = 10000"):
+        flow.supervoxel_flow(fixed, moving, k=10**4)
+    with pytest.raises(InputError, match="k: expected"):
+        flow.knn_graph(torch.zeros(5, 3), 5)
+    with pytest.raises(InputError, match="kernel"):
+        flow.supervoxel_flow(fixed, moving, kernel="gauss", iterations=1)
+    with pytest.raises(InputError, match="init"):
+        flow.supervoxel_flow(fixed, moving, init="affine")
+    with pytest.raises(InputError, match="keypoints"):
+        flow.supervoxel_flow(fixed, moving, keypoints="grid")
+    with pytest.raises(InputError, match="points: a 3-D spline"):
+        flow.tps_fit(np.zeros((3, 3)), np.zeros((3, 3)))
+    with pytest.raises(InputError, match="singular"):
+        flow.tps_fit(np.array([[0.0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]), np.ones((5, 3)), lam=0.0)
+    with pytest.raises(InputError, match="shape"):
+        flow.tps_dense_field(np.zeros((5, 3)), np.zeros((5, 3)), (4, 4))
+    with pytest.raises(InputError, match="points_vox"):
+        flow.sample_channels_last(torch.zeros(4, 4, 4, 2), torch.zeros(5, 2))
+    with pytest.raises(InputError, match="n_channels"):
+        flow.label_channel_map(2, n_channels=10)
+    with pytest.raises(InputError, match="fixed_feats, moving_feats"):
+        flow.adam_keypoint_flow(np.zeros((4, 5, 5, 5), np.float32), np.zeros((4, 5, 5, 6), np.float32),
+                                np.zeros((10, 3), np.float32))
