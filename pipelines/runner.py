@@ -438,7 +438,9 @@ class Runner:
             for plan in plans:
                 inst = plan.instance
                 hashes = self._input_hashes(inst, keys)
-                if hashes is None:  # an input stage was neither cached nor selected: checked above
+                if hashes is None:  # an input stage has no complete output
+                    if not plan.selected:
+                        continue
                     raise ConfigError(f"stage {inst.stage_id!r}: an input stage has no complete output")
                 key = self._key(inst, hashes)
                 done = self.manifest(inst.stage_id, key) is not None and inst.stage_id not in forced
