@@ -1,0 +1,20 @@
+"""The built-in registration toolkit (torch autograd; CPU or CUDA; no external binary).
+
+- :mod:`slicreg.align.similarity` -- MSE, NCC, LNCC, NGF, mutual information, MIND-SSC (+ SSD);
+- :mod:`slicreg.align.transforms` -- affine, dense displacement, cubic B-spline FFD, stationary velocity field
+  (scaling and squaring), and :func:`~slicreg.align.transforms.grid_warp`, the one caller of ``grid_sample``;
+- :mod:`slicreg.align.regularisers` -- diffusion, bending energy, total variation;
+- :mod:`slicreg.align.engine` -- presets, the multi-resolution optimiser loop and :func:`register_pair`.
+
+Typical use::
+
+    from slicreg.align import register_pair
+    result = register_pair(fixed_hu, moving_hu, spacing_mm=(2, 2, 2), preset="abdomen-ct", seed=0)
+    result.disp_vox    # (3, X, Y, Z) float32, voxels, fixed -> moving, affine part included
+    result.affine_vox  # 4x4, fixed voxel -> moving voxel
+    result.info        # timings, iterations, losses, folding fraction
+"""
+
+from slicreg.align.engine import PRESETS, AlignResult, Preset, StageConfig, register_pair, resolve_preset
+
+__all__ = ["register_pair", "AlignResult", "PRESETS", "Preset", "StageConfig", "resolve_preset"]
