@@ -1,0 +1,403 @@
+"""Weights bundles: trained network + the template supervoxels it predicts + a model card; and prediction.
+
+A bundle is a folder::
+
+    model.pt              state_dict of slicreg.network.SlicRegNet (torch.save; loaded with weights_only=True)
+    supervoxels.nii.gz    the template supervoxels the logits index: uint8 (X, Y, Z, 16) on disk = (16, X, Y, Z)
+    model_card.json       architecture (incl. the logit layout), training data provenance, full training config,
+                          iterations, wall time, hardware, validation metrics, template sha256, sha256 of the files
+    MODEL_CARD.md         the same for people
+    curves.png            training / validation curves (optional)
+    SHA256SUMS            sha256 of every other file (``sha256sum -c SHA256SUMS`` format), written last
+
+:func:`load_bundle` checks the format, the architecture against :func:`slicreg.network.architecture_spec`, every
+file's sha256, the state_dict keys and shapes and the supervoxels' shape and values, and raises one
+:class:`~slicreg.errors.InputError` naming the bundle and the problem.
+
+:func:`predict` runs the network in eval mode (bf16 autocast on CPU, fp16 on CUDA unless ``dtype=torch.float32``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slicreg.conventions import Volume
+from slicreg.errors import InputError
+
+import torch
+import torch.nn.functional as F
+
+from slicreg.network import (
+    HU_SCALE,
+    LOGIT_LAYOUT,
+    N_CLASSES,
+    N_LAYERS,
+    SlicRegNet,
+    architecture_spec,
+    count_parameters,
+)
+
+__all__ = ["BUNDLE_FORMAT", "Bundle", "save_bundle", "load_bundle", "verify_bundle", "predict",
+           "upsample_logits_x2", "model_card_markdown"]
+
+BUNDLE_FORMAT = "slicreg-bundle/1"
+MODEL_FILE = "model.pt"
+SUPERVOXELS_FILE = "supervoxels.nii.gz"
+CARD_JSON = "model_card.json"
+CARD_MD = "MODEL_CARD.md"
+CURVES_FILE = "curves.png"
+SUMS_FILE = "SHA256SUMS"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: ``model`` (eval mode), ``template_supervoxels`` ((16, X, Y, Z) uint8 volume), ``card``."""
+
+    path: Path
+    model: SlicRegNet
+    template_supervoxels: Volume
+    card: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------- save
+
+
+def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_supervoxels: str | os.PathLike,
+                training: dict[str, Any], data_provenance: dict[str, Any],
+                curves_png: str | os.PathLike | None = None) -> Path:
+    """Write a bundle folder (see the module docstring); every file is written atomically, SHA256SUMS last.
+
+    Args:
+        directory: the bundle folder (created; files of an older bundle there are replaced).
+        model: the trained network (its state_dict is saved in float32, on the CPU).
+        template_supervoxels: the template's ``supervoxels.nii.gz`` (copied byte for byte); a sidecar
+            ``supervoxels.json`` beside it, if present, is summarised in the card.
+        training: facts about the run (config, iterations, wall_s, hardware, validation, ...).
+        data_provenance: facts about the training data (dataset name, cohort seed and generator, template ...).
+        curves_png: optional curves figure to include.
+    """
+    from slicreg.io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, load_volume, \
+        read_json, sha256_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sv_src = Path(template_supervoxels)
+    sv = load_volume(sv_src, kind="labels", channels=True)
+    _check_supervoxels(sv.array, sv_src)
+
+    state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in state.items()}
+    with atomic_path(directory / MODEL_FILE) as tmp:
+        torch.save(state, tmp)
+    atomic_write_bytes(directory / SUPERVOXELS_FILE, sv_src.read_bytes())
+    files = [MODEL_FILE, SUPERVOXELS_FILE]
+    if curves_png is not None and Path(curves_png).is_file():
+        atomic_write_bytes(directory / CURVES_FILE, Path(curves_png).read_bytes())
+        files.append(CURVES_FILE)
+    elif (directory / CURVES_FILE).exists():
+        (directory / CURVES_FILE).unlink()
+
+    sidecar = sv_src.with_name("supervoxels.json")
+    template: dict[str, Any] = {
+        "supervoxels_shape": list(sv.array.shape),
+        "supervoxels_affine": np.round(sv.affine, 6).tolist(),
+        "supervoxels_sha256": sha256_file(directory / SUPERVOXELS_FILE),
+    }
+    if sidecar.is_file():
+        meta = read_json(sidecar)
+        template["supervoxels_json"] = {k: v for k, v in meta.items() if not isinstance(v, (list, dict))
+                                        or k in ("parameters", "options", "template", "mask")}
+        for key in ("template_sha256", "template_image_sha256", "image_sha256"):
+            if isinstance(meta.get(key), str):
+                template["image_sha256"] = meta[key]
+                break
+    if "image_sha256" not in template and isinstance(data_provenance.get("template_image_sha256"), str):
+        template["image_sha256"] = data_provenance["template_image_sha256"]
+
+    card = {
+        "format": BUNDLE_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "architecture": architecture_spec(),
+        "parameters": count_parameters(model),
+        "logit_layout": LOGIT_LAYOUT,
+        "input": {"spacing_mm": 4.0, "normalisation": f"HU / {HU_SCALE:g}, no clipping",
+                  "from_preprocessed_2mm": "2x2x2 average pooling (192 x 160 x 256 -> 96 x 80 x 128)"},
+        "output": {"layers": N_LAYERS, "classes": N_CLASSES, "stride": 2,
+                   "voxel_centres": "output voxel q is centred on input voxel 2q"},
+        "template": template,
+        "training_data": data_provenance,
+        "training": training,
+        "files": {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+                  for name in files},
+    }
+    atomic_write_json(directory / CARD_JSON, card)
+    atomic_write_text(directory / CARD_MD, model_card_markdown(card))
+    sums = [f"{sha256_file(directory / name)}  {name}" for name in [*files, CARD_JSON, CARD_MD]]
+    atomic_write_text(directory / SUMS_FILE, "\n".join(sums) + "\n")
+    return directory
+
+
+def _check_supervoxels(array: np.ndarray, where: Any) -> None:
+    if array.ndim != 4 or array.shape[0] != N_LAYERS:
+        raise InputError(f"{where}: expected template supervoxels (16, X, Y, Z) (stored X, Y, Z, 16), got "
+                         f"shape {array.shape}")
+    if array.size and (int(array.min()) < 0 or int(array.max()) >= N_CLASSES):
+        raise InputError(f"{where}: supervoxel labels must be in 0..{N_CLASSES - 1}, got "
+                         f"{int(array.min())}..{int(array.max())}")
+
+
+# --------------------------------------------------------------------------------------------------- load
+
+
+def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
+    """Check a bundle's files and hashes and its card's format and architecture; return the card.
+
+    Raises:
+        InputError: a missing or extra-corrupt file, a sha256 mismatch, another format or architecture."""
+    from slicreg.io import sha256_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: not a weights bundle folder (expected {MODEL_FILE}, {SUPERVOXELS_FILE}, "
+                         f"{CARD_JSON})")
+    for name in (MODEL_FILE, SUPERVOXELS_FILE, CARD_JSON):
+        if not (directory / name).is_file():
+            raise InputError(f"{directory}: incomplete weights bundle, {name} is missing")
+    sums_path = directory / SUMS_FILE
+    if sums_path.is_file():
+        for line in sums_path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            digest, _, name = line.partition("  ")
+            p = directory / name.strip()
+            if not p.is_file():
+                raise InputError(f"{directory}: {name.strip()} is listed in {SUMS_FILE} but missing")
+            if sha256_file(p) != digest.strip():
+                raise InputError(f"{p}: sha256 does not match {SUMS_FILE} (the file is corrupted or was changed)")
+    try:
+        card = json.loads((directory / CARD_JSON).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{directory / CARD_JSON}: not valid JSON ({exc})") from None
+    if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
+        got = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise InputError(f"{directory / CARD_JSON}: format {got!r}, expected {BUNDLE_FORMAT!r}")
+    for name, entry in card.get("files", {}).items():
+        p = directory / name
+        if not p.is_file():
+            raise InputError(f"{directory}: {name} is listed in the model card but missing")
+        if sha256_file(p) != entry.get("sha256"):
+            raise InputError(f"{p}: sha256 does not match the model card (the file is corrupted or was changed)")
+    want = architecture_spec()
+    got = card.get("architecture")
+    if got != want:
+        keys = sorted(k for k in set(want) | set(got or {}) if (got or {}).get(k) != want.get(k))
+        raise InputError(f"{directory / CARD_JSON}: the bundle's architecture differs from this slicreg's network in "
+                         f"{keys} (bundle: {[(got or {}).get(k) for k in keys]}, code: {[want.get(k) for k in keys]})")
+    if card.get("logit_layout") != LOGIT_LAYOUT:
+        raise InputError(f"{directory / CARD_JSON}: logit layout {card.get('logit_layout')!r} differs from the "
+                         f"network's {LOGIT_LAYOUT!r}")
+    return card
+
+
+def load_bundle(directory: str | os.PathLike, *, device: Any = "cpu", channels_last: bool | None = None) -> Bundle:
+    """Load and verify a bundle (see :func:`verify_bundle`); the model is returned in eval mode on ``device``.
+
+    ``channels_last`` (default: on for the CPU) converts the model to channels-last 3-D memory format."""
+    from slicreg.io import load_volume
+
+    directory = Path(directory)
+    card = verify_bundle(directory)
+    try:
+        state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{directory / MODEL_FILE}: not a readable state_dict ({type(exc).__name__}: {exc})") from None
+    model = SlicRegNet(backward="native")
+    want = model.state_dict()
+    if not isinstance(state, dict):
+        raise InputError(f"{directory / MODEL_FILE}: expected a state_dict, got {type(state).__name__}")
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} != {tuple(want[k].shape)}"
+                                                        for k in wrong[:5]))
+        raise InputError(f"{directory / MODEL_FILE}: weights do not fit the network: {'; '.join(parts)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"{directory / MODEL_FILE}: non-finite values in {bad[:5]}")
+    model.load_state_dict(state)
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    if channels_last if channels_last is not None else dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last_3d)
+    sv = load_volume(directory / SUPERVOXELS_FILE, kind="labels", channels=True)
+    _check_supervoxels(sv.array, directory / SUPERVOXELS_FILE)
+    sv = Volume(sv.array.astype(np.uint8, copy=False), sv.affine, sv.meta)
+    return Bundle(directory, model, sv, card)
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+def upsample_logits_x2(z: torch.Tensor) -> torch.Tensor:
+    """Linear x2 upsampling of ``(..., X', Y', Z')`` to ``(..., 2X', 2Y', 2Z')`` for output voxels centred on even input
+    voxels: ``out[2q] = z[q]``, ``out[2q + 1] = (z[q] + z[q + 1]) / 2`` (the last voxel repeats ``z[X' - 1]``)."""
+    for axis in (-3, -2, -1):
+        nxt = torch.cat([z.narrow(axis, 1, z.shape[axis] - 1), z.narrow(axis, z.shape[axis] - 1, 1)], axis)
+        z = torch.stack([z, (z + nxt) * 0.5], dim=axis).flatten(z.dim() + axis, z.dim() + axis + 1)
+    return z
+
+
+@torch.no_grad()
+def predict(model_or_bundle: SlicRegNet | Bundle, image_hu_4mm: Any, *, output: str = "labels",
+            grid: str = "input", device: Any = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """Predict supervoxels for one scan.
+
+    Args:
+        model_or_bundle: a :class:`Bundle` or a :class:`~slicreg.network.SlicRegNet` (put in eval mode here).
+        image_hu_4mm: ``(X, Y, Z)`` image in HU on the 4 mm grid (numpy or torch; see
+            :func:`slicreg.network.network_input` to make it from the preprocessed 2 mm image), X, Y, Z divisible
+            by 4.
+        output: ``"labels"`` (argmax), ``"probs"`` (softmax over the 128 classes of each layer) or ``"logits"``.
+        grid: ``"input"`` (labels only: logits upsampled x2 linearly per layer, then argmax, on the 4 mm input grid)
+            or ``"output"`` (the network's stride-2 grid).
+        device: where the network runs (the model is moved there).
+        dtype: compute precision; ``None`` = bf16 autocast on CPU, fp16 autocast on CUDA; ``torch.float32`` = full
+            precision.
+
+    Returns:
+        numpy: labels uint8 ``(16, X, Y, Z)`` (``grid="input"``) or ``(16, X/2, Y/2, Z/2)``; probs / logits float32
+        ``(16, 128, X/2, Y/2, Z/2)``.
+    """
+    model = model_or_bundle.model if isinstance(model_or_bundle, Bundle) else model_or_bundle
+    if output not in ("labels", "probs", "logits"):
+        raise InputError(f"predict: output must be 'labels', 'probs' or 'logits', got {output!r}")
+    if grid not in ("input", "output"):
+        raise InputError(f"predict: grid must be 'input' or 'output', got {grid!r}")
+    if grid == "input" and output != "labels":
+        raise InputError("predict: probs / logits are returned on the stride-2 output grid (grid='output'); "
+                         "on the input grid they would need 16 x 128 full-size volumes")
+    img = image_hu_4mm.detach().cpu().numpy() if isinstance(image_hu_4mm, torch.Tensor) else np.asarray(image_hu_4mm)
+    if img.ndim != 3:
+        raise InputError(f"predict: expected a 3-D image (X, Y, Z), got shape {img.shape}")
+    if any(s % 4 for s in img.shape):
+        raise InputError(f"predict: image sizes must be divisible by 4 (4 mm grid, e.g. 96 x 80 x 128), got {img.shape}")
+    if not np.all(np.isfinite(img)):
+        raise InputError("predict: the image contains NaN or Inf values")
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    channels_last = any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)
+                        and not p.is_contiguous() for p in model.parameters())
+    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32) / np.float32(HU_SCALE))[None, None].to(dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    if dtype == torch.float32:
+        logits = model(x)
+    else:
+        with torch.autocast(dev.type, dtype=dtype):
+            logits = model(x)
+    z = logits[0].reshape(N_LAYERS, N_CLASSES, *logits.shape[2:])  # layout: channel 128 * layer + class
+    if output == "logits":
+        return z.float().cpu().numpy()
+    if output == "probs":
+        return torch.softmax(z.float(), dim=1).cpu().numpy()
+    if grid == "output":
+        return z.argmax(1).to(torch.uint8).cpu().numpy()
+    out = np.empty((N_LAYERS, *img.shape), dtype=np.uint8)
+    for layer in range(N_LAYERS):
+        out[layer] = upsample_logits_x2(z[layer].float()).argmax(0).to(torch.uint8).cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the card
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def model_card_markdown(card: dict[str, Any]) -> str:
+    """The Markdown model card (MODEL_CARD.md) from the JSON card."""
+    tr = card.get("training", {})
+    data = card.get("training_data", {})
+    par = card.get("parameters", {})
+    val = tr.get("validation") or {}
+    hw = tr.get("hardware", {})
+    lines = [
+        "# SLIC-Reg weights bundle",
+        "",
+        "3-D DeepLab (MobileNetV2 backbone, ASPP rates 2/4/8/16, grouped head) predicting 16 layers x 128 template "
+        "supervoxel classes at stride 2 of a 4 mm CT input.",
+        "",
+        "## Use",
+        "",
+        "```",
+        "slicreg predict --weights <this folder> --image preprocessed_2mm.nii.gz --out supervoxels.nii.gz",
+        "```",
+        "",
+        f"- input: {card['input']['normalisation']}, {card['input']['spacing_mm']:g} mm grid "
+        f"({card['input']['from_preprocessed_2mm']})",
+        f"- output: {card['output']['layers']} layers x {card['output']['classes']} classes at stride "
+        f"{card['output']['stride']} ({card['output']['voxel_centres']})",
+        f"- **logit layout: {card['logit_layout']}**",
+        f"- parameters: backbone {par.get('backbone', 0):,}, ASPP {par.get('aspp', 0):,}, head {par.get('head', 0):,}, "
+        f"total {par.get('total', 0):,}",
+        f"- template supervoxels: `{SUPERVOXELS_FILE}` {tuple(card['template'].get('supervoxels_shape', []))}, "
+        f"sha256 `{card['template'].get('supervoxels_sha256', '?')}`",
+        f"- template image sha256: `{card['template'].get('image_sha256', 'not recorded')}`",
+        "",
+        "## Training data",
+        "",
+    ]
+    for k, v in data.items():
+        lines.append(f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else _fmt(v)}")
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- iterations: {tr.get('iterations')}, wall time: {_fmt(tr.get('wall_s'))} s "
+        f"({_fmt((tr.get('wall_s') or 0) / 60)} min)",
+        f"- hardware: {hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} cores, {hw.get('torch_threads', '?')} torch "
+        f"threads, {hw.get('processes', 1)} process(es), device {hw.get('device', '?')}, torch {hw.get('torch', '?')}",
+        f"- precision: {tr.get('precision', '?')}",
+        f"- training scans: {len(tr.get('train_ids', []))}; validation scans: {tr.get('val_ids', [])}",
+        f"- final training loss (mean of the last 25 steps): {_fmt(tr.get('final_train_loss_mean_last_25'))}",
+        f"- validation: loss {_fmt(val.get('val_loss'))}, accuracy {_fmt(val.get('val_accuracy'))}, "
+        f"foreground accuracy {_fmt(val.get('val_foreground_accuracy'))} (eval mode, mean over the 16 layers)",
+        "",
+        "Full configuration:",
+        "",
+        "```json",
+        json.dumps(tr.get("config", {}), indent=2),
+        "```",
+        "",
+    ]
+    curve = tr.get("validation_curve") or []
+    if curve:
+        lines += ["Validation curve:", "", "| step | val loss | val accuracy |", "|---|---|---|"]
+        lines += [f"| {c['iteration']} | {_fmt(c['val_loss'])} | {_fmt(c['val_accuracy'])} |" for c in curve]
+        lines.append("")
+    if CURVES_FILE in card.get("files", {}):
+        lines += [f"![curves]({CURVES_FILE})", ""]
+    lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| {n} | {e['bytes']:,} | `{e['sha256']}` |" for n, e in card.get("files", {}).items()]
+    lines += ["", f"`{CARD_JSON}` and this file are covered by `{SUMS_FILE}`.", ""]
+    return "\n".join(lines)

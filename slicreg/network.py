@@ -1,0 +1,777 @@
+"""The SLIC-Reg network: a 3-D DeepLab (MobileNetV2 backbone + ASPP) with a grouped supervoxel head.
+
+Architecture (SLICREG_SPEC.md section 5), input ``(B, 1, X, Y, Z)`` at 4 mm (96 x 80 x 128 in training), every
+spatial size divisible by 4:
+
+- **Backbone** (:class:`Backbone`, 216,768 parameters): 8 inverted-residual blocks (:data:`BACKBONE_BLOCKS`).
+  A block is 1x1x1 conv in->mid + BN + ReLU6, 3x3x3 depthwise conv (stride s, padding 1) + BN + ReLU6, 1x1x1 conv
+  mid->out + BN; block 0's first conv is a full 3x3x3 conv with stride 2; a residual where in == out and s == 1.
+  Skip = the 24-channel output of blocks 0-1 (stride 2); deep features = output of blocks 2-7 (stride 4).
+- **ASPP** (:class:`ASPP`, 1,001,088 parameters): 64 -> 128 channels: a 1x1x1 branch, four 3x3x3 branches dilated
+  by 2, 4, 8, 16 (each conv + BN + ReLU) and an image-pooling branch; concatenated (6 x 128) -> 1x1x1 conv 768 -> 128 + BN +
+  ReLU, then Dropout(0.5). **Image-pooling branch: global average pool -> 1x1x1 conv 64 -> 128 with a bias ->
+  ReLU, no normalisation** (BatchNorm on a ``(B, 128, 1, 1, 1)`` tensor fails for batch size 1 in train mode;
+  without it the branch works for any batch size in both modes).
+- **Head** (:class:`GroupedHead`, 589,824 parameters): concat(skip 24, ASPP upsampled x2 trilinear) = 152 ch ->
+  1x1x1 conv 512 (no bias) + BN + ReLU -> 3x3x3 conv 512 -> 512, groups 16 + BN + ReLU -> 1x1x1 conv
+  512 -> 16 * 128 = 2048, groups 16, with bias.
+- 1,807,680 parameters in total.
+
+Output: logits ``(B, 2048, X/2, Y/2, Z/2)``; output voxel ``q`` is centred on input voxel ``2 q`` (the stride-2
+convolutions with padding 1 are centred there), so training targets are the input-grid labels at even voxels.
+
+Logit channel layout (:data:`LOGIT_LAYOUT`): **channel ``128 * l + c`` holds class ``c`` of supervoxel layer
+``l``** (``logits.view(B, 16, 128, ...)``). Group ``l`` of the head's last two grouped convolutions therefore
+computes layer ``l`` alone. (The reference code used ``16 * c + l``, where every group mixes 8 classes of every
+layer; the two layouts are a relabelling of output channels of the same architecture, but weights trained in
+one are not valid in the other.)
+
+Speed features (none changes the function computed):
+
+- :class:`DepthwiseConv3d` with a custom backward (:func:`depthwise_conv3d`): the input gradient is computed as
+  a depthwise convolution with the flipped kernel (forward speed) and the weight gradient, 27 per-channel
+  reductions, by one fused kernel (``torch.compile``) -- on CPU, torch's own backward of 3x3x3 depthwise
+  convolutions is several times slower than its forward.
+- ``voxels=`` evaluates the head only at a set of output voxels (:meth:`SlicRegNet.forward`); in eval mode the
+  result equals the dense head at those voxels.
+- Channels-last 3-D memory format (``model.to(memory_format=torch.channels_last_3d)`` and a channels-last
+  input), bf16 autocast and gradient checkpointing (:attr:`SlicRegNet.checkpointing`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from slicreg.errors import InputError
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "N_LAYERS",
+    "N_CLASSES",
+    "LOGIT_LAYOUT",
+    "ARCHITECTURE_VERSION",
+    "BACKBONE_BLOCKS",
+    "ASPP_RATES",
+    "HU_SCALE",
+    "architecture_spec",
+    "network_input",
+    "depthwise_conv3d",
+    "depthwise_weight_grad",
+    "dilated_conv3d_weight_grad",
+    "DilatedConv3d",
+    "DepthwiseConv3d",
+    "InvertedResidual",
+    "Backbone",
+    "ASPP",
+    "GroupedHead",
+    "SlicRegNet",
+    "build_model",
+    "init_weights",
+    "count_parameters",
+    "neighbour_rows",
+]
+
+log = logging.getLogger(__name__)
+
+N_LAYERS = 16
+"""Supervoxel layers predicted by the network."""
+N_CLASSES = 128
+"""Classes per layer: 127 supervoxels + background (0)."""
+LOGIT_LAYOUT = "channel = 128 * layer + class (layer-major; head group l = supervoxel layer l)"
+"""The logit channel layout of :class:`SlicRegNet` (written into every model card and checked on load)."""
+ARCHITECTURE_VERSION = 1
+HU_SCALE = 500.0
+"""Network input = HU / HU_SCALE (no clipping), as the reference."""
+
+BACKBONE_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
+    # (in, mid, out, depthwise stride); block 0's first conv is a full 3x3x3 conv with stride 2
+    (1, 64, 24, 1),
+    (24, 128, 24, 1),
+    (24, 192, 32, 1),
+    (32, 192, 48, 2),
+    (48, 256, 48, 1),
+    (48, 256, 48, 1),
+    (48, 256, 64, 1),
+    (64, 384, 64, 1),
+)
+SKIP_BLOCKS = 2  # blocks 0-1 give the skip features (stride 2)
+ASPP_RATES: tuple[int, ...] = (2, 4, 8, 16)
+ASPP_CHANNELS = 128
+HEAD_CHANNELS = 512
+HEAD_GROUPS = N_LAYERS
+DROPOUT = 0.5
+
+
+def architecture_spec() -> dict[str, Any]:
+    """A JSON-able description of the architecture; two models with equal specs have equal state_dict shapes."""
+    return {
+        "name": "slicreg-deeplab3d",
+        "version": ARCHITECTURE_VERSION,
+        "backbone_blocks": [list(b) for b in BACKBONE_BLOCKS],
+        "skip_blocks": SKIP_BLOCKS,
+        "aspp_rates": list(ASPP_RATES),
+        "aspp_channels": ASPP_CHANNELS,
+        "aspp_pooling": "global average pool -> 1x1x1 conv with bias -> ReLU (no normalisation)",
+        "head_channels": HEAD_CHANNELS,
+        "head_groups": HEAD_GROUPS,
+        "n_layers": N_LAYERS,
+        "n_classes": N_CLASSES,
+        "output_stride": 2,
+        "logit_layout": LOGIT_LAYOUT,
+        "input": {"spacing_mm": 4.0, "normalisation": f"HU / {HU_SCALE:g}",
+                  "from_2mm": "2x2x2 average pooling of the preprocessed 2 mm image"},
+    }
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+def network_input(image_hu: Any, *, from_2mm: bool = True) -> np.ndarray:
+    """The network's input array from an image in HU.
+
+    Args:
+        image_hu: ``(X, Y, Z)`` array in Hounsfield units: the preprocessed 2 mm image (192 x 160 x 256 in the
+            contract) when ``from_2mm`` (default), otherwise an image already on the 4 mm grid.
+        from_2mm: average-pool 2x2x2 blocks first (2 mm -> 4 mm; the 4 mm voxel ``q`` is the centre of 2 mm voxels
+            ``2q, 2q + 1``, as :func:`slicreg.conventions.downsample_affine` with factor 2).
+
+    Returns:
+        float32 ``(X', Y', Z')`` = pooled HU / :data:`HU_SCALE`.
+
+    Raises:
+        InputError: not 3-D, not finite, or (``from_2mm``) an odd size.
+    """
+    a = np.asarray(image_hu, dtype=np.float32)
+    if a.ndim != 3:
+        raise InputError(f"network_input: expected an (X, Y, Z) image, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise InputError("network_input: the image contains NaN or Inf values")
+    if from_2mm:
+        if any(s % 2 for s in a.shape):
+            raise InputError(f"network_input: a 2 mm image needs even sizes to pool 2x2x2, got {a.shape}")
+        x, y, z = (s // 2 for s in a.shape)
+        a = a.reshape(x, 2, y, 2, z, 2).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+    return np.ascontiguousarray(a / np.float32(HU_SCALE))
+
+
+# ---------------------------------------------------------------------------------- depthwise convolution
+
+
+def _pad_slices(size_out: int, k: int, stride: int) -> slice:
+    return slice(k, k + stride * (size_out - 1) + 1, stride)
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, *, stride: int = 1) -> torch.Tensor:
+    """Weight gradient of a 3x3x3 depthwise convolution (padding 1), accumulated in float32 (double stays double).
+
+    ``grad_w[c, 0, i, j, k] = sum over b, p of grad_out[b, c, p] * x_padded[b, c, stride * p + (i, j, k)]``.
+
+    Args:
+        x: the convolution input ``(B, C, X, Y, Z)`` (any memory format, any float dtype).
+        grad_out: the gradient of its output ``(B, C, X', Y', Z')``.
+        stride: the convolution stride (1 or 2).
+
+    Returns:
+        ``(C, 1, 3, 3, 3)``, float32 (float64 for float64 inputs).
+
+    This eager form makes 27 passes over the data; :func:`depthwise_conv3d` runs the same expression through
+    ``torch.compile``, which fuses the 27 reductions into one pass.
+    """
+    return _weight_grad_cl(x.permute(0, 2, 3, 4, 1), grad_out.permute(0, 2, 3, 4, 1), stride).t().reshape(
+        x.shape[1], 1, 3, 3, 3)
+
+
+def _weight_grad_cl(x_cl: torch.Tensor, g_cl: torch.Tensor, stride: int) -> torch.Tensor:
+    """``(27, C)`` weight gradient from channels-last views ``(B, X, Y, Z, C)``; the kernel ``torch.compile`` fuses."""
+    acc = torch.float64 if x_cl.dtype == torch.float64 else torch.float32
+    xp = F.pad(x_cl, (0, 0, 1, 1, 1, 1, 1, 1))
+    xo, yo, zo = g_cl.shape[1:4]
+    g = g_cl.to(acc)
+    out = []
+    for i in range(3):
+        for j in range(3):
+            for k in range(3):
+                xs = xp[:, _pad_slices(xo, i, stride), _pad_slices(yo, j, stride), _pad_slices(zo, k, stride)]
+                out.append((g * xs.to(acc)).sum((0, 1, 2, 3)))
+    return torch.stack(out, 0)
+
+
+class _CompiledWeightGrad:
+    """``torch.compile`` of :func:`_weight_grad_cl`, one static-shape kernel per (shape, dtype, stride).
+
+    If compilation is impossible (no C++ compiler, an unsupported platform) the first failure is logged and
+    torch's own convolution backward is used from then on."""
+
+    def __init__(self) -> None:
+        self._fn: Any = None
+        self.failed: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor, g: torch.Tensor, stride: int) -> torch.Tensor | None:
+        if self.failed is not None:
+            return None
+        try:
+            with self._lock:
+                if self._fn is None:
+                    self._fn = torch.compile(_weight_grad_cl, dynamic=False, fullgraph=True)
+            with _dynamo_recompile_limit(64):
+                return self._fn(x, g, stride)
+        except Exception as exc:  # compilation problems surface as many exception types
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.warning("depthwise weight-gradient kernel could not be compiled (%s); using torch's own backward",
+                        self.failed.splitlines()[0][:300])
+            return None
+
+
+@contextlib.contextmanager
+def _dynamo_recompile_limit(n: int) -> Iterator[None]:
+    """Allow up to ``n`` static kernels (one per layer shape) for the compiled kernel, only while it is called."""
+    try:
+        import torch._dynamo.config as dynamo_config
+
+        names = [a for a in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, a)]
+    except Exception:  # pragma: no cover - very old or stripped torch
+        names = []
+    if not names:
+        yield
+        return
+    with dynamo_config.patch(**{names[0]: max(n, getattr(dynamo_config, names[0]))}):
+        yield
+
+
+_COMPILED_WEIGHT_GRAD = _CompiledWeightGrad()
+DEPTHWISE_BACKENDS = ("compiled", "eager", "native")
+
+
+def _native_weight_grad(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    c = x.shape[1]
+    return torch.ops.aten.convolution_backward(
+        g, x, weight, None, [stride] * 3, [1] * 3, [1] * 3, False, [0] * 3, c, [False, True, False])[1]
+
+
+def _depthwise_input_grad(g: torch.Tensor, weight: torch.Tensor, stride: int, input_shape: Sequence[int],
+                          channels_last: bool) -> torch.Tensor:
+    """Input gradient of a depthwise conv: zero-insert ``g`` (stride 2), correlate with the flipped kernel."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    c = weight.shape[0]
+    if stride == 1:
+        up = g
+    else:
+        up = torch.empty(tuple(input_shape), dtype=g.dtype, device=g.device, memory_format=fmt).zero_()
+        xo, yo, zo = g.shape[2:]
+        up[:, :, 0:stride * xo:stride, 0:stride * yo:stride, 0:stride * zo:stride] = g
+    return F.conv3d(up.contiguous(memory_format=fmt), weight.flip(2, 3, 4), padding=1, groups=c)
+
+
+class _DepthwiseConv3dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, dtype: torch.dtype,
+                backend: str) -> torch.Tensor:
+        channels_last = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and \
+            not x.is_contiguous()
+        xc = x.to(dtype)
+        wc = weight.to(dtype)
+        ctx.save_for_backward(xc, wc)
+        ctx.stride, ctx.backend, ctx.channels_last = stride, backend, channels_last
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return F.conv3d(xc, wc, stride=stride, padding=1, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        x, w = ctx.saved_tensors
+        fmt = torch.channels_last_3d if ctx.channels_last else torch.contiguous_format
+        g = g.to(x.dtype).contiguous(memory_format=fmt)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _depthwise_input_grad(g, w, ctx.stride, x.shape, ctx.channels_last).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = None
+            if ctx.backend == "compiled":
+                gw = _COMPILED_WEIGHT_GRAD(x.permute(0, 2, 3, 4, 1), g.permute(0, 2, 3, 4, 1), ctx.stride)
+                if gw is not None:
+                    gw = gw.t().reshape(w.shape)
+            elif ctx.backend == "eager":
+                gw = depthwise_weight_grad(x, g, stride=ctx.stride)
+            if gw is None:
+                gw = _native_weight_grad(x, g, w, ctx.stride)
+            grad_w = gw.to(ctx.w_dtype)
+        return grad_x, grad_w, None, None, None
+
+
+def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, backend: str = "compiled"
+                     ) -> torch.Tensor:
+    """3x3x3 depthwise convolution with padding 1 and a fast backward.
+
+    Args:
+        x: ``(B, C, X, Y, Z)``; channels-last 3-D memory format recommended on CPU.
+        weight: ``(C, 1, 3, 3, 3)``.
+        stride: 1 or 2.
+        backend: how the weight gradient is computed: ``"compiled"`` (one fused kernel via ``torch.compile``,
+            falling back to ``"native"`` if it cannot be compiled), ``"eager"`` (the same formula unfused; for
+            tests and float64), ``"native"`` (torch's own convolution backward, for the whole backward).
+
+    Returns:
+        ``(B, C, X', Y', Z')`` with ``X' = floor((X - 1) / stride) + 1``.
+
+    Under autocast the convolution runs in the autocast dtype (as ``F.conv3d`` would); gradients are returned in
+    the dtypes of ``x`` and ``weight``. Without gradients, or with ``backend="native"``, or on a device other than
+    the CPU, this is exactly ``F.conv3d(x, weight, stride=stride, padding=1, groups=C)``.
+    """
+    if backend not in DEPTHWISE_BACKENDS:
+        raise InputError(f"depthwise_conv3d: backend must be one of {DEPTHWISE_BACKENDS}, got {backend!r}")
+    c = x.shape[1]
+    if weight.shape != (c, 1, 3, 3, 3):
+        raise InputError(f"depthwise_conv3d: weight must be ({c}, 1, 3, 3, 3) for {c} channels, "
+                         f"got {tuple(weight.shape)}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if backend == "native" or not needs_grad or x.device.type != "cpu":
+        return F.conv3d(x, weight, stride=stride, padding=1, groups=c)
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    with torch.autocast(dev, enabled=False):
+        return _DepthwiseConv3dFn.apply(x, weight, stride, dtype, backend)
+
+
+class DepthwiseConv3d(nn.Module):
+    """3x3x3 depthwise convolution, padding 1, no bias, with the fast backward of :func:`depthwise_conv3d`.
+
+    Its state_dict (``weight`` of shape ``(C, 1, 3, 3, 3)``) is that of ``nn.Conv3d(C, C, 3, stride, 1,
+    groups=C, bias=False)``."""
+
+    def __init__(self, channels: int, *, stride: int = 1, backend: str = "compiled") -> None:
+        super().__init__()
+        if stride not in (1, 2):
+            raise InputError(f"DepthwiseConv3d: stride must be 1 or 2, got {stride}")
+        self.channels, self.stride, self.backend = channels, stride, backend
+        self.weight = nn.Parameter(torch.empty(channels, 1, 3, 3, 3))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv3d(x, self.weight, stride=self.stride, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, stride={self.stride}, backend={self.backend!r}"
+
+
+def dilated_conv3d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, *, dilation: int) -> torch.Tensor:
+    """Weight gradient of a dense 3x3x3 convolution (stride 1, padding = dilation = ``dilation``) as 27 GEMMs.
+
+    For kernel offset ``k`` (displacement ``d = (k - 1) * dilation``) only the output voxels whose input voxel
+    ``p + d`` lies inside the volume contribute: ``grad_w[:, :, k] = grad_out[box]^T @ x[box + d]`` with the
+    channels as matrix columns. With large dilations most of each box is empty padding, which this skips.
+
+    Args:
+        x: ``(B, C, X, Y, Z)``, any memory format (channels-last avoids copies of the transposition).
+        grad_out: ``(B, O, X, Y, Z)``.
+        dilation: the dilation (= padding) of the convolution.
+
+    Returns:
+        ``(O, C, 3, 3, 3)`` in float32 (float64 for float64 input); each GEMM runs in the input dtype.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.permute(0, 2, 3, 4, 1)
+    gc = grad_out.permute(0, 2, 3, 4, 1)
+    size = x.shape[2:]
+    o, c = grad_out.shape[1], x.shape[1]
+    out = torch.zeros(o, c, 27, dtype=acc, device=x.device)
+    for k, (i, j, m) in enumerate((i, j, m) for i in range(3) for j in range(3) for m in range(3)):
+        d = ((i - 1) * dilation, (j - 1) * dilation, (m - 1) * dilation)
+        lo = [max(0, -dd) for dd in d]
+        hi = [min(s, s - dd) for s, dd in zip(size, d)]
+        if any(h <= l_ for h, l_ in zip(hi, lo)):
+            continue  # this tap only ever sees padding
+        gb = gc[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(-1, o)
+        xb = xc[:, lo[0] + d[0]:hi[0] + d[0], lo[1] + d[1]:hi[1] + d[1], lo[2] + d[2]:hi[2] + d[2]].reshape(-1, c)
+        out[:, :, k] = torch.mm(gb.t(), xb).to(acc)
+    return out.view(o, c, 3, 3, 3)
+
+
+class _DilatedConv3dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, dilation: int, dtype: torch.dtype) -> torch.Tensor:
+        xc, wc = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(xc, wc)
+        ctx.dilation, ctx.x_dtype, ctx.w_dtype = dilation, x.dtype, weight.dtype
+        return F.conv3d(xc, wc, padding=dilation, dilation=dilation)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        x, w = ctx.saved_tensors
+        r = ctx.dilation
+        fmt = torch.channels_last_3d if (x.is_contiguous(memory_format=torch.channels_last_3d)
+                                         and not x.is_contiguous()) else torch.contiguous_format
+        g = g.to(x.dtype).contiguous(memory_format=fmt)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                g, x, w, None, [1] * 3, [r] * 3, [r] * 3, False, [0] * 3, 1, [True, False, False])[0].to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = dilated_conv3d_weight_grad(x, g, dilation=r).to(ctx.w_dtype)
+        return grad_x, grad_w, None, None
+
+
+class DilatedConv3d(nn.Conv3d):
+    """``nn.Conv3d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=False)`` with a GEMM weight gradient.
+
+    The forward and the state_dict are those of ``nn.Conv3d``; on CPU in training the weight gradient is
+    :func:`dilated_conv3d_weight_grad` (torch's own is several times slower for 3-D dilated convolutions).
+    ``backend="native"`` uses torch's backward."""
+
+    def __init__(self, c_in: int, c_out: int, *, dilation: int, backend: str = "compiled") -> None:
+        super().__init__(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=False)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if self.backend == "native" or not needs_grad or x.device.type != "cpu":
+            return super().forward(x)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            return _DilatedConv3dFn.apply(x, self.weight, self.dilation[0], dtype)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+def _bn(c: int) -> nn.BatchNorm3d:
+    return nn.BatchNorm3d(c)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 inverted residual block (SLICREG_SPEC.md section 5).
+
+    ``first=True`` replaces the 1x1x1 expansion by a full 3x3x3 convolution with stride 2 (block 0)."""
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int, *, stride: int = 1, first: bool = False,
+                 depthwise_backend: str = "compiled") -> None:
+        super().__init__()
+        if first:
+            self.expand = nn.Conv3d(c_in, c_mid, 3, stride=2, padding=1, bias=False)
+        else:
+            self.expand = nn.Conv3d(c_in, c_mid, 1, bias=False)
+        self.bn1 = _bn(c_mid)
+        self.depthwise = DepthwiseConv3d(c_mid, stride=stride, backend=depthwise_backend)
+        self.bn2 = _bn(c_mid)
+        self.project = nn.Conv3d(c_mid, c_out, 1, bias=False)
+        self.bn3 = _bn(c_out)
+        self.residual = c_in == c_out and stride == 1 and not first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.bn1(self.expand(x)))
+        h = F.relu6(self.bn2(self.depthwise(h)))
+        h = self.bn3(self.project(h))
+        return x + h if self.residual else h
+
+
+class Backbone(nn.Module):
+    """The 8 inverted-residual blocks of :data:`BACKBONE_BLOCKS`; returns ``(skip, deep)``.
+
+    ``skip``: ``(B, 24, X/2, Y/2, Z/2)`` after blocks 0-1; ``deep``: ``(B, 64, X/4, Y/4, Z/4)`` after blocks 2-7."""
+
+    def __init__(self, *, depthwise_backend: str = "compiled") -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            InvertedResidual(ci, cm, co, stride=s, first=(i == 0), depthwise_backend=depthwise_backend)
+            for i, (ci, cm, co, s) in enumerate(BACKBONE_BLOCKS))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = x
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == SKIP_BLOCKS - 1:
+                skip = x
+        return skip, x
+
+
+class ASPP(nn.Module):
+    """3-D atrous spatial pyramid pooling, 64 -> 128 channels (dropout is applied by :class:`SlicRegNet`).
+
+    Branches: 1x1x1; 3x3x3 with dilation 2, 4, 8, 16 (padding = dilation), each conv + BN + ReLU; image pooling
+    (global average -> 1x1x1 conv with bias -> ReLU, no normalisation, so batch size 1 trains); concatenation ->
+    1x1x1 conv to 128 + BN + ReLU."""
+
+    def __init__(self, c_in: int = BACKBONE_BLOCKS[-1][2], c_out: int = ASPP_CHANNELS,
+                 rates: Sequence[int] = ASPP_RATES, *, backend: str = "compiled") -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Sequential(nn.Conv3d(c_in, c_out, 1, bias=False), _bn(c_out),
+                                                     nn.ReLU(inplace=True))])
+        for r in rates:
+            self.branches.append(nn.Sequential(DilatedConv3d(c_in, c_out, dilation=r, backend=backend),
+                                               _bn(c_out), nn.ReLU(inplace=True)))
+        self.pool_conv = nn.Conv3d(c_in, c_out, 1, bias=True)
+        n = len(self.branches) + 1
+        self.project = nn.Sequential(nn.Conv3d(n * c_out, c_out, 1, bias=False), _bn(c_out), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cat = torch.cat([b(x) for b in self.branches], 1)
+        pooled = F.relu(self.pool_conv(x.mean(dim=(2, 3, 4), keepdim=True)))
+        # project(concat(branches, broadcast pooled)): the pooled branch is constant over space, so its part of
+        # the 1x1x1 projection is a per-sample bias -- the same function without a full-size broadcast copy
+        conv, bn, relu = self.project
+        n = cat.shape[1]
+        y = F.conv3d(cat, conv.weight[:, :n]) + F.conv3d(pooled.to(cat.dtype), conv.weight[:, n:])
+        return relu(bn(y))
+
+
+# -------------------------------------------------------------------------------------------------- head
+
+_OFFSETS = torch.tensor([[i - 1, j - 1, k - 1] for i in range(3) for j in range(3) for k in range(3)])
+"""The 27 neighbour offsets in the order of a 3x3x3 kernel's flattened (i, j, k) index."""
+
+
+def neighbour_rows(voxels: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a flattened ``(B * X * Y * Z, C)`` feature map holding the 3x3x3 neighbours of voxels.
+
+    Args:
+        voxels: ``(B, N)`` int64 flat indices ``(x * Y + y) * Z + z`` into the ``(X, Y, Z)`` grid of each sample.
+        shape: ``(X, Y, Z)``.
+
+    Returns:
+        ``rows`` ``(27 * B * N,)`` int64, ordered (kernel offset, sample, voxel) with the offsets in the order of
+        :data:`_OFFSETS` (neighbours outside the grid are clamped onto it), and ``valid`` ``(27 * B * N,)`` bool
+        (False where the neighbour lies outside the grid, i.e. in the zero padding).
+    """
+    x_size, y_size, z_size = (int(s) for s in shape)
+    b = voxels.shape[0]
+    v = voxels.reshape(1, b, -1)
+    coords = torch.stack([v // (y_size * z_size), (v // z_size) % y_size, v % z_size], -1)  # (1, B, N, 3)
+    nb = coords + _OFFSETS.to(voxels.device).view(27, 1, 1, 3)  # (27, B, N, 3)
+    hi = torch.tensor([x_size, y_size, z_size], device=voxels.device)
+    valid = ((nb >= 0) & (nb < hi)).all(-1)
+    nb = torch.minimum(nb.clamp_min(0), hi - 1)
+    flat = (nb[..., 0] * y_size + nb[..., 1]) * z_size + nb[..., 2]
+    flat = flat + torch.arange(b, device=voxels.device).view(1, b, 1) * (x_size * y_size * z_size)
+    return flat.reshape(-1), valid.reshape(-1)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, X, Y, Z)`` -> ``(B * X * Y * Z, C)`` (a view for channels-last input, else one copy)."""
+    return x.permute(0, 2, 3, 4, 1).reshape(-1, x.shape[1])
+
+
+def _bn_relu_columns(h: torch.Tensor, bn: nn.BatchNorm3d, invalid: torch.Tensor | None) -> torch.Tensor:
+    """BatchNorm + ReLU of ``h`` ``(C, M)`` (one row per channel, one column per sample) with the module ``bn``.
+
+    ``invalid``: optional int64 indices of columns that stand for a convolution's zero padding; they are 0 in the
+    output. (In training mode they still enter the batch statistics: they hold clamped copies of border
+    voxels' features, a few per cent of the columns.)"""
+    c, m = h.shape
+    z = bn(h.view(1, c, m, 1, 1))  # a fresh tensor: in-place ops on it (not on a view) stay cheap under autograd
+    if invalid is not None and invalid.numel():
+        z.index_fill_(2, invalid, 0.0)
+    return torch.relu_(z).view(c, m)
+
+
+class GroupedHead(nn.Module):
+    """The supervoxel head: 152 -> 512 (1x1x1) -> 512 (3x3x3, groups 16) -> 2048 (1x1x1, groups 16).
+
+    :meth:`forward` is the dense head on ``concat(skip, aspp_up)``; :meth:`at_voxels` evaluates the same
+    function at chosen voxels only, from the 3x3x3 neighbourhood of each."""
+
+    def __init__(self, c_skip: int = BACKBONE_BLOCKS[SKIP_BLOCKS - 1][2], c_aspp: int = ASPP_CHANNELS,
+                 c_mid: int = HEAD_CHANNELS, groups: int = HEAD_GROUPS, n_classes: int = N_CLASSES) -> None:
+        super().__init__()
+        self.groups, self.n_classes, self.c_skip = groups, n_classes, c_skip
+        self.conv1 = nn.Conv3d(c_skip + c_aspp, c_mid, 1, bias=False)
+        self.bn1 = _bn(c_mid)
+        self.conv2 = nn.Conv3d(c_mid, c_mid, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = _bn(c_mid)
+        self.conv3 = nn.Conv3d(c_mid, groups * n_classes, 1, groups=groups, bias=True)
+
+    def forward(self, skip: torch.Tensor, aspp_up: torch.Tensor) -> torch.Tensor:
+        """Dense head: ``skip`` ``(B, 24, X, Y, Z)``, ``aspp_up`` ``(B, 128, X, Y, Z)`` -> ``(B, 2048, X, Y, Z)``."""
+        x = torch.cat([skip, aspp_up.to(skip.dtype)], 1)
+        if skip.is_contiguous(memory_format=torch.channels_last_3d) and not skip.is_contiguous():
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        return self.conv3(h)
+
+    def at_voxels(self, skip: torch.Tensor, aspp_up: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        """The head at voxels: ``voxels`` ``(B, N)`` flat indices into ``(X, Y, Z)`` -> logits ``(B, 2048, N)``.
+
+        In eval mode this equals :meth:`forward` at those voxels (same logit layout). In training mode the
+        BatchNorm statistics come from the evaluated samples: the 3x3x3 neighbourhoods of the voxels for the
+        first BN, the voxels themselves for the second -- a random sample of what the dense head would use."""
+        b, n_vox = voxels.shape
+        g, c_mid = self.groups, self.conv1.out_channels
+        cg = c_mid // g
+        rows, valid = neighbour_rows(voxels, skip.shape[2:])
+        invalid = torch.nonzero(~valid).flatten()
+        n = b * n_vox
+        # 1x1x1 conv at the 27 * n neighbours, channel-major: (512, 27 * n), columns ordered (offset, voxel)
+        x = torch.cat([_rows(skip).index_select(0, rows), _rows(aspp_up).index_select(0, rows).to(skip.dtype)], 1)
+        h = torch.mm(self.conv1.weight.reshape(c_mid, -1), x.t())
+        h = _bn_relu_columns(h, self.bn1, invalid)
+        # grouped 3x3x3 conv: per group (cg, cg * 27) @ (cg * 27, n); rows of h per group are (channel, offset)
+        h = torch.bmm(self.conv2.weight.reshape(g, cg, cg * 27).to(h.dtype), h.view(g, cg * 27, n))
+        h = _bn_relu_columns(h.view(c_mid, n), self.bn2, None)
+        w3 = self.conv3.weight.reshape(g, self.n_classes, cg).to(h.dtype)
+        logits = torch.baddbmm(self.conv3.bias.view(g, self.n_classes, 1).to(h.dtype), w3, h.view(g, cg, n))
+        return logits.view(g * self.n_classes, b, n_vox).permute(1, 0, 2)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers keep their running statistics unchanged inside (for checkpoint recomputation)."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            saved.append((m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _checkpointed(module: nn.Module, fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` under non-reentrant gradient checkpointing; the recomputation does not touch BN stats."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = {"n": 0}
+
+    def run(*a: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return fn(*a)
+        with _frozen_batchnorm_stats(module):
+            return fn(*a)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+class SlicRegNet(nn.Module):
+    """The full network (see the module docstring).
+
+    Args:
+        backward: gradient implementation (changes neither the function nor the state_dict):
+            ``"compiled"`` (default): depthwise convolutions with the fused compiled weight-gradient kernel of
+            :func:`depthwise_conv3d`, dilated ASPP convolutions with the GEMM weight gradient of
+            :func:`dilated_conv3d_weight_grad`; ``"eager"``: the same without compilation (tests, float64);
+            ``"native"``: torch's own backward everywhere (the faithful reference).
+        checkpointing: gradient checkpointing of every backbone block, the ASPP and the head in training (less
+            memory, ~30 % more compute; gradients are the same).
+
+    Call: ``model(image, voxels=None, generator=None)``:
+
+    - ``image``: ``(B, 1, X, Y, Z)`` normalised input (:func:`network_input`), X, Y, Z divisible by 4;
+    - ``voxels``: optional ``(B, N)`` int64 flat indices ``(x * Y' + y) * Z' + z`` into the output grid
+      ``(X', Y', Z') = (X/2, Y/2, Z/2)``; the head is then evaluated only there and the result is ``(B, 2048, N)``
+      (the dense output ``(B, 2048, X', Y', Z')`` flattened and taken at those voxels);
+    - ``generator``: optional ``torch.Generator`` for the dropout mask (training), for reproducible runs.
+    """
+
+    def __init__(self, *, backward: str = "compiled", checkpointing: bool = False) -> None:
+        super().__init__()
+        if backward not in DEPTHWISE_BACKENDS:
+            raise InputError(f"SlicRegNet: backward must be one of {DEPTHWISE_BACKENDS}, got {backward!r}")
+        self.backbone = Backbone(depthwise_backend=backward)
+        self.aspp = ASPP(backend=backward)
+        self.head = GroupedHead()
+        self.checkpointing = checkpointing
+
+    @property
+    def backward(self) -> str:
+        """How gradients of the depthwise and dilated convolutions are computed (see the class docstring)."""
+        return self.backbone.blocks[0].depthwise.backend
+
+    @backward.setter
+    def backward(self, value: str) -> None:
+        if value not in DEPTHWISE_BACKENDS:
+            raise InputError(f"backward must be one of {DEPTHWISE_BACKENDS}, got {value!r}")
+        for m in self.modules():
+            if isinstance(m, (DepthwiseConv3d, DilatedConv3d)):
+                m.backend = value
+
+    def _run(self, module: nn.Module, fn: Any, *args: Any) -> Any:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return _checkpointed(module, fn, *args)
+        return fn(*args)
+
+    def features(self, image: torch.Tensor, *, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's inputs at stride 2: skip features ``(B, 24, X/2, Y/2, Z/2)`` and the (dropped-out) ASPP
+        output upsampled x2 trilinearly ``(B, 128, X/2, Y/2, Z/2)``."""
+        if image.dim() != 5 or image.shape[1] != 1:
+            raise InputError(f"SlicRegNet: expected an image (B, 1, X, Y, Z), got shape {tuple(image.shape)}")
+        if any(s % 4 for s in image.shape[2:]) or min(image.shape[2:]) < 4:
+            raise InputError(f"SlicRegNet: spatial sizes must be positive multiples of 4, got "
+                             f"{tuple(image.shape[2:])}")
+        x = image
+        for i, block in enumerate(self.backbone.blocks):
+            x = self._run(block, block, x)
+            if i == SKIP_BLOCKS - 1:
+                skip = x
+        a = self._run(self.aspp, self.aspp, x)
+        if self.training and DROPOUT > 0:
+            keep = torch.empty_like(a).bernoulli_(1.0 - DROPOUT, generator=generator)
+            a = a * keep * (1.0 / (1.0 - DROPOUT))
+        a = F.interpolate(a, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return skip, a
+
+    def forward(self, image: torch.Tensor, *, voxels: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        skip, a = self.features(image, generator=generator)
+        if voxels is None:
+            return self._run(self.head, self.head, skip, a)
+        out_size = int(np.prod(skip.shape[2:]))
+        if voxels.dim() != 2 or voxels.shape[0] != image.shape[0]:
+            raise InputError(f"SlicRegNet: voxels must be (B, N) = ({image.shape[0]}, N), got {tuple(voxels.shape)}")
+        if voxels.numel() and (int(voxels.min()) < 0 or int(voxels.max()) >= out_size):
+            raise InputError(f"SlicRegNet: voxel indices must lie in [0, {out_size}) for the output grid "
+                             f"{tuple(skip.shape[2:])}")
+        return self._run(self.head, self.head.at_voxels, skip, a, voxels.to(torch.int64))
+
+
+def init_weights(model: nn.Module, *, generator: torch.Generator | None = None) -> nn.Module:
+    """Kaiming-normal (fan_out, ReLU gain) for every convolution, zero biases, BN weight 1 and bias 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv3d, DepthwiseConv3d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def build_model(*, seed: int | None = 0, backward: str = "compiled", checkpointing: bool = False,
+                device: Any = "cpu", channels_last: bool = False) -> SlicRegNet:
+    """A freshly initialised :class:`SlicRegNet` (``seed`` makes the initialisation reproducible)."""
+    model = SlicRegNet(backward=backward, checkpointing=checkpointing)
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    init_weights(model, generator=gen)
+    model = model.to(device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def count_parameters(model: SlicRegNet) -> dict[str, int]:
+    """Parameter counts per part: ``backbone``, ``aspp``, ``head`` and ``total``."""
+    parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("backbone", "aspp", "head")}
+    parts["total"] = sum(p.numel() for p in model.parameters())
+    return parts
+
+
+def output_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    """The logits' spatial shape for an input of spatial shape ``input_shape`` (half of it)."""
+    return tuple(int(math.ceil(s / 2)) for s in input_shape)  # type: ignore[return-value]

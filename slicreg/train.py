@@ -1,0 +1,885 @@
+"""Training of the SLIC-Reg network on transferred supervoxels (SLICREG_SPEC.md section 6).
+
+The pure part works on in-memory tensors:
+
+- :func:`random_affines`, :func:`augment_batch` -- the on-the-fly affine augmentation ``theta = I + 0.07 N(0, 1)``
+  (all 12 entries, acting on ``grid_sample``'s normalised coordinates as in the reference): the image is
+  resampled trilinearly with border padding, the targets by nearest neighbour with zero padding at the network's
+  output voxels (every second voxel, 48 x 40 x 64 for a 96 x 80 x 128 input);
+- :func:`supervoxel_loss` -- the mean over the 16 layers of the cross-entropy, computed on a ``(B * 16, 128, S)``
+  view of the logits (layout ``128 * layer + class``), so no per-layer copies are made;
+- :class:`Trainer` -- model, Adam (lr 0.004), mixed precision (bf16 autocast on CPU; fp16 autocast with a
+  GradScaler on CUDA), seedable generators, :meth:`Trainer.step`, :meth:`Trainer.validate`, and a state dict that
+  resumes the run identically;
+- :func:`train_loop` -- iterations with periodic validation and checkpoint callbacks and a tqdm bar.
+
+The edges (files) are :func:`load_training_data` (the contract layout of docs/CONTRACTS.md), checkpoints
+(:func:`save_checkpoint`, :func:`load_checkpoint`, written atomically), logs and curves, and
+:func:`run_training`, the one-call entry used by ``slicreg train`` and the ``train`` stage. It runs unchanged under
+``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on CPU, nccl on CUDA): the configured batch is split
+over the processes.
+
+CPU cost (``benchmarks/bench_train_step.py``): the head and the loss are evaluated at ``head_voxels`` random output
+voxels per scan (the backbone and the ASPP stay dense); the depthwise and dilated convolutions use the faster
+backward of :mod:`slicreg.network`; bf16 autocast and channels-last 3-D memory format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from slicreg.errors import ConfigError, InputError
+
+import torch
+import torch.nn.functional as F
+
+from slicreg.network import N_CLASSES, N_LAYERS, SlicRegNet, build_model, network_input
+
+__all__ = [
+    "TrainConfig",
+    "SupervoxelData",
+    "random_affines",
+    "augment_batch",
+    "supervoxel_loss",
+    "supervoxel_accuracy",
+    "Trainer",
+    "train_loop",
+    "load_training_data",
+    "split_validation",
+    "save_checkpoint",
+    "load_checkpoint",
+    "write_logs",
+    "plot_curves",
+    "run_training",
+    "TrainResult",
+]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+BACKWARDS = ("compiled", "eager", "native")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run (defaults = the shipped weights' settings).
+
+    Attributes:
+        iterations: optimisation steps.
+        batch_size: scans per step (over all processes under torchrun; must divide by their number).
+        lr: Adam learning rate (no schedule).
+        seed: seeds the initialisation, batch choice, augmentation, voxel subsets and dropout.
+        augment_sigma: standard deviation of the affine augmentation ``theta = I + sigma * N(0, 1)``.
+        head_voxels: output voxels per scan at which head and loss are evaluated each step (random, uniform,
+            without replacement); 0 = every voxel (the dense head, as the reference).
+        precision: ``"auto"`` (bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA), ``"bf16"``, ``"fp16"``
+            or ``"fp32"``.
+        channels_last: channels-last 3-D memory format for model and input.
+        checkpointing: gradient checkpointing (less memory, more compute; same gradients).
+        backward: ``"compiled"``, ``"eager"`` or ``"native"`` (see :class:`slicreg.network.SlicRegNet`).
+        val_every: validate every this many steps (and after the last).
+        val_subjects: held-out training subjects for validation (the last ones of the sorted training list) when
+            ``val_ids`` is empty.
+        val_ids: explicit validation subject ids (excluded from training).
+        checkpoint_every: write the resumable checkpoint every this many steps (and after the last).
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``); under torchrun on CUDA each process uses its local rank.
+    """
+
+    iterations: int = 400
+    batch_size: int = 4
+    lr: float = 0.004
+    seed: int = 0
+    augment_sigma: float = 0.07
+    head_voxels: int = 2048
+    precision: str = "auto"
+    channels_last: bool = True
+    checkpointing: bool = False
+    backward: str = "compiled"
+    val_every: int = 50
+    val_subjects: int = 2
+    val_ids: tuple[str, ...] = ()
+    checkpoint_every: int = 10
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.iterations >= 1, "iterations must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.augment_sigma >= 0, "augment_sigma must be >= 0"),
+            (self.head_voxels >= 0, "head_voxels must be >= 0 (0 = dense head)"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.backward in BACKWARDS, f"backward must be one of {BACKWARDS}"),
+            (self.val_every >= 1, "val_every must be >= 1"),
+            (self.val_subjects >= 0, "val_subjects must be >= 0"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"training config: {message}")
+        object.__setattr__(self, "val_ids", tuple(str(v) for v in self.val_ids))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "training config") -> "TrainConfig":
+        """Build from a mapping (e.g. a TOML table); unknown keys raise :class:`ConfigError` naming ``where``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        kwargs = dict(values)
+        if "val_ids" in kwargs:
+            kwargs["val_ids"] = tuple(kwargs["val_ids"] or ())
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["val_ids"] = list(self.val_ids)
+        return d
+
+
+# Keys that may change when a run is resumed (they do not change what is learnt up to the current step).
+RESUMABLE_CHANGES = ("iterations", "val_every", "checkpoint_every", "device")
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SupervoxelData:
+    """Training or validation scans in memory.
+
+    Attributes:
+        ids: subject ids.
+        images: ``(S, 1, X, Y, Z)`` float32 network input (4 mm, HU / 500).
+        targets: ``(S, 16, X, Y, Z)`` uint8 supervoxel labels 0..127 on the same 4 mm grid.
+        affines: 4 mm voxel -> world affines (metadata only).
+    """
+
+    ids: list[str]
+    images: torch.Tensor
+    targets: torch.Tensor
+    affines: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if self.images.dim() != 5 or self.images.shape[:2] != (n, 1):
+            raise InputError(f"SupervoxelData: images must be ({n}, 1, X, Y, Z), got {tuple(self.images.shape)}")
+        want = (n, N_LAYERS, *self.images.shape[2:])
+        if tuple(self.targets.shape) != want:
+            raise InputError(f"SupervoxelData: targets must be {want} to match the images, got "
+                             f"{tuple(self.targets.shape)}")
+        if self.targets.dtype != torch.uint8:
+            raise InputError(f"SupervoxelData: targets must be uint8, got {self.targets.dtype}")
+        if n and int(self.targets.max()) >= N_CLASSES:
+            raise InputError(f"SupervoxelData: target labels must be < {N_CLASSES}, got {int(self.targets.max())}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, ids: Sequence[str]) -> "SupervoxelData":
+        idx = [self.ids.index(i) for i in ids]
+        return SupervoxelData(list(ids), self.images[idx], self.targets[idx],
+                              [self.affines[i] for i in idx] if self.affines else [])
+
+
+def split_validation(data: SupervoxelData, config: TrainConfig) -> tuple[SupervoxelData, SupervoxelData | None]:
+    """``(training, validation)``: ``config.val_ids`` if given, else the last ``val_subjects`` ids in sorted order."""
+    ids = sorted(data.ids)
+    if config.val_ids:
+        missing = [v for v in config.val_ids if v not in ids]
+        if missing:
+            raise ConfigError(f"training config: val_ids {missing} are not among the loaded subjects {ids}")
+        val = list(config.val_ids)
+    else:
+        val = ids[len(ids) - config.val_subjects:] if config.val_subjects else []
+    train = [i for i in ids if i not in val]
+    if not train:
+        raise ConfigError(f"training config: no training subjects left after holding out {val} for validation "
+                          f"({len(ids)} subjects loaded)")
+    return data.subset(train), (data.subset(val) if val else None)
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+
+
+def random_affines(n: int, *, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` random affine matrices ``theta = [I | 0] + sigma * N(0, 1)`` (all 12 entries), ``(n, 3, 4)`` float32.
+
+    ``theta`` maps ``grid_sample``'s normalised output coordinates (x = last array axis first) to input ones, as
+    ``F.affine_grid`` does (the reference's convention)."""
+    eye = torch.eye(3, 4).expand(n, 3, 4)
+    return eye + sigma * torch.randn(n, 3, 4, generator=generator)
+
+
+def random_voxels(batch: int, n_voxels: int, grid_size: int, *, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """``(batch, n)`` distinct random flat voxel indices per sample (``n = min(n_voxels, grid_size)``), int64."""
+    n = min(n_voxels, grid_size)
+    return torch.stack([torch.randperm(grid_size, generator=generator)[:n] for _ in range(batch)])
+
+
+def augment_batch(images: torch.Tensor, targets: torch.Tensor, theta: torch.Tensor, *,
+                  voxels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply affine augmentations to images and targets.
+
+    Args:
+        images: ``(B, 1, X, Y, Z)`` float network input.
+        targets: ``(B, 16, X, Y, Z)`` integer labels on the same grid.
+        theta: ``(B, 3, 4)`` affines from :func:`random_affines` (normalised coordinates, ``align_corners=False``).
+        voxels: optional ``(B, N)`` flat indices into the output grid ``(X/2, Y/2, Z/2)``; then the targets are
+            sampled only there.
+
+    Returns:
+        ``images`` ``(B, 1, X, Y, Z)`` (trilinear, border padding) and the targets at the network's output voxels
+        (nearest, zero padding): ``(B, 16, X/2, Y/2, Z/2)`` int64, or ``(B, 16, N)`` with ``voxels``. Output voxel
+        ``q`` of the network is centred on input voxel ``2 q``, so the targets are read where the augmented input
+        voxel ``2 q`` reads the image.
+    """
+    b, _, *size = images.shape
+    theta = theta.to(device=images.device, dtype=torch.float32)
+    grid = F.affine_grid(theta, [b, 1, *size], align_corners=False)  # (B, X, Y, Z, 3)
+    out_images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    tgrid = grid[:, ::2, ::2, ::2]
+    out_shape = tgrid.shape[1:4]
+    if voxels is not None:
+        tgrid = tgrid.reshape(b, -1, 3).gather(1, voxels.to(images.device).unsqueeze(-1).expand(-1, -1, 3))
+        tgrid = tgrid.view(b, -1, 1, 1, 3)
+    sampled = F.grid_sample(targets.float(), tgrid, mode="nearest", padding_mode="zeros", align_corners=False)
+    labels = sampled.round().to(torch.int64)
+    labels = labels.view(b, N_LAYERS, -1) if voxels is not None else labels.view(b, N_LAYERS, *out_shape)
+    return out_images, labels
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+
+def _as_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views for the cross-entropy: ``(B * 16, 128, S)`` + ``(B * 16, S)`` or ``(R, 128)`` + ``(R,)`` rows."""
+    b = logits.shape[0]
+    if logits.shape[1] != N_LAYERS * N_CLASSES:
+        raise InputError(f"supervoxel_loss: logits must have {N_LAYERS * N_CLASSES} channels, got {logits.shape[1]}")
+    if targets.shape != (b, N_LAYERS, *logits.shape[2:]):
+        raise InputError(f"supervoxel_loss: targets must be {(b, N_LAYERS, *logits.shape[2:])}, got "
+                         f"{tuple(targets.shape)}")
+    if logits.dim() == 5 and logits.is_contiguous(memory_format=torch.channels_last_3d) and not logits.is_contiguous():
+        # (B, X, Y, Z, 2048) in memory: rows of 128 classes are contiguous
+        rows = logits.permute(0, 2, 3, 4, 1).reshape(-1, N_CLASSES)
+        t = targets.permute(0, 2, 3, 4, 1).reshape(-1)
+        return rows, t
+    if logits.dim() == 3:
+        # the head at voxels, (B, 2048, N) with N small: one copy into rows of 128 classes (the fast softmax layout)
+        rows = logits.unflatten(1, (N_LAYERS, N_CLASSES)).transpose(2, 3).reshape(-1, N_CLASSES)
+        return rows, targets.reshape(-1)
+    return logits.reshape(b * N_LAYERS, N_CLASSES, -1), targets.reshape(b * N_LAYERS, -1)
+
+
+def supervoxel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the 16 layers (and the batch and voxels) of the cross-entropy; background is a class.
+
+    Args:
+        logits: ``(B, 2048, *S)`` in the layout ``128 * layer + class`` (dense ``S = (X', Y', Z')`` in either memory
+            format, or ``S = (N,)`` from the head at voxels).
+        targets: ``(B, 16, *S)`` int64 labels 0..127.
+
+    Every layer has the same number of voxels, so the mean over all (layer, voxel) terms equals the mean over
+    layers of the per-layer means. The cross-entropy runs on a view of the dense logits (for the head at voxels,
+    on one small copy), never on per-layer slices.
+    """
+    rows, t = _as_rows(logits, targets)
+    return F.cross_entropy(rows, t)
+
+
+@torch.no_grad()
+def supervoxel_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """``accuracy`` (all voxels) and ``foreground_accuracy`` (target > 0): argmax == target, mean over layers."""
+    rows, t = _as_rows(logits, targets)
+    pred = rows.argmax(1)
+    correct = pred == t
+    fg = t > 0
+    n_fg = int(fg.sum())
+    return {"accuracy": float(correct.float().mean()),
+            "foreground_accuracy": float((correct & fg).sum()) / n_fg if n_fg else float("nan")}
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "bf16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("training config: precision 'fp16' (AMP with a grad scaler) needs a CUDA device; use "
+                          "'bf16' on CPU")
+    return precision
+
+
+def _generator_seed(seed: int, *stream: int) -> int:
+    return int(np.random.SeedSequence([int(seed), *stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class Trainer:
+    """Model, optimiser, precision and random state of a run; one :meth:`step` = one optimisation step.
+
+    Args:
+        config: the run's settings.
+        rank, world_size: this process's place under torchrun (``world_size`` 1 otherwise); the model is wrapped
+            in DistributedDataParallel when ``world_size > 1`` (the process group must be initialised).
+
+    All randomness (initialisation, batch choice, augmentation, voxel subsets, dropout) comes from explicit
+    generators seeded from ``config.seed`` (and the rank), saved in :meth:`state_dict`.
+    """
+
+    def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> None:
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        if config.batch_size % world_size:
+            raise ConfigError(f"training config: batch_size {config.batch_size} is not divisible by the "
+                              f"{world_size} processes")
+        self.local_batch = config.batch_size // world_size
+        device = torch.device(config.device)
+        if device.type == "cuda" and world_size > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        self.device = device
+        self.precision = _resolve_precision(config.precision, device)
+        self.model: SlicRegNet = build_model(seed=config.seed, backward=config.backward,
+                                             checkpointing=config.checkpointing, device=device,
+                                             channels_last=config.channels_last)
+        self.model.train()
+        self.ddp: Any = None
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.generator = torch.Generator().manual_seed(_generator_seed(config.seed, 1, rank))
+        self.iteration = 0
+        self.history: list[dict[str, Any]] = []
+        self.elapsed_s = 0.0
+
+    # ---- one step
+    def _autocast(self) -> Any:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def sample_batch(self, data: SupervoxelData) -> tuple[torch.Tensor, torch.Tensor]:
+        """``local_batch`` scans drawn uniformly with replacement: ``(images, targets)`` on the device."""
+        idx = torch.randint(len(data), (self.local_batch,), generator=self.generator)
+        return data.images[idx].to(self.device), data.targets[idx].to(self.device)
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        """One optimisation step on a batch ``(B, 1, X, Y, Z)`` + ``(B, 16, X, Y, Z)``; returns the loss.
+
+        Draws the augmentation, the voxel subset and the dropout mask from :attr:`generator`."""
+        cfg = self.config
+        b = images.shape[0]
+        theta = random_affines(b, sigma=cfg.augment_sigma, generator=self.generator)
+        out_size = int(np.prod([s // 2 for s in images.shape[2:]]))
+        voxels = random_voxels(b, cfg.head_voxels, out_size, generator=self.generator) if cfg.head_voxels else None
+        x, t = augment_batch(images, targets, theta, voxels=voxels)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        model = self.ddp if self.ddp is not None else self.model
+        gen = self.generator if self.device.type == "cpu" else None
+        with self._autocast():
+            logits = model(x, voxels=None if voxels is None else voxels.to(self.device), generator=gen)
+        if voxels is not None:
+            logits = logits.float()  # (B, 2048, N): small
+        loss = supervoxel_loss(logits, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        return float(loss.detach())
+
+    # ---- validation
+    @torch.no_grad()
+    def validate(self, data: SupervoxelData) -> dict[str, float]:
+        """Eval-mode loss and accuracies over ``data`` (dense head, no augmentation, one scan at a time).
+
+        The loss is the mean over layers of the cross-entropy in float32; accuracies are the fraction of output
+        voxels whose argmax equals the target (all voxels, and foreground voxels = target > 0), mean over layers."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        ce = correct = n_fg = correct_fg = 0.0
+        n_total = 0
+        try:
+            for i in range(len(data)):
+                x = data.images[i:i + 1].to(self.device)
+                if self.config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                t = data.targets[i:i + 1, :, ::2, ::2, ::2].to(self.device, torch.int64).reshape(N_LAYERS, -1)
+                with self._autocast():
+                    logits = model(x)
+                z = logits.reshape(N_LAYERS, N_CLASSES, -1)
+                for layer in range(N_LAYERS):
+                    zl = z[layer].float()
+                    tl = t[layer]
+                    ce += float(F.cross_entropy(zl[None], tl[None], reduction="sum"))
+                    hit = zl.argmax(0) == tl
+                    fg = tl > 0
+                    correct += float(hit.sum())
+                    correct_fg += float((hit & fg).sum())
+                    n_fg += float(fg.sum())
+                n_total += t.numel()
+        finally:
+            model.train(was_training)
+        return {"val_loss": ce / n_total, "val_accuracy": correct / n_total,
+                "val_foreground_accuracy": correct_fg / n_fg if n_fg else float("nan")}
+
+    # ---- state
+    def state_dict(self, *, generator_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Everything needed to continue identically: model, optimiser, scaler, generators, iteration, history."""
+        return {
+            "format": "slicreg-train-checkpoint/1",
+            "config": self.config.to_dict(),
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generators": generator_states if generator_states is not None else [self.generator.get_state()],
+            "torch_rng": torch.get_rng_state(),
+            "world_size": self.world_size,
+            "history": list(self.history),
+            "elapsed_s": self.elapsed_s,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (the config must match up to :data:`RESUMABLE_CHANGES`)."""
+        old = dict(state["config"])
+        new = self.config.to_dict()
+        diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        if diff:
+            raise ConfigError("cannot resume: the checkpoint was trained with other settings for " + ", ".join(
+                f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        gens = state["generators"]
+        if len(gens) == self.world_size:
+            self.generator.set_state(gens[self.rank])
+        else:
+            log.warning("checkpoint has %d generator states for %d processes: reseeding from (seed, iteration)",
+                        len(gens), self.world_size)
+            self.generator.manual_seed(_generator_seed(self.config.seed, 2, self.rank, int(state["iteration"])))
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def _distributed() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def train_loop(trainer: Trainer, data: SupervoxelData, *, validation: SupervoxelData | None = None,
+               on_checkpoint: Callable[[Trainer], None] | None = None,
+               on_validation: Callable[[Trainer], None] | None = None, progress: bool = True) -> Trainer:
+    """Run ``trainer`` from its current iteration to ``config.iterations``.
+
+    Every ``val_every`` steps and after the last, validation metrics are appended to ``trainer.history`` (rank 0)
+    and ``on_validation`` is called; every ``checkpoint_every`` steps and after the last, ``on_checkpoint`` is
+    called (on every rank: it may gather state). Losses are averaged over processes under torchrun."""
+    from tqdm.auto import tqdm
+
+    cfg = trainer.config
+    dist = _distributed()
+    bar = tqdm(total=cfg.iterations, initial=trainer.iteration, desc="train", disable=not progress or trainer.rank != 0,
+               dynamic_ncols=True)
+    last_val: float | None = None
+    started = time.perf_counter() - trainer.elapsed_s
+    try:
+        while trainer.iteration < cfg.iterations:
+            images, targets = trainer.sample_batch(data)
+            loss = trainer.step(images, targets)
+            if dist is not None:
+                t = torch.tensor([loss], dtype=torch.float64)
+                dist.all_reduce(t)
+                loss = float(t) / trainer.world_size
+            trainer.elapsed_s = time.perf_counter() - started
+            trainer.history.append({"iteration": trainer.iteration, "loss": loss,
+                                    "elapsed_s": round(trainer.elapsed_s, 3)})
+            last = trainer.iteration == cfg.iterations
+            if validation is not None and (trainer.iteration % cfg.val_every == 0 or last):
+                if trainer.rank == 0:
+                    metrics = trainer.validate(validation)
+                    trainer.history.append({"iteration": trainer.iteration, **metrics,
+                                            "elapsed_s": round(time.perf_counter() - started, 3)})
+                    last_val = metrics["val_loss"]
+                    if on_validation is not None:
+                        on_validation(trainer)
+                if dist is not None:
+                    dist.barrier()
+            trainer.elapsed_s = time.perf_counter() - started
+            if on_checkpoint is not None and (trainer.iteration % cfg.checkpoint_every == 0 or last):
+                on_checkpoint(trainer)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val:.3f}" if last_val is not None else "-")
+    finally:
+        bar.close()
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------ files: data
+
+
+def _resolve_transferred(folder: Path) -> Path:
+    sub = folder / "transferred"
+    return sub if sub.is_dir() else folder
+
+
+def _dataset_images(dataset_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    from slicreg.io import read_json
+
+    where = dataset_dir / "dataset.json"
+    doc = read_json(where)
+    subjects = doc.get("subjects")
+    if not isinstance(subjects, dict):
+        raise InputError(f"{where}: expected 'subjects' (id -> entry with 'image'), see docs/CONTRACTS.md")
+    images = {}
+    for sid, entry in subjects.items():
+        if isinstance(entry, dict) and "image" in entry:
+            p = Path(entry["image"])
+            images[sid] = p if p.is_absolute() else dataset_dir / p
+    return doc, images
+
+
+def load_training_data(dataset_dir: str | os.PathLike, transferred_dir: str | os.PathLike, *,
+                       ids: Sequence[str] | None = None, progress: bool = False) -> SupervoxelData:
+    """Load scans and their transferred supervoxels (docs/CONTRACTS.md layouts).
+
+    Args:
+        dataset_dir: a preprocessed dataset folder (``dataset.json``, ``imagesTr/<id>_0000.nii.gz`` at 2 mm,
+            192 x 160 x 256 in the contract).
+        transferred_dir: the transfer output: ``transferred/<id>.nii.gz`` (or that folder itself), uint8
+            ``(16, X/2, Y/2, Z/2)`` on the subject's 4 mm grid.
+        ids: subjects to load; default: the dataset's ``training`` list (subjects with role ``train``) that have a
+            transferred file.
+
+    Returns:
+        :class:`SupervoxelData` with images = 2x2x2-average-pooled HU / 500 (:func:`slicreg.network.network_input`).
+
+    Raises:
+        InputError: missing files, shapes that do not pair up, labels outside 0..127 (naming the file).
+    """
+    from slicreg.conventions import downsample_affine
+    from slicreg.io import load_image, load_volume
+
+    dataset_dir, tdir = Path(dataset_dir), _resolve_transferred(Path(transferred_dir))
+    doc, images = _dataset_images(dataset_dir)
+    if not tdir.is_dir():
+        raise InputError(f"{transferred_dir}: not a folder (expected the transfer output with transferred/<id>.nii.gz)")
+    if ids is None:
+        listed = doc.get("training")
+        if listed is None:
+            listed = [s for s, e in doc["subjects"].items() if isinstance(e, dict) and e.get("role") == "train"]
+        ids = [s for s in listed if (tdir / f"{s}.nii.gz").is_file()]
+        if not ids:
+            raise InputError(f"{tdir}: no transferred/<id>.nii.gz for any training subject of "
+                             f"{dataset_dir / 'dataset.json'} ({len(listed)} listed)")
+    imgs, tgts, affs = [], [], []
+    iterator: Any = ids
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(ids, desc="load", leave=False)
+    for sid in iterator:
+        if sid not in images:
+            raise InputError(f"{dataset_dir / 'dataset.json'}: no image listed for subject {sid!r}")
+        img = load_image(images[sid])
+        tpath = tdir / f"{sid}.nii.gz"
+        if not tpath.is_file():
+            raise InputError(f"{tpath}: file not found (transferred supervoxels of {sid})")
+        sv = load_volume(tpath, kind="labels", channels=True)
+        want = (N_LAYERS, *(s // 2 for s in img.shape))
+        if tuple(sv.array.shape) != want:
+            raise InputError(f"{tpath}: expected supervoxels of shape {want} (16 layers on the 4 mm grid of "
+                             f"{images[sid].name} {img.shape}), got {tuple(sv.array.shape)}")
+        if sv.array.min() < 0 or sv.array.max() >= N_CLASSES:
+            raise InputError(f"{tpath}: labels must be in 0..{N_CLASSES - 1}, got "
+                             f"{int(sv.array.min())}..{int(sv.array.max())}")
+        imgs.append(torch.from_numpy(network_input(img.array, from_2mm=True))[None])
+        tgts.append(torch.from_numpy(sv.array.astype(np.uint8)))
+        affs.append(downsample_affine(img.affine, 2))
+    return SupervoxelData(list(ids), torch.stack(imgs), torch.stack(tgts), affs)
+
+
+# ------------------------------------------------------------------------------------ files: checkpoints
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a :meth:`Trainer.state_dict` atomically (temporary file + rename)."""
+    from slicreg.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; a damaged file raises :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != "slicreg-train-checkpoint/1":
+        raise InputError(f"{path}: not a slicreg training checkpoint")
+    return state
+
+
+# ------------------------------------------------------------------------------------------- files: logs
+
+LOG_COLUMNS = ("iteration", "loss", "val_loss", "val_accuracy", "val_foreground_accuracy", "elapsed_s")
+
+
+def write_logs(out_dir: str | os.PathLike, history: list[dict[str, Any]], *, extra: dict[str, Any] | None = None
+               ) -> None:
+    """``log.csv`` (one row per step, validation rows merged in) and ``log.json`` (``extra`` + history)."""
+    from slicreg.io import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir)
+    rows: dict[int, dict[str, Any]] = {}
+    for h in history:
+        rows.setdefault(int(h["iteration"]), {}).update(h)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for it in sorted(rows):
+        writer.writerow({k: rows[it].get(k, "") for k in LOG_COLUMNS})
+    atomic_write_text(out_dir / "log.csv", buf.getvalue())
+    atomic_write_json(out_dir / "log.json", {**(extra or {}), "history": history})
+
+
+def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "training") -> Path:
+    """Training loss (per step and a running mean) and validation loss / accuracy against the step, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slicreg.io import atomic_path
+
+    steps = [h for h in history if "loss" in h]
+    vals = [h for h in history if "val_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if steps:
+        it = np.array([h["iteration"] for h in steps])
+        loss = np.array([h["loss"] for h in steps])
+        ax.plot(it, loss, color="0.75", lw=0.8, label="training loss (per step)")
+        k = max(1, min(25, len(loss) // 10))
+        if len(loss) >= k:
+            ax.plot(it[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color="C0", lw=1.5,
+                    label=f"training loss (mean of {k})")
+    if vals:
+        ax.plot([h["iteration"] for h in vals], [h["val_loss"] for h in vals], "o-", color="C3", lw=1.5,
+                label="validation loss")
+        ax2 = ax.twinx()
+        ax2.plot([h["iteration"] for h in vals], [h["val_accuracy"] for h in vals], "s--", color="C2", lw=1,
+                 label="validation accuracy")
+        ax2.set_ylabel("accuracy (mean over layers)")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="center right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (mean over 16 layers)")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    """What :func:`run_training` did: the bundle (rank 0), final metrics, iterations and wall time."""
+
+    bundle: Path | None
+    iterations: int
+    wall_s: float
+    final_loss: float | None
+    validation: dict[str, float] | None
+    out_dir: Path
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def hardware_summary(device: torch.device, world_size: int) -> dict[str, Any]:
+    """CPU model, cores, torch threads, device and process count (for the model card)."""
+    import platform
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "processes": world_size, "torch": torch.__version__,
+            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred: str | os.PathLike,
+                 template_supervoxels: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
+                 bundle_dir: str | os.PathLike | None = None, provenance: dict[str, Any] | None = None,
+                 quiet: bool = False) -> TrainResult:
+    """Train from files and write a weights bundle: the one-call entry of ``slicreg train`` and the ``train`` stage.
+
+    Writes into ``out_dir``: ``checkpoints/last.pt`` (resumable, every ``checkpoint_every`` steps), ``log.csv``,
+    ``log.json``, ``curves.png``, ``config.json``; and the bundle (:mod:`slicreg.bundle`) into ``bundle_dir``
+    (default ``out_dir/bundle``). Under torchrun only rank 0 writes.
+
+    Args:
+        config: the settings.
+        dataset: preprocessed dataset folder; transferred: transfer output; template_supervoxels: the template's
+            ``supervoxels.nii.gz`` (copied into the bundle).
+        resume: continue from ``out_dir/checkpoints/last.pt`` if it exists (else start afresh). Without
+            ``resume`` an existing checkpoint is an error, so a finished or running run is never overwritten.
+        provenance: extra facts for the model card (e.g. the cohort's seed and generator version).
+    """
+    from slicreg.bundle import save_bundle
+    from slicreg.io import atomic_write_json, sha256_file
+
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    rank, world = _init_distributed(config.device)
+    if ckpt_path.exists() and not resume:
+        raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another output folder")
+    if not Path(template_supervoxels).is_file():
+        raise InputError(f"{template_supervoxels}: template supervoxels file not found")
+    data = load_training_data(dataset, transferred, progress=not quiet and rank == 0)
+    train_data, val_data = split_validation(data, config)
+    trainer = Trainer(config, rank=rank, world_size=world)
+    if resume and ckpt_path.exists():
+        trainer.load_state_dict(load_checkpoint(ckpt_path))
+        if rank == 0 and not quiet:
+            print(f"resumed from {ckpt_path} at step {trainer.iteration}", flush=True)
+    dataset_dir = Path(dataset)
+    info = {
+        "config": config.to_dict(),
+        "train_ids": train_data.ids, "val_ids": val_data.ids if val_data else [],
+        "dataset": str(dataset_dir.resolve()), "transferred": str(Path(transferred).resolve()),
+        "dataset_json_sha256": sha256_file(dataset_dir / "dataset.json"),
+        "world_size": world,
+    }
+    if rank == 0:
+        atomic_write_json(out_dir / "config.json", info)
+
+    def checkpoint(tr: Trainer) -> None:
+        dist = _distributed()
+        states = [tr.generator.get_state()]
+        if dist is not None:
+            gathered: list[Any] = [None] * tr.world_size
+            dist.all_gather_object(gathered, tr.generator.get_state())
+            states = gathered
+        if tr.rank == 0:
+            save_checkpoint(ckpt_path, tr.state_dict(generator_states=states))
+            write_logs(out_dir, tr.history, extra=info)
+
+    def validated(tr: Trainer) -> None:
+        write_logs(out_dir, tr.history, extra=info)
+        plot_curves(tr.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_data)} scans)")
+
+    train_loop(trainer, train_data, validation=val_data, on_checkpoint=checkpoint, on_validation=validated,
+               progress=not quiet)
+    losses = [h["loss"] for h in trainer.history if "loss" in h]
+    vals = [h for h in trainer.history if "val_loss" in h]
+    final_val = {k: v for k, v in vals[-1].items() if k.startswith("val_")} if vals else None
+    bundle = None
+    if rank == 0:
+        write_logs(out_dir, trainer.history, extra=info)
+        plot_curves(trainer.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_data)} scans)")
+        tail = losses[-min(len(losses), 25):]
+        training = {
+            **info,
+            "iterations": trainer.iteration,
+            "wall_s": round(trainer.elapsed_s, 1),
+            "final_train_loss_mean_last_25": float(np.mean(tail)) if tail else None,
+            "validation": final_val,
+            "validation_curve": [{k: h[k] for k in ("iteration", "val_loss", "val_accuracy")} for h in vals],
+            "hardware": hardware_summary(trainer.device, world),
+            "precision": trainer.precision,
+        }
+        bundle = save_bundle(
+            Path(bundle_dir) if bundle_dir is not None else out_dir / "bundle", trainer.model,
+            template_supervoxels=template_supervoxels, training=training,
+            data_provenance=_data_provenance(dataset_dir, provenance, train_data.ids, val_data),
+            curves_png=out_dir / "curves.png")
+    dist = _distributed()
+    if dist is not None:
+        dist.barrier()
+    return TrainResult(bundle, trainer.iteration, trainer.elapsed_s, losses[-1] if losses else None, final_val,
+                       out_dir)
+
+
+def _data_provenance(dataset_dir: Path, extra: dict[str, Any] | None, train_ids: list[str],
+                     val: SupervoxelData | None) -> dict[str, Any]:
+    from slicreg.io import read_json
+
+    doc = read_json(dataset_dir / "dataset.json")
+    skip = {"subjects", "registration_pairs", "training", "test", "labels"}
+    facts = {k: v for k, v in doc.items() if k not in skip}
+    template = doc.get("template")
+    if isinstance(template, str):
+        entry = doc.get("subjects", {}).get(template, {})
+        if isinstance(entry, dict) and "image" in entry:
+            from slicreg.io import sha256_file
+
+            p = Path(entry["image"])
+            p = p if p.is_absolute() else dataset_dir / p
+            if p.is_file():
+                facts["template_image_sha256"] = sha256_file(p)
+    facts["n_training_scans"] = len(train_ids)
+    facts["n_validation_scans"] = len(val) if val else 0
+    if extra:
+        facts.update(extra)
+    return facts
