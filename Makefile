@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+JOBS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slicreg-installed
 
@@ -18,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python run_pipeline.py
+	$(BIN)/python run_pipeline.py --jobs $(JOBS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
