@@ -32,7 +32,6 @@ from slicreg.conventions import Volume
 from slicreg.errors import InputError
 
 import torch
-import torch.nn.functional as F
 
 from slicreg.network import (
     HU_SCALE,
@@ -113,12 +112,13 @@ def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_sup
     }
     if sidecar.is_file():
         meta = read_json(sidecar)
-        template["supervoxels_json"] = {k: v for k, v in meta.items() if not isinstance(v, (list, dict))
-                                        or k in ("parameters", "options", "template", "mask")}
+        template["supervoxels_json"] = {k: meta[k] for k in ("format", "template", "mask", "parameters",
+                                                              "library_versions") if k in meta}
+        found = meta.get("template", {}).get("sha256") if isinstance(meta.get("template"), dict) else None
         for key in ("template_sha256", "template_image_sha256", "image_sha256"):
-            if isinstance(meta.get(key), str):
-                template["image_sha256"] = meta[key]
-                break
+            found = found or (meta.get(key) if isinstance(meta.get(key), str) else None)
+        if isinstance(found, str):
+            template["image_sha256"] = found
     if "image_sha256" not in template and isinstance(data_provenance.get("template_image_sha256"), str):
         template["image_sha256"] = data_provenance["template_image_sha256"]
 

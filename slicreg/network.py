@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -770,8 +769,3 @@ def count_parameters(model: SlicRegNet) -> dict[str, int]:
     parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("backbone", "aspp", "head")}
     parts["total"] = sum(p.numel() for p in model.parameters())
     return parts
-
-
-def output_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
-    """The logits' spatial shape for an input of spatial shape ``input_shape`` (half of it)."""
-    return tuple(int(math.ceil(s / 2)) for s in input_shape)  # type: ignore[return-value]

@@ -31,7 +31,6 @@ import csv
 import dataclasses
 import io
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
