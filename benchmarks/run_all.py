@@ -35,7 +35,7 @@ Scaling (``--scales``, default 0.5, 1, 1.5 per axis): ``slic-layer`` (one SLIC l
 Outputs in ``--out`` (default benchmarks/results/): ``runs/stages_<UTC time>.json`` (this run: machine, date,
 every measurement), ``stages.json`` (a copy of the latest), ``stages.md`` (the tables), ``scaling.png``; then
 ``docs/benchmarks.md`` is regenerated from ``stages.json`` and ``peers/peers.json`` (benchmarks/peers.py), unless
-``--no-docs``. ``--docs-only`` just regenerates the page.
+``--no-docs``. ``--docs-only`` only redraws the tables, the plot and the page from the JSON.
 
     nice -n 19 .venv/bin/python benchmarks/run_all.py                # ~10-15 min on 2 shared cores
     nice -n 19 .venv/bin/python benchmarks/run_all.py --only warp,flow --scales 1
@@ -624,10 +624,17 @@ def scaling_png(doc: dict[str, Any], path: Path) -> None:
         x = [r["scale"] ** 3 for r in rows]
         axes[0].plot(x, [r["wall_s"] for r in rows], "o-", label=case)
         axes[1].plot(x, [r["peak_rss_mb"] / 1024 for r in rows], "o-", label=case)
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    scales = sorted({r["scale"] for r in doc["results"] if r["case"] in SCALED and not r.get("opts")})
     for ax, ylabel in ((axes[0], "wall time (s)"), (axes[1], "peak RSS (GB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("voxels relative to the real size (0.5x, 1x, 1.5x per axis)")
+        ax.xaxis.set_major_locator(FixedLocator([s ** 3 for s in scales]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{s:g}x ({s ** 3:.3g})" for s in scales])
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("size per axis (voxels relative to the real size)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -639,12 +646,17 @@ def scaling_png(doc: dict[str, Any], path: Path) -> None:
         for part in ("adam", "dense"):
             axes[2].plot(n, [r.get("parts_s", {}).get(part, np.nan) for r in kp], "s--", label=part)
         ax2 = axes[2].twinx()
-        ax2.plot(n, [r["peak_rss_mb"] / 1024 for r in kp], "k:", label="peak RSS (GB)")
+        ax2.plot(n, [r["peak_rss_mb"] / 1024 for r in kp], "k:", label="peak RSS (GB, right axis)")
         ax2.set_ylabel("peak RSS (GB)")
         axes[2].set_xscale("log")
-        axes[2].set_xlabel("keypoints")
+        axes[2].xaxis.set_major_locator(FixedLocator(n))
+        axes[2].xaxis.set_minor_locator(NullLocator())
+        axes[2].set_xticklabels([str(v) for v in n])
+        axes[2].set_xlabel("keypoints (random, flow at 1x)")
         axes[2].set_ylabel("wall time (s)")
-        axes[2].legend(fontsize=7, loc="upper left")
+        lines, labels = axes[2].get_legend_handles_labels()
+        lines2, labels2 = ax2.get_legend_handles_labels()
+        axes[2].legend(lines + lines2, labels + labels2, fontsize=7, loc="upper left")
         axes[2].grid(True, which="both", alpha=0.3)
     m = doc["machine"]
     fig.suptitle(f"slicreg stage scaling; {m['cpu_model']}, {doc['threads']} threads; {doc['date']}", fontsize=9)
@@ -686,6 +698,12 @@ def _peer_lines(peers: dict[str, Any]) -> list[str]:
                               f"{best_err[1]['label']}.")
             if np.isfinite(t) and t > ft:
                 behind.append(f"- **{res['label']}** takes {t:.0f} s per pair; {fastest[1]['label']} takes {ft:.0f} s.")
+            cheapest = min(others.items(), key=lambda kv: np.nan_to_num(mean(kv[1], "cpu_s"), nan=1e9))
+            c, cc = mean(res, "cpu_s"), mean(cheapest[1], "cpu_s")
+            if np.isfinite(c) and c > 1.2 * cc:
+                behind.append(f"- **{res['label']}** uses {c:.0f} s of CPU per pair, {c / cc:.1f}x what "
+                              f"{cheapest[1]['label']} uses ({cc:.0f} s): on a machine shared with other work, CPU "
+                              f"time is the fairer cost.")
     if "slicreg" not in methods:
         why = peers.get("unavailable", {}).get("slicreg", "not run")
         behind.append(f"- **slicreg itself (network + supervoxel flow) is not in this table**: {why}. Until a "
@@ -713,7 +731,8 @@ def _summary_lines(stages: dict[str, Any] | None, peers: dict[str, Any] | None) 
                    f"then the supervoxel flow) measured {inf['wall_s']:.1f} s + {flow['wall_s']:.1f} s = "
                    f"{pair:.1f} s wall ({inf['cpu_s'] + flow['cpu_s']:.1f} s CPU) on 2 threads, peak "
                    f"{max(inf['peak_rss_mb'], flow['peak_rss_mb']) / 1024:.1f} GB; two predicted scans add one more "
-                   f"prediction.")
+                   f"prediction. This is the cost on synthetic inputs with an untrained network; slicreg's accuracy "
+                   f"is measured only once a trained bundle is run by `benchmarks/peers.py`.")
     fp32 = _row(stages, "inference-fp32")
     if inf and fp32:
         out.append(f"- bf16 autocast makes the prediction {fp32['cpu_s'] / max(inf['cpu_s'], 1e-9):.1f}x cheaper in "
@@ -735,9 +754,11 @@ def _summary_lines(stages: dict[str, Any] | None, peers: dict[str, Any] | None) 
             parts = ", ".join(f"{v['label']} {v['summary']['wall_s']['mean']:.0f} s / {100 * dice(v):.1f} %"
                               for v in sorted(timed.values(), key=lambda v: v["summary"]["wall_s"]["mean"]))
             init = (ms.get("initial", {}).get("summary", {}).get("dice13") or {}).get("mean")
+            load = peers["machine"].get("loadavg_start", [float("nan")])[0]
             out.append(f"- On {len(peers['pairs'])} cohort test -> template pairs (wall time per pair / Dice over 13 "
-                       f"organs; {100 * init:.1f} % before registration): {parts}." if init is not None else
-                       f"- On {len(peers['pairs'])} cohort test -> template pairs: {parts}.")
+                       f"organs; {100 * init:.1f} % before registration; load average {load:.1f} when the run "
+                       f"started, so compare these times with each other, not with the stage table): {parts}."
+                       if init is not None else f"- On {len(peers['pairs'])} cohort test -> template pairs: {parts}.")
     return out
 
 
@@ -787,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, help="scratch folder for cached inputs (default: a temporary one)")
     ap.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
-    ap.add_argument("--docs-only", action="store_true", help="only regenerate docs/benchmarks.md from --out")
+    ap.add_argument("--docs-only", action="store_true", help="only redraw stages.md, scaling.png and "
+                    "docs/benchmarks.md from the JSON in --out")
     ap.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     ap.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
@@ -796,6 +818,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         return child_main(args)
     if args.docs_only:
+        if (args.out / "stages.json").is_file():  # tables and plot too: they are made from the same JSON
+            doc = json.loads((args.out / "stages.json").read_text())
+            (args.out / "stages.md").write_text(stages_markdown(doc))
+            scaling_png(doc, args.out / "scaling.png")
         print(f"wrote {write_docs(args.out)}")
         return 0
     only = [s.strip() for s in args.only.split(",")] if args.only else None
