@@ -73,7 +73,7 @@ def configurations(threads: int) -> list[StepConfig]:
         replace(f, name="faithful + voxels", head_voxels=2048, **fast),
         replace(f, name="faithful + bf16", bf16=True, **once),
         replace(f, name="faithful + channels-last", channels_last=True, **once),
-        replace(f, name="faithful + fast-backward", backward="compiled", **once),
+        replace(f, name="faithful + fast-backward", backward="compiled", warmup=1, steps=1),  # warm-up compiles
     ]
     without = [
         replace(o, name="optimised - voxels (dense head)", head_voxels=0, checkpointing=True, **once),
@@ -229,11 +229,15 @@ def _inference(threads: int) -> dict[str, Any]:
 
 
 def check_kernels() -> None:
-    """Fast backward vs torch's own at real layer sizes: relative error and time of the weight gradients."""
+    """Fast backward vs torch's own at real layer sizes: time and agreement of the weight gradients.
+
+    Depthwise: errors against a float64 evaluation of the same sums (channels 0..31, to bound memory); dilated:
+    the GEMM gradient against torch's float32 gradient. (float64 through torch's own CPU convolution backward
+    falls back to an unfolded implementation that needs tens of GB at these sizes.)"""
     import torch
     import torch.nn.functional as F
 
-    from slicreg.network import _COMPILED_WEIGHT_GRAD, dilated_conv3d_weight_grad
+    from slicreg.network import _COMPILED_WEIGHT_GRAD, depthwise_weight_grad, dilated_conv3d_weight_grad
 
     gen = torch.Generator().manual_seed(0)
     for b, c, size, stride in ((4, 192, (48, 40, 64), 1), (4, 192, (48, 40, 64), 2), (4, 384, (24, 20, 32), 1)):
@@ -241,8 +245,7 @@ def check_kernels() -> None:
             x = torch.randn(b, c, *size, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last_3d)
             w = (torch.randn(c, 1, 3, 3, 3, generator=gen) * 0.1).to(dtype)
             g = torch.randn_like(F.conv3d(x, w, stride=stride, padding=1, groups=c))
-            ref = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [stride] * 3, [1] * 3,
-                                                      [1] * 3, False, [0] * 3, c, [False, True, False])[1]
+            ref = depthwise_weight_grad(x[:, :32].double(), g[:, :32].double(), stride=stride)
             t0 = time.process_time()
             native = torch.ops.aten.convolution_backward(g, x, w, None, [stride] * 3, [1] * 3, [1] * 3, False,
                                                          [0] * 3, c, [False, True, False])[1]
@@ -252,7 +255,7 @@ def check_kernels() -> None:
             fast = _COMPILED_WEIGHT_GRAD(x.permute(0, 2, 3, 4, 1), g.permute(0, 2, 3, 4, 1), stride)
             t_fast = time.process_time() - t0
             fast = fast.t().reshape(c, 1, 3, 3, 3)
-            err = lambda a: float((a.double() - ref).abs().max() / ref.abs().max())  # noqa: E731
+            err = lambda a: float((a[:32].double() - ref).abs().max() / ref.abs().max())  # noqa: E731
             print(f"depthwise {b}x{c}x{'x'.join(map(str, size))} stride {stride} {str(dtype)[6:]:>8}: "
                   f"torch {t_native:6.2f} s CPU (rel. err {err(native):.1e}), compiled {t_fast:6.2f} s CPU "
                   f"(rel. err {err(fast):.1e})", flush=True)
@@ -261,8 +264,6 @@ def check_kernels() -> None:
             x = torch.randn(4, 64, 24, 20, 32, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last_3d)
             w = (torch.randn(128, 64, 3, 3, 3, generator=gen) * 0.05).to(dtype)
             g = torch.randn_like(F.conv3d(x, w, padding=r, dilation=r))
-            ref = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [1] * 3, [r] * 3,
-                                                      [r] * 3, False, [0] * 3, 1, [False, True, False])[1]
             t0 = time.process_time()
             native = torch.ops.aten.convolution_backward(g, x, w, None, [1] * 3, [r] * 3, [r] * 3, False, [0] * 3, 1,
                                                          [False, True, False])[1]
@@ -270,9 +271,9 @@ def check_kernels() -> None:
             t0 = time.process_time()
             fast = dilated_conv3d_weight_grad(x, g, dilation=r)
             t_fast = time.process_time() - t0
-            err = lambda a: float((a.double() - ref).abs().max() / ref.abs().max())  # noqa: E731
-            print(f"ASPP 3x3x3 dilation {r:2d} {str(dtype)[6:]:>8}: torch {t_native:6.2f} s CPU (rel. err "
-                  f"{err(native):.1e}), GEMM {t_fast:6.2f} s CPU (rel. err {err(fast):.1e})", flush=True)
+            diff = float((fast.double() - native.double()).abs().max() / native.double().abs().max())
+            print(f"ASPP 3x3x3 dilation {r:2d} {str(dtype)[6:]:>8}: torch {t_native:6.2f} s CPU, GEMM {t_fast:6.2f} s "
+                  f"CPU, max relative difference {diff:.1e}", flush=True)
 
 
 # ------------------------------------------------------------------------------------- agreement check

@@ -44,7 +44,7 @@ from slicreg.network import (
 )
 
 __all__ = ["BUNDLE_FORMAT", "Bundle", "save_bundle", "load_bundle", "verify_bundle", "predict",
-           "upsample_logits_x2", "model_card_markdown"]
+           "upsample_logits_x2", "upsampled_argmax_x2", "model_card_markdown"]
 
 BUNDLE_FORMAT = "slicreg-bundle/1"
 MODEL_FILE = "model.pt"
@@ -262,6 +262,27 @@ def upsample_logits_x2(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def _next_along(a: torch.Tensor, axis: int) -> torch.Tensor:
+    """``a[q + 1]`` along ``axis`` with the last element repeated."""
+    n = a.shape[axis]
+    return torch.cat([a.narrow(axis, 1, n - 1), a.narrow(axis, n - 1, 1)], axis)
+
+
+def upsampled_argmax_x2(z: torch.Tensor) -> torch.Tensor:
+    """``upsample_logits_x2(z).argmax(0)`` for ``z`` ``(C, X', Y', Z')`` without the full-size upsampled logits.
+
+    An input voxel of parity ``(px, py, pz)`` holds the mean of the 1, 2, 4 or 8 output voxels around it, and the
+    argmax of a mean is the argmax of the sum; so each of the 8 parity classes is one argmax of sums at the output
+    resolution (7 additions of ``z``-sized tensors in all). Returns int64 ``(2X', 2Y', 2Z')``."""
+    parts = [((), z.permute(1, 2, 3, 0).contiguous())]  # classes last: contiguous argmax
+    for axis in (0, 1, 2):
+        parts = [(key + (p,), a if p == 0 else a + _next_along(a, axis)) for key, a in parts for p in (0, 1)]
+    out = torch.empty(tuple(2 * s for s in z.shape[1:]), dtype=torch.int64, device=z.device)
+    for (px, py, pz), a in parts:
+        out[px::2, py::2, pz::2] = a.argmax(-1)
+    return out
+
+
 @torch.no_grad()
 def predict(model_or_bundle: SlicRegNet | Bundle, image_hu_4mm: Any, *, output: str = "labels",
             grid: str = "input", device: Any = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -321,7 +342,7 @@ def predict(model_or_bundle: SlicRegNet | Bundle, image_hu_4mm: Any, *, output: 
         return z.argmax(1).to(torch.uint8).cpu().numpy()
     out = np.empty((N_LAYERS, *img.shape), dtype=np.uint8)
     for layer in range(N_LAYERS):
-        out[layer] = upsample_logits_x2(z[layer].float()).argmax(0).to(torch.uint8).cpu().numpy()
+        out[layer] = upsampled_argmax_x2(z[layer].float()).to(torch.uint8).cpu().numpy()
     return out
 
 

@@ -188,3 +188,36 @@ def test_card_markdown_mentions_the_facts():
     md = model_card_markdown(card)
     for text in ("iterations: 9", "cafe", "beef", "name: toy", '"lr": 1'):
         assert text in md
+
+
+def test_upsampled_argmax_equals_argmax_of_upsampled_logits():
+    from slicreg.bundle import upsampled_argmax_x2
+
+    z = torch.randn(128, 3, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(upsampled_argmax_x2(z), upsample_logits_x2(z).argmax(0))
+
+
+def test_predict_stage_writes_maps(bundle_dir, tmp_path):
+    """The `predict` stage through the runner: a dataset stage, then predict with a bundle parameter."""
+    from pipelines.runner import Runner, load_pipeline
+    from slicreg.io import atomic_write_json, load_volume, read_json
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    data = tmp_path / "data"
+    subjects = {}
+    for i, sid in enumerate(["t0", "s1"]):
+        img = np.random.default_rng(i).normal(0, 300, (16, 16, 24)).astype(np.int16)
+        save_volume(Volume(img, aff), data / "imagesTr" / f"{sid}_0000.nii.gz")
+        subjects[sid] = {"image": f"imagesTr/{sid}_0000.nii.gz", "role": "template" if i == 0 else "test"}
+    atomic_write_json(data / "dataset.json", {"name": "toy", "format": "slicreg-dataset/1", "template": "t0",
+                                              "subjects": subjects, "training": [], "test": ["s1"]})
+    toml = tmp_path / "p.toml"
+    toml.write_text(f'[pipeline]\nname = "t"\nwork_dir = "{tmp_path / "work"}"\n'
+                    f'[stages.data]\ntype = "dataset"\nfolder = "{data}"\n'
+                    f'[stages.predict]\ninputs = {{ dataset = "data" }}\nweights = "{bundle_dir}"\n')
+    Runner(load_pipeline(toml), quiet=True).run()
+    out = tmp_path / "work" / "predict" / "current"
+    record = read_json(out / "predict.json")
+    assert list(record["subjects"]) == ["s1"]
+    sv = load_volume(out / "predicted" / "s1.nii.gz", kind="labels", channels=True)
+    assert sv.array.shape == (16, 8, 8, 12) and np.allclose(sv.affine, downsample_affine(aff, 2))
