@@ -21,6 +21,7 @@ from slicreg.train import (
     TrainConfig,
     Trainer,
     augment_batch,
+    choose_foreground_voxels,
     load_checkpoint,
     load_training_data,
     random_affines,
@@ -198,6 +199,45 @@ def test_resume_continues_identically(tmp_path):
     # other settings cannot be resumed
     with pytest.raises(ConfigError, match="head_voxels"):
         Trainer(TrainConfig(iterations=4, **{**TINY, "head_voxels": 7})).load_state_dict(half.state_dict())
+
+
+def test_foreground_share_of_head_voxels():
+    # 4 scans' candidates in random order; scan 1 has only 3 foreground candidates, scan 3 none
+    cand = torch.tensor([[9, 8, 7, 6, 5, 4, 3, 2], [0, 1, 2, 3, 4, 5, 6, 7],
+                         [5, 6, 7, 0, 1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 0]])
+    fg = torch.tensor([[0, 1, 0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 0, 1, 0],
+                       [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]])
+    labels = torch.stack([fg * (3 + torch.arange(8))] * 16, dim=1)  # (4, 16, 8)
+    chosen, lab = choose_foreground_voxels(cand, labels, 4, 0.5)
+    assert chosen.shape == (4, 4) and lab.shape == (4, 16, 4)
+    assert chosen[0].tolist() == [8, 6, 9, 7]  # 2 foreground first, then the first background ones
+    assert chosen[1].tolist() == [0, 3, 1, 2]
+    assert chosen[2].tolist() == [5, 6, 7, 0]  # all foreground: first foreground, then the next ones
+    assert chosen[3].tolist() == [1, 2, 3, 4]  # no foreground: background fills
+    assert (lab[0, :, :2] > 0).all() and (lab[0, :, 2:] == 0).all()
+    # the labels travel with their voxels
+    for i in range(4):
+        for j in range(4):
+            pos = cand[i].tolist().index(int(chosen[i, j]))
+            assert torch.equal(lab[i, :, j], labels[i, :, pos])
+    with pytest.raises(ConfigError, match="foreground_fraction"):
+        TrainConfig(foreground_fraction=1.5)
+    with pytest.raises(ConfigError, match="foreground_fraction"):
+        TrainConfig(head_voxels=0, foreground_fraction=0.5)
+
+
+def test_foreground_sampling_trains_and_resumes_from_older_checkpoints(tmp_path):
+    data = _tiny_data(2)
+    cfg = TrainConfig(iterations=2, **{**TINY, "foreground_fraction": 0.5})
+    tr = Trainer(cfg)
+    losses = [tr.step(*tr.sample_batch(data)) for _ in range(2)]
+    assert all(np.isfinite(losses))
+    # a checkpoint written before foreground_fraction existed resumes under the default (0.0) only
+    state = Trainer(TrainConfig(iterations=2, **TINY)).state_dict()
+    del state["config"]["foreground_fraction"]
+    Trainer(TrainConfig(iterations=2, **TINY)).load_state_dict(state)
+    with pytest.raises(ConfigError, match="foreground_fraction"):
+        Trainer(cfg).load_state_dict(state)
 
 
 def replace_iterations(cfg: TrainConfig, n: int) -> TrainConfig:
