@@ -5,7 +5,8 @@ The same as ``slicreg run``; see ``python run_pipeline.py --help``."""
 
 import sys
 
-from pipelines.cli import main
+from pipelines.cli import ensure_fast_allocator, main
 
 if __name__ == "__main__":
+    ensure_fast_allocator()
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -279,24 +279,28 @@ def check_kernels() -> None:
 # ------------------------------------------------------------------------------------- agreement check
 
 
-def agreement(weights: str, dataset: str, transferred: str | None, limit: int) -> None:
+def agreement(weights: str, dataset: str, transferred: str | None, limit: int, *, truth: bool = False) -> None:
     """bf16 vs fp32 argmax agreement and inference time per scan; with ``transferred``, the accuracy of the predicted
-    supervoxels against the transferred ones on the bundle's held-out (validation) scans."""
+    supervoxels against the transferred ones on the bundle's held-out (validation) scans; with ``truth``, on the
+    dataset's test scans against the template supervoxels carried through the true test -> template field."""
     import numpy as np
     import torch
 
+    from preprocessing.datasets import load_dataset
     from slicreg.bundle import load_bundle, predict
-    from slicreg.io import load_image, load_volume, read_json
+    from slicreg.io import load_field, load_image, load_volume
     from slicreg.network import network_input
+    from slicreg.transfer import transfer_supervoxels
 
     bundle = load_bundle(weights)
-    root = Path(dataset)
-    doc = read_json(root / "dataset.json")
+    ds = load_dataset(Path(dataset))
     held_out = list(bundle.card.get("training", {}).get("val_ids") or [])
-    ids = held_out if transferred and held_out else (list(doc.get("test") or []) or list(doc["subjects"]))
+    ids = held_out if transferred and held_out and not truth else (list(ds.test) or list(ds.subjects))
+    truth_fields = ds.ground_truth_fields if truth else {}
+    template_sv = np.asarray(bundle.template_supervoxels.array)
+    scores = []
     for sid in ids[:limit]:
-        p = Path(doc["subjects"][sid]["image"])
-        img = load_image(p if p.is_absolute() else root / p)
+        img = load_image(ds.subject(sid).image)
         x = network_input(img.array) * 500.0  # 4 mm HU
         t0 = time.perf_counter()
         lab_bf = predict(bundle, x)
@@ -306,16 +310,28 @@ def agreement(weights: str, dataset: str, transferred: str | None, limit: int) -
         t_32 = time.perf_counter() - t0
         line = (f"{sid}: bf16 vs fp32 argmax agreement {100 * float((lab_bf == lab_32).mean()):.2f} % "
                 f"(predict on the 4 mm grid: bf16 {t_bf:.1f} s, fp32 {t_32:.1f} s)")
-        if transferred:
+        ref = None
+        if truth and (sid, ds.template) in truth_fields:
+            field = load_field(truth_fields[(sid, ds.template)])
+            ref = transfer_supervoxels(template_sv, np.asarray(field.array))
+            what = "true-field supervoxels"
+        elif transferred:
             tp = Path(transferred) / "transferred" / f"{sid}.nii.gz"
             tp = tp if tp.is_file() else Path(transferred) / f"{sid}.nii.gz"
             if tp.is_file():
                 ref = load_volume(tp, kind="labels", channels=True).array
-                hit = lab_bf == ref
-                fg = ref > 0
-                line += (f"; vs transferred: accuracy {100 * float(hit.mean()):.1f} %, foreground "
-                         f"{100 * float(hit[fg].mean()):.1f} % (mean over 16 layers)")
+                what = "transferred"
+        if ref is not None:
+            hit = lab_bf == ref
+            fg = ref > 0
+            acc, acc_fg = 100 * float(hit.mean()), 100 * float(hit[fg].mean())
+            scores.append((acc, acc_fg))
+            line += f"; vs {what}: accuracy {acc:.1f} %, foreground {acc_fg:.1f} % (mean over 16 layers)"
         print(line, flush=True)
+    if scores:
+        a = np.array(scores)
+        print(f"mean over {len(a)} scans: accuracy {a[:, 0].mean():.1f} %, foreground {a[:, 1].mean():.1f} % "
+              f"(min {a[:, 1].min():.1f}, max {a[:, 1].max():.1f})", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -331,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default=None, help="preprocessed dataset folder for --weights")
     ap.add_argument("--transferred", default=None, help="transfer output: also score predictions on held-out scans")
     ap.add_argument("--limit", type=int, default=4, help="scans for --weights (default 4)")
+    ap.add_argument("--truth", action="store_true",
+                    help="score the test scans against the template supervoxels carried by the true fields")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration (default 3600)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -340,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights:
         if not args.dataset:
             ap.error("--weights needs --dataset")
-        agreement(args.weights, args.dataset, args.transferred, args.limit)
+        agreement(args.weights, args.dataset, args.transferred, args.limit, truth=args.truth)
         return 0
     cfgs = [c for c in configurations(args.threads) if args.only is None or args.only in c.name]
     print(f"training step, batch {BATCH}, input {'x'.join(map(str, SHAPE))}; "

@@ -56,3 +56,21 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "missing.nii.gz" in err and "not found" in err
+
+
+def test_commands_re_execute_once_with_the_fast_allocator_setting():
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.cli import ALLOCATOR_ENV
+
+    code = ("import os; from pipelines.cli import ensure_fast_allocator; ensure_fast_allocator(); "
+            "print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('SLICREG_RUNS', '0')); "
+            "os.environ['SLICREG_RUNS'] = '1'")
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV and k != "SLICREG_ALLOCATOR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"], "0"]  # re-executed with it, ran once
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "SLICREG_ALLOCATOR": "default"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "0"]
