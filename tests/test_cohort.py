@@ -16,6 +16,8 @@ from slicreg.errors import InputError
 from slicreg.fields import warp_labels
 from slicreg.metrics import jacobian_determinant
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # a 108 x 96 x 120 mm phantom at 3 mm; subjects at 3 mm (grids of about 40^3 voxels), scaled-down deformations
 CFG = C.CohortConfig(spacing_mm=3.0, deform_mm=6.0, deform_smoothness_mm=20.0, max_translation_mm=5.0,
                      organ_shift_mm=3.0, margin_mm=(2.0, 6.0), slab_mm=15.0)
@@ -51,18 +53,6 @@ def phantom(shape=(36, 32, 40), spacing=3.0, seed=0) -> tuple[Volume, Volume]:
     affine = np.diag([spacing] * 3 + [1.0])
     affine[:3, 3] = [-50, 10, 100]
     return Volume(hu.astype(np.float32), affine), Volume(lab, affine)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread for this module (restored afterwards): the tiny volumes gain nothing from more, and on a
-    shared 2-core machine OpenMP threads that wait for each other make every call many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from slicreg import ct
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one torch thread is faster (and kinder to a shared machine) than several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Modified Shepp-Logan ellipses (Toft): value, semi-axes a, b, centre x0, y0 (fractions of the half-size), angle.
