@@ -4,20 +4,20 @@ Pairs come from one of two sources:
 
 - ``--dataset DIR``: a dataset folder (docs/CONTRACTS.md) whose ``registration_pairs`` list
   ``ground_truth_field`` entries (the cohort); every listed pair with labels is registered.
-- otherwise a pair made here from the real example CT of TotalSegmentator 2.18.0 (Apache-2.0): the scan is
-  resampled to 2 mm and padded with air to 192 x 160 x 256 (fixed); the moving image is the fixed image pulled
-  through a known smooth map (a random affine: rotation up to 6 degrees, scaling up to 6 %, translation up to
-  6 voxels; plus a smooth random displacement of about 4 voxels RMS and up to ~12 voxels) with Gaussian noise
-  (20 HU). The true fixed -> moving field is the numerical inverse of that map. Fetch the data once with
-  ``--fetch DIR`` (pip download of the sdist, checked by sha256) or point ``--example-dir`` to the extracted
-  ``tests/reference_files`` folder.
+- otherwise a pair made here from the real example CT of TotalSegmentator 2.18.0 (Apache-2.0), preprocessed as
+  every scan is (``benchmarks/_common.py``: RAS, 2 mm, 192 x 160 x 256 around the soft-tissue centre) (fixed);
+  the moving image is the fixed image pulled through a known smooth map (a random affine: rotation up to 6
+  degrees, scaling up to 6 %, translation up to 6 voxels; plus a smooth random displacement of about 4 voxels
+  RMS and up to ~12 voxels) with Gaussian noise (20 HU). The true fixed -> moving field is the numerical inverse
+  of that map. The example is fetched once into the slicreg cache (or ``--example-dir``) by
+  ``preprocessing.example.fetch_example``.
 
 Printed per pair: seconds (and per stage) and CPU seconds, mean Dice over the BTCV labels present in both
 images (before and after), field error in mm (mean and 95th percentile over the fixed body where the true
 correspondence lies inside the moving image; mean over the organs), percentage of voxels with det J <= 0
 and std(log det J) (2-voxel border cropped). Run::
 
-    .venv/bin/python benchmarks/bench_align.py --fetch /tmp/tsdl --cache /tmp/align_pair.npz --threads 1
+    .venv/bin/python benchmarks/bench_align.py --cache /tmp/align_pair.npz --threads 1
     .venv/bin/python benchmarks/bench_align.py --cache /tmp/align_pair.npz --threads 2   # the same pair again
     .venv/bin/python benchmarks/bench_align.py --dataset runs/demo/preprocess/current --max-pairs 6
 """
@@ -25,39 +25,14 @@ and std(log det J) (2-voxel border cropped). Run::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-SDIST = "totalsegmentator-2.18.0.tar.gz"
-SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
-MEMBERS = ("tests/reference_files/example_ct.nii.gz", "tests/reference_files/example_seg_fast_force_split.nii.gz",
-           "LICENSE")
-# TotalSegmentator class id -> BTCV id (shared/reference/DATA.md)
-TS_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 15: 5, 5: 6, 6: 7, 52: 8, 63: 9, 64: 10, 7: 11, 8: 12, 9: 13}
-SHAPE = (192, 160, 256)
-
-
-def fetch(dest: Path) -> Path:
-    """Download the sdist with pip (no build, no install), verify it, extract the example files."""
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / SDIST
-    if not archive.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
-                        "totalsegmentator==2.18.0"], check=True)
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise SystemExit(f"{archive}: sha256 {digest} does not match {SDIST_SHA256}")
-    with tarfile.open(archive) as tar:
-        for member in MEMBERS:
-            tar.extract(f"totalsegmentator-2.18.0/{member}", dest, filter="data")
-    return dest / "totalsegmentator-2.18.0" / "tests" / "reference_files"
+from _common import SHAPE, example_template
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
@@ -82,41 +57,13 @@ def invert_field(disp: np.ndarray, iterations: int = 20) -> np.ndarray:
     return v.numpy()
 
 
-def make_example_pair(example_dir: Path, seed: int = 0) -> dict:
+def make_example_pair(example_dir: Path | None = None, seed: int = 0) -> dict:
     """The fixed/moving pair described in the module docstring (arrays on the 2 mm 192 x 160 x 256 grid)."""
-    import nibabel as nib
     import torch
-    from scipy.ndimage import map_coordinates
 
     from slicreg.fields import warp_image, warp_labels
 
-    ct = nib.load(str(example_dir / "example_ct.nii.gz"))
-    seg = nib.load(str(example_dir / "example_seg_fast_force_split.nii.gz"))
-    img = np.asarray(ct.dataobj, dtype=np.float32)
-    lab = np.asarray(seg.dataobj).astype(np.int32)
-    btcv = np.zeros(lab.shape, np.uint8)
-    for ts, b in TS_TO_BTCV.items():
-        btcv[lab == ts] = b
-    zoom = np.asarray(ct.header.get_zooms()[:3], dtype=np.float64)
-    new_shape = tuple(int(np.floor((n - 1) * z / 2.0)) + 1 for n, z in zip(img.shape, zoom))
-    coords = np.stack(np.meshgrid(*[np.arange(n) * 2.0 / z for n, z in zip(new_shape, zoom)], indexing="ij"))
-    img2 = map_coordinates(img, coords, order=1, mode="nearest")
-    lab2 = map_coordinates(btcv, coords, order=0, mode="nearest")
-    fixed = np.full(SHAPE, -1000.0, np.float32)
-    labels = np.zeros(SHAPE, np.uint8)
-    src, dst = [], []
-    for n, N in zip(new_shape, SHAPE):
-        if n <= N:
-            o = (N - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(o, o + n))
-        else:
-            o = (n - N) // 2
-            src.append(slice(o, o + N))
-            dst.append(slice(0, N))
-    fixed[tuple(dst)] = img2[tuple(src)]
-    labels[tuple(dst)] = lab2[tuple(src)]
-
+    fixed, labels, _ = example_template(example_dir)
     rng = np.random.default_rng(seed)
     # pull map used to create the moving image: moving(y) = fixed(psi(y)), psi(y) = y + w(y)
     angle = np.deg2rad(rng.uniform(-6, 6, 3))
@@ -208,8 +155,8 @@ def evaluate(pair: dict, disp: np.ndarray) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", type=Path, help="dataset folder with registration_pairs (the cohort)")
-    ap.add_argument("--example-dir", type=Path, help="folder holding example_ct.nii.gz and the segmentation")
-    ap.add_argument("--fetch", type=Path, help="download + extract the example CT into this folder first")
+    ap.add_argument("--example-dir", "--fetch", dest="example_dir", type=Path,
+                    help="the example folder (default: the slicreg cache; fetched there first if needed)")
     ap.add_argument("--preset", default="abdomen-ct")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--max-pairs", type=int, default=3)
@@ -230,9 +177,6 @@ def main(argv=None) -> int:
     if args.dataset:
         pairs = [p for p in dataset_pairs(args.dataset) if not args.only or args.only in p["name"]][: args.max_pairs]
     else:
-        example_dir = fetch(args.fetch) if args.fetch else args.example_dir
-        if example_dir is None and not (args.cache and args.cache.exists()):
-            ap.error("give --dataset, --example-dir, --fetch or an existing --cache")
         t0 = time.perf_counter()
         if args.cache and args.cache.exists():
             with np.load(args.cache) as z:
@@ -240,7 +184,7 @@ def main(argv=None) -> int:
             pair.update(name=str(pair["name"]), spacing=tuple(pair["spacing"]), pull_rms=float(pair["pull_rms"]),
                         pull_max=float(pair["pull_max"]))
         else:
-            pair = make_example_pair(example_dir, seed=args.pair_seed)
+            pair = make_example_pair(args.example_dir, seed=args.pair_seed)
             if args.cache:
                 np.savez(args.cache, **pair)
         pairs = [pair]

@@ -1,9 +1,10 @@
 """Benchmark (and compactness sweep) of the template supervoxels on a realistic 192 x 160 x 256 template.
 
 The template is the real example CT of TotalSegmentator 2.18.0 (a non-contrast abdomen CT, 3 mm, Apache-2.0),
-resampled to 2 mm and padded with air to 192 x 160 x 256 around its centre; its organ labels (TotalSegmentator
-ids mapped to the 13 BTCV organs) give the reference organ mask. The source distribution is fetched with pip and
-its sha256 checked (docs/supervoxels.md, DATA.md).
+preprocessed as every scan is (``benchmarks/_common.py``: RAS, 2 mm, 192 x 160 x 256 around the soft-tissue
+centre); its organ labels (TotalSegmentator ids mapped to the 13 BTCV organs) give the reference organ mask. The
+example is fetched once into the slicreg cache (or ``--example-dir``) by ``preprocessing.example.fetch_example``
+(docs/supervoxels.md, DATA.md).
 
     .venv/bin/python benchmarks/bench_supervoxels.py --jobs 2            # timing of all 16 layers
     .venv/bin/python benchmarks/bench_supervoxels.py --tune --layers 4   # compactness sweep (slow)
@@ -15,86 +16,14 @@ writes the supervoxels, their PNG and JSON into ``--out-dir``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-SDIST = "totalsegmentator-2.18.0.tar.gz"
-SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
-MEMBERS = {
-    "image": "totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz",
-    "labels": "totalsegmentator-2.18.0/tests/reference_files/example_seg_fast_force_split.nii.gz",
-}
-# TotalSegmentator "total" id -> BTCV id (DATA.md)
-TS_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 15: 5, 5: 6, 6: 7, 52: 8, 63: 9, 64: 10, 7: 11, 8: 12, 9: 13}
-SHAPE = (192, 160, 256)
-
-
-def fetch(download_dir: Path, extract_dir: Path) -> dict[str, Path]:
-    """Download the sdist with pip (if not there yet), verify it, extract the example CT and its labels."""
-    sdist = download_dir / SDIST
-    if not sdist.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d",
-                        str(download_dir), "totalsegmentator==2.18.0"], check=True)
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise SystemExit(f"{sdist}: sha256 {digest} != expected {SDIST_SHA256}")
-    out = {}
-    with tarfile.open(sdist) as tar:
-        for key, member in MEMBERS.items():
-            target = extract_dir / Path(member).name
-            if not target.is_file():
-                extract_dir.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                assert src is not None
-                tmp = target.with_suffix(".part")
-                tmp.write_bytes(src.read())
-                tmp.replace(target)
-            out[key] = target
-    return out
-
-
-def to_template_grid(paths: dict[str, Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resample to 2 mm (linear / nearest), pad with air to 192 x 160 x 256 centred; returns image, labels, affine."""
-    import nibabel as nib
-    from scipy import ndimage
-
-    img = nib.as_closest_canonical(nib.load(str(paths["image"])))
-    seg = nib.as_closest_canonical(nib.load(str(paths["labels"])))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    lab = np.asarray(seg.dataobj).astype(np.int32)
-    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
-    extent = np.asarray(data.shape) * spacing
-    new_shape = np.floor(extent / 2.0).astype(int)
-    # 2 mm voxel p sits at source voxel (p + 0.5) * 2 / spacing - 0.5 (both grids span the same extent)
-    coords = np.meshgrid(*[(np.arange(n) + 0.5) * 2.0 / s - 0.5 for n, s in zip(new_shape, spacing)], indexing="ij")
-    res_img = ndimage.map_coordinates(data, coords, order=1, mode="nearest").astype(np.float32)
-    res_lab = ndimage.map_coordinates(lab, coords, order=0, mode="nearest")
-    btcv = np.zeros(res_lab.shape, dtype=np.uint8)
-    for ts, b in TS_TO_BTCV.items():
-        btcv[res_lab == ts] = b
-    out_img = np.full(SHAPE, -1000.0, dtype=np.float32)
-    out_lab = np.zeros(SHAPE, dtype=np.uint8)
-    src, dst = [], []
-    for n, m in zip(new_shape, SHAPE):
-        if n <= m:
-            a = (m - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(a, a + n))
-        else:
-            a = (n - m) // 2
-            src.append(slice(a, a + m))
-            dst.append(slice(0, m))
-    out_img[tuple(dst)] = res_img[tuple(src)]
-    out_lab[tuple(dst)] = btcv[tuple(src)]
-    affine = img.affine @ np.diag([2.0 / spacing[0], 2.0 / spacing[1], 2.0 / spacing[2], 1.0])
-    return out_img, out_lab, affine
+from _common import example_template
 
 
 def boundary_recall(layers: np.ndarray, labels4: np.ndarray, tolerance: int = 1) -> float:
@@ -131,7 +60,8 @@ def main() -> int:
     parser.add_argument("--tune", action="store_true", help="sweep compactness values instead of timing")
     parser.add_argument("--values", default="0.025,0.05,0.1,0.2,0.375,0.75",
                         help="compactness values for --tune (comma separated)")
-    parser.add_argument("--download-dir", default="/tmp/tsdl")
+    parser.add_argument("--example-dir", default=None,
+                        help="the example folder (default: the slicreg cache; fetched there first if needed)")
     parser.add_argument("--out-dir", default="/tmp/bench_supervoxels")
     args = parser.parse_args()
 
@@ -139,15 +69,14 @@ def main() -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = fetch(Path(args.download_dir), out_dir / "example")
     t0 = time.perf_counter()
-    image, labels, affine = to_template_grid(paths)
+    image, labels, affine = example_template(args.example_dir)
     t_prep = time.perf_counter() - t0
     t0 = time.perf_counter()
     mask = sv.organ_mask(labels, distance_vox=30) if args.mask == "organs" else sv.body_mask(image)
     t_mask = time.perf_counter() - t0
     labels4 = labels[::2, ::2, ::2]  # nearest-ish 4 mm organ labels for boundary recall only
-    print(f"template {image.shape}, resample+pad {t_prep:.1f} s; {args.mask} mask {int(mask.sum())} voxels "
+    print(f"template {image.shape}, fetch + preprocess {t_prep:.1f} s; {args.mask} mask {int(mask.sum())} voxels "
           f"({t_mask:.1f} s); mask at 4 mm: {int(sv.downsample_mask(mask).sum())} voxels")
 
     if args.tune:

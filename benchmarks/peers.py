@@ -733,26 +733,12 @@ def _fmt(summary: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1,
     return f"{m:.{digits}f} ± {s:.{digits}f}" if std and summary["n_pairs"] > 1 else f"{m:.{digits}f}"
 
 
-def markdown_table(doc: dict[str, Any]) -> str:
-    m = doc["machine"]
-    lines = [f"# slicreg beside its peers ({doc['date']})", "",
-             f"{doc['dataset_name']}: {len(doc['pairs'])} test -> template pairs "
-             f"({', '.join(f'{p[0]} <- {p[1]}' for p in doc['pairs'])}), preprocessed 2 mm, "
-             f"{' x '.join(str(s) for s in doc['shape'])}. Machine: {m['cpu_model']}, {m['cpus_usable']} cores "
-             f"usable, {doc['threads']} threads per method, load average {m['loadavg_start'][0]:.1f} at the "
-             f"start (the machine was shared, so times are upper bounds). Mean ± std over pairs; Dice in % "
-             f"(Learn2Reg definition), HD95 over the 13 organs in mm, field error = mean |u - u_true| in mm "
-             f"inside the body; wall = the method's own process per pair, including interpreter start, imports "
-             f"and file IO; reg = the registration call alone. Every method starts from the same "
-             f"voxel-to-voxel correspondence (the ITK tools get both images with the fixed image's header); the "
-             f"'initial' row shows how far apart the pairs start. Conversion checks: mean error on a synthetic "
-             f"pair with a known deformation (must be < {CHECK_TOLERANCE_VOX:g} voxel) and, for the ITK tools "
-             f"when recorded, the largest difference between the tool's own warped image and the moving image "
-             f"warped with the converted field.", "",
-             "| method | version | Dice 13 | Dice 4 | HD95 mm | SDlogJ | % det J <= 0 | field error mm | "
+def method_table(doc: dict[str, Any]) -> list[str]:
+    """The summary table of a peers.json document: one Markdown row per method (mean ± std over the pairs)."""
+    lines = ["| method | version | Dice 13 | Dice 4 | HD95 mm | SDlogJ | % det J <= 0 | field error mm | "
              "wall s / pair | reg s | CPU s | peak RSS GB | conversion checks |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, res in doc["methods"].items():
+    for res in doc["methods"].values():
         s = res["summary"]
         check = res.get("check")
         chk = "-" if check is None else {True: "ok", False: "FAILED", None: "-"}[check.get("ok")]
@@ -768,6 +754,25 @@ def markdown_table(doc: dict[str, Any]) -> str:
             f"{_fmt(s, 'folding_percent', digits=3, std=False)} | {_fmt(s, 'field_error_mm', digits=2)} | "
             f"{_fmt(s, 'wall_s', digits=0)} | {_fmt(s, 'registration_s', digits=0, std=False)} | "
             f"{_fmt(s, 'cpu_s', digits=0, std=False)} | {rss} | {chk} |")
+    return lines
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [f"# slicreg beside its peers ({doc['date']})", "",
+             f"{doc['dataset_name']}: {len(doc['pairs'])} test -> template pairs "
+             f"({', '.join(f'{p[0]} <- {p[1]}' for p in doc['pairs'])}), preprocessed 2 mm, "
+             f"{' x '.join(str(s) for s in doc['shape'])}. Machine: {m['cpu_model']}, {m['cpus_usable']} cores "
+             f"usable, {doc['threads']} threads per method, load average {m['loadavg_start'][0]:.1f} at the "
+             f"start (the machine was shared, so times are upper bounds). Mean ± std over pairs; Dice in % "
+             f"(Learn2Reg definition), HD95 over the 13 organs in mm, field error = mean |u - u_true| in mm "
+             f"inside the body; wall = the method's own process per pair, including interpreter start, imports "
+             f"and file IO; reg = the registration call alone. Every method starts from the same "
+             f"voxel-to-voxel correspondence (the ITK tools get both images with the fixed image's header); the "
+             f"'initial' row shows how far apart the pairs start. Conversion checks: mean error on a synthetic "
+             f"pair with a known deformation (must be < {CHECK_TOLERANCE_VOX:g} voxel) and, for the ITK tools "
+             f"when recorded, the largest difference between the tool's own warped image and the moving image "
+             f"warped with the converted field.", "", *method_table(doc)]
     names = [n for n, r in doc["methods"].items() if r.get("pairs")]
     if names:
         lines += ["", "Per pair: Dice 13 organs % / field error mm / wall s", "",

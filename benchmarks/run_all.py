@@ -34,8 +34,9 @@ Scaling (``--scales``, default 0.5, 1, 1.5 per axis): ``slic-layer`` (one SLIC l
 
 Outputs in ``--out`` (default benchmarks/results/): ``runs/stages_<UTC time>.json`` (this run: machine, date,
 every measurement), ``stages.json`` (a copy of the latest), ``stages.md`` (the tables), ``scaling.png``; then
-``docs/benchmarks.md`` is regenerated from ``stages.json`` and ``peers/peers.json`` (benchmarks/peers.py), unless
-``--no-docs``. ``--docs-only`` only redraws the tables, the plot and the page from the JSON.
+``docs/benchmarks.md`` and the README's section ``docs/performance.md`` (``benchmarks/make_readme.py``) are
+regenerated from ``stages.json`` and ``peers/peers.json`` (benchmarks/peers.py), unless ``--no-docs``.
+``--docs-only`` only redraws the tables, the plot and the pages from the JSON.
 
     nice -n 19 .venv/bin/python benchmarks/run_all.py                # ~10-15 min on 2 shared cores
     nice -n 19 .venv/bin/python benchmarks/run_all.py --only warp,flow --scales 1
@@ -58,11 +59,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from _common import SHAPE, example_template, example_volumes
+from make_readme import write_section
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results"
 DOCS = REPO / "docs" / "benchmarks.md"
-SHAPE = (192, 160, 256)
 SV_SHAPE = (96, 80, 128)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
@@ -157,15 +160,6 @@ def _scaled_shape(shape: tuple[int, ...], scale: float, multiple: int) -> tuple[
     return tuple(max(multiple, int(round(s * scale / multiple)) * multiple) for s in shape)  # type: ignore
 
 
-def _example_volumes() -> tuple[Any, Any, Any]:
-    from preprocessing.example import fetch_example
-    from slicreg.io import load_image, load_labels
-
-    files = fetch_example()
-    tissue = load_labels(files.labels_totalseg) if files.labels_totalseg.is_file() else None
-    return load_image(files.image), load_labels(files.labels), tissue
-
-
 def template(work: Path, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The preprocessed example (HU float32, BTCV labels uint8, affine), resampled to ``scale`` x 192 x 160 x 256
     (sizes multiples of 8, spacing 2 / scale mm); cached in ``work``."""
@@ -174,13 +168,7 @@ def template(work: Path, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np
         with np.load(cache) as z:
             return z["image"], z["labels"], z["affine"]
     if scale == 1.0:
-        from preprocessing.geometry import preprocess_volume
-
-        image, labels, _ = _example_volumes()
-        res = preprocess_volume(image, labels)
-        img = res.image.array.astype(np.float32)
-        lab = res.labels.array.astype(np.uint8)
-        affine = res.record.affine if hasattr(res.record, "affine") else res.image.affine
+        img, lab, affine = example_template()
     else:
         from scipy import ndimage
 
@@ -232,7 +220,7 @@ def voronoi_pair(scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def case_preprocess(work: Path, scale: float, opts: dict[str, Any]) -> dict[str, Any]:
     from preprocessing.geometry import preprocess_volume
 
-    image, labels, _ = _example_volumes()
+    image, labels, _ = example_volumes()
     res, m = measure(lambda: preprocess_volume(image, labels))
     return {**m, "size": f"{'x'.join(map(str, image.shape))} @ "
                          f"{'x'.join(f'{s:.2g}' for s in image.spacing_mm)} mm -> {'x'.join(map(str, res.image.shape))}"}
@@ -241,14 +229,14 @@ def case_preprocess(work: Path, scale: float, opts: dict[str, Any]) -> dict[str,
 def _cohort_source(opts: dict[str, Any]) -> Any:
     from preprocessing.cohort import CohortConfig, prepare_source
 
-    image, labels, tissue = _example_volumes()
+    image, labels, tissue = example_volumes()
     return prepare_source(image, labels, tissue, config=CohortConfig()), image
 
 
 def case_cohort_source(work: Path, scale: float, opts: dict[str, Any]) -> dict[str, Any]:
     from preprocessing.cohort import CohortConfig, prepare_source
 
-    image, labels, tissue = _example_volumes()
+    image, labels, tissue = example_volumes()
     _, m = measure(lambda: prepare_source(image, labels, tissue, config=CohortConfig()))
     return {**m, "size": f"source {'x'.join(map(str, image.shape))}"}
 
@@ -674,6 +662,14 @@ def _peer_lines(peers: dict[str, Any]) -> list[str]:
 
     table = markdown_table(peers).splitlines()[2:]  # drop the title line of the standalone page
     lines = ["## slicreg beside its peers", "", *table, "", "![accuracy against time](../benchmarks/results/peers/peers.png)", ""]
+    behind = behind_lines(peers)
+    if behind:
+        lines += ["### Where slicreg is behind", "", *behind, ""]
+    return lines
+
+
+def behind_lines(peers: dict[str, Any]) -> list[str]:
+    """Plain statements of where slicreg is behind its peers (Markdown bullets), computed from peers.json."""
     methods = peers["methods"]
     ours = {k: v for k, v in methods.items() if k.startswith("slicreg")}
     others = {k: v for k, v in methods.items() if not k.startswith("slicreg") and k != "initial"}
@@ -709,9 +705,7 @@ def _peer_lines(peers: dict[str, Any]) -> list[str]:
         behind.append(f"- **slicreg itself (network + supervoxel flow) is not in this table**: {why}. Until a "
                       "trained bundle is benchmarked here, the only slicreg row is the built-in conventional "
                       "registration (`slicreg align`), which is the transfer tool, not the method of the paper.")
-    if behind:
-        lines += ["### Where slicreg is behind", "", *behind, ""]
-    return lines
+    return behind
 
 
 def _row(stages: dict[str, Any] | None, case: str, scale: float = 1.0) -> dict[str, Any] | None:
@@ -807,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement before it is killed")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, help="scratch folder for cached inputs (default: a temporary one)")
-    ap.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
+    ap.add_argument("--no-docs", action="store_true",
+                    help="do not regenerate docs/benchmarks.md and docs/performance.md")
     ap.add_argument("--docs-only", action="store_true", help="only redraw stages.md, scaling.png and "
                     "docs/benchmarks.md from the JSON in --out")
     ap.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
@@ -823,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "stages.md").write_text(stages_markdown(doc))
             scaling_png(doc, args.out / "scaling.png")
         print(f"wrote {write_docs(args.out)}")
+        print(f"wrote {write_section(args.out)}")
         return 0
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     if only:
@@ -874,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{out / 'scaling.png'}, {out / 'runs' / f'stages_{stamp}.json'}")
     if not args.no_docs:
         print(f"wrote {write_docs(out)}")
+        print(f"wrote {write_section(out)}")
     return 0 if all("error" not in r for r in rows) else 1
 
 

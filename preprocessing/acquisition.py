@@ -27,7 +27,21 @@ from preprocessing.cohort import HU_MAX, HU_MIN
 from slicreg.conventions import Volume, spacing_from_affine
 from slicreg.errors import InputError
 
-__all__ = ["AcquisitionConfig", "AcquisitionParams", "sample_acquisition", "simulate_volume", "apply_to_subject"]
+__all__ = ["PRESETS", "AcquisitionConfig", "AcquisitionParams", "sample_acquisition", "simulate_volume",
+           "apply_to_subject"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "off": {"enabled": False},
+    # the defaults: every subject its own dose (5e4..1e6 photons), kernel (any of the four) and beam hardening
+    "varied": {},
+    # a low-dose scan with a sharp kernel from a fan-beam scanner: below the dose range of "varied", with more beam
+    # hardening and another geometry -- meant for the TEST subjects, an acquisition the training never saw
+    "low-dose-sharp": {"dose_photons": (2e4, 5e4), "kernels": ("ram-lak",), "beam_hardening": (0.01, 0.015),
+                       "geometry": "fan"},
+    # a standard-dose scan with a soft kernel (the quiet end of "varied")
+    "standard-soft": {"dose_photons": (3e5, 1e6), "kernels": ("hann",), "beam_hardening": (0.0, 0.005)},
+}
+"""Named acquisitions (:meth:`AcquisitionConfig.from_value` takes the names): field values over the defaults."""
 
 def _range(value: Any, name: str, *, positive: bool = False) -> tuple[float, float]:
     try:
@@ -98,21 +112,36 @@ class AcquisitionConfig:
             raise InputError(f"AcquisitionConfig.slices_per_batch: expected an integer >= 1, got {spb!r}")
 
     @classmethod
-    def from_value(cls, value: Any) -> "AcquisitionConfig":
-        """From a stage parameter: ``None`` or ``False`` = off, ``True`` = on with the defaults, a mapping = these
-        fields (``enabled`` defaults to True in a mapping); an unknown key raises :class:`InputError`."""
+    def from_value(cls, value: Any, *, name: str = "acquisition") -> "AcquisitionConfig":
+        """From a stage parameter or a command-line value.
+
+        Args:
+            value: ``None`` or ``False`` = off; ``True`` = on with the defaults; a name of :data:`PRESETS`
+                (``"off"``, ``"varied"``, ``"low-dose-sharp"``, ``"standard-soft"``); a mapping = these fields
+                (``enabled`` defaults to True in a mapping), optionally over a preset named by its key
+                ``"preset"``. An unknown name or key raises :class:`InputError`.
+            name: what to call the value in error messages (keyword-only). Default ``"acquisition"``.
+        """
         if value is None or value is False:
             return cls()
         if value is True:
             return cls(enabled=True)
+        if isinstance(value, str):
+            value = {"preset": value}
         if not isinstance(value, Mapping):
-            raise InputError(f"acquisition: expected null, true, false or a table of AcquisitionConfig fields, "
-                             f"got {value!r}")
+            raise InputError(f"{name}: expected null, true, false, a preset name ({', '.join(PRESETS)}) or a table "
+                             f"of AcquisitionConfig fields, got {value!r}")
+        values = dict(value)
+        preset = values.pop("preset", None)
+        if preset is not None:
+            if not isinstance(preset, str) or preset not in PRESETS:
+                raise InputError(f"{name}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            values = {"enabled": True, **PRESETS[preset], **values}
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
-            raise InputError(f"AcquisitionConfig: unknown parameter(s) {unknown}; known: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+            raise InputError(f"{name}: unknown AcquisitionConfig parameter(s) {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         values.setdefault("enabled", True)
         return cls(**values)
 

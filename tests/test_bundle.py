@@ -24,12 +24,7 @@ from slicreg.io import save_volume, sha256_file
 from slicreg.network import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _supervoxels(path: Path, shape=(8, 8, 12)) -> Path:

@@ -8,12 +8,15 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from preprocessing import cohort as C
 from slicreg.conventions import Volume, identity_grid_vox
 from slicreg.errors import InputError
 from slicreg.fields import warp_labels
 from slicreg.metrics import jacobian_determinant
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # a 108 x 96 x 120 mm phantom at 3 mm; subjects at 3 mm (grids of about 40^3 voxels), scaled-down deformations
 CFG = C.CohortConfig(spacing_mm=3.0, deform_mm=6.0, deform_smoothness_mm=20.0, max_translation_mm=5.0,
@@ -50,18 +53,6 @@ def phantom(shape=(36, 32, 40), spacing=3.0, seed=0) -> tuple[Volume, Volume]:
     affine = np.diag([spacing] * 3 + [1.0])
     affine[:3, 3] = [-50, 10, 100]
     return Volume(hu.astype(np.float32), affine), Volume(lab, affine)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread for this module (restored afterwards): the tiny volumes gain nothing from more, and on a
-    shared 2-core machine OpenMP threads that wait for each other make every call many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +346,101 @@ def test_stage_parameters_cover_every_knob():
     st = load_stage_types()["cohort"]
     assert st.inputs == {"source": True}
     assert {"n_train", "n_test", "seed", "ground_truth_fields"} <= set(st.params)
+    assert all(st.params[k] is None for k in ("acquisition", "test_acquisition", "template_acquisition"))
+
+
+# ------------------------------------------------------------------------------------ simulated acquisition
+def _cohort_files(folder):
+    """Every file of a cohort that does not record times, as bytes; transforms as their arrays (their stored
+    summary holds the subject's timing)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if rel.startswith("transforms/"):
+            with np.load(path) as z:
+                out[rel] = {k: z[k].tobytes() for k in z.files if k != "summary_json"}
+        elif path.is_file() and rel != "cohort_stats.json":
+            out[rel] = path.read_bytes()
+    return out
+
+
+def test_acquisition_option_changes_only_the_images_it_is_applied_to(tmp_path):
+    """Off: the files are what the cohort maker made before the option existed (the subjects of make_subject).
+    On: deterministic; the images change, labels, transforms and true fields do not; each role's acquisition
+    touches only that role's images."""
+    from pipelines.cli import main
+    from slicreg.io import load_image, load_labels, load_volume
+
+    ct, lab = _write_phantom(tmp_path)
+    ids = [f"cohort_{i:04d}" for i in range(4)]  # template, 1 training, 2 test (the last a slab)
+    images = [f"imagesTr/{sid}_0000.nii.gz" for sid in ids]
+
+    def cohort(name, *extra, fields=True):
+        out = tmp_path / name
+        assert main(["cohort", "--source-image", str(ct), "--source-labels", str(lab), "--out", str(out),
+                     "--n-train", "1", "--n-test", "2", "--seed", "3", "--quiet", "--no-montage", *KNOB_ARGS,
+                     *(["--ground-truth-fields"] if fields else []), *extra]) == 0
+        return out, _cohort_files(out)
+
+    plain_dir, plain = cohort("plain")
+    assert cohort("off", "--acquisition", "off", "--test-acquisition", "false")[1] == plain
+    config = dataclasses.replace(CFG, slab_fraction=0.5)
+    written = C.prepare_source(load_image(ct), load_labels(lab), config=config)  # the int16 source file
+    for i, sid in enumerate(ids):
+        made = _subject(written, i, seed=3, config=config, full_fov=i == 0, slab=i == 3)
+        assert np.array_equal(load_volume(plain_dir / images[i]).array, made.image.array)
+
+    on_dir, on = cohort("on", "--acquisition", "varied", "--test-acquisition", "low-dose-sharp")
+    assert cohort("on-again", "--acquisition", "varied", "--test-acquisition", "low-dose-sharp")[1] == on
+    assert set(on) == set(plain) and any(k.startswith("ground_truth_fields/") for k in on)
+    for key in plain:
+        if key in images:
+            assert on[key] != plain[key], key
+            a = load_volume(plain_dir / key).array.astype(np.float64)
+            b = load_volume(on_dir / key).array.astype(np.float64)
+            body = ndimage.binary_erosion(a > -300, iterations=2)  # away from the skin edge
+            assert abs(b[body].mean() - a[body].mean()) < 30 and 5 < (b - a)[body].std() < 200
+        else:
+            assert on[key] == plain[key], key  # labels, transforms, true fields, dataset.json
+    stats = json.loads((on_dir / "cohort_stats.json").read_text())
+    drawn = {s["id"]: s["acquisition"] for s in stats["subjects"]}
+    assert stats["acquisition"]["test"]["geometry"] == "fan" and stats["acquisition"]["train"]["geometry"] == "parallel"
+    assert all(drawn[sid]["kernel"] == "ram-lak" and drawn[sid]["dose_photons"] <= 5e4 for sid in ids[2:])
+    assert all(drawn[sid]["dose_photons"] >= 5e4 for sid in ids[:2])
+    assert "acquisition" not in json.loads((plain_dir / "cohort_stats.json").read_text())
+
+    # one role's acquisition leaves the other roles' images as they were
+    _, test_only = cohort("test-only", "--test-acquisition", "low-dose-sharp", fields=False)
+    assert [test_only[k] == plain[k] for k in images] == [True, True, False, False]
+    assert [test_only[k] == on[k] for k in images] == [False, False, True, True]
+    _, no_template = cohort("no-template", "--acquisition", "varied", "--template-acquisition", "off", fields=False)
+    assert [no_template[k] == plain[k] for k in images] == [True, False, False, False]
+    assert [no_template[k] == on[k] for k in images] == [False, True, False, False]  # its test subjects: "varied"
+
+
+def test_acquisition_bad_values_fail_before_writing(tmp_path, capsys):
+    from pipelines.cli import main
+
+    ct, lab = _write_phantom(tmp_path)
+    base = ["cohort", "--source-image", str(ct), "--source-labels", str(lab), "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--test-acquisition", "ultra"]) == 2
+    assert "test_acquisition" in capsys.readouterr().err and not (tmp_path / "a" / "imagesTr").exists()
+    assert main([*base, "--out", str(tmp_path / "b"), "--acquisition", '{"dose_photons": [0, 1]}']) == 2
+    assert "dose_photons" in capsys.readouterr().err
+    # the stage hands each of its three parameters on (a bad one fails before the source is read)
+    from pipelines.runner import StageContext, load_stage_types
+    from pipelines.stages.cohort import COHORT_PARAMS, SOURCE_IMAGE, SOURCE_LABELS
+
+    source = tmp_path / "source"
+    source.mkdir()
+    ct.rename(source / SOURCE_IMAGE)
+    lab.rename(source / SOURCE_LABELS)
+    run = load_stage_types()["cohort"].run
+    for key in ("acquisition", "test_acquisition", "template_acquisition"):
+        ctx = StageContext("cohort", {**COHORT_PARAMS, key: "ultra"}, {"source": source}, tmp_path / key, tmp_path,
+                           quiet=True)
+        with pytest.raises(InputError, match=f"^{key}: unknown preset"):
+            run(ctx)
 
 
 # ----------------------------------------------------------------------------------------------- real scan

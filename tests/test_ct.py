@@ -12,18 +12,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from preprocessing.acquisition import AcquisitionConfig, apply_to_subject, sample_acquisition, simulate_volume
+from preprocessing.acquisition import (PRESETS, AcquisitionConfig, apply_to_subject, sample_acquisition,
+                                       simulate_volume)
 from slicreg import ct
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one torch thread is faster (and kinder to a shared machine) than several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Modified Shepp-Logan ellipses (Toft): value, semi-axes a, b, centre x0, y0 (fractions of the half-size), angle.
@@ -364,6 +359,26 @@ def test_acquisition_option_is_off_by_default():
                 {"n_angles": 1}, {"geometry": "cone"}, {"slices_per_batch": 0}, "yes"):
         with pytest.raises(InputError):
             AcquisitionConfig.from_value(bad)
+
+
+def test_acquisition_presets():
+    assert AcquisitionConfig.from_value("varied") == AcquisitionConfig(enabled=True)
+    assert AcquisitionConfig.from_value("off") == AcquisitionConfig()
+    low = AcquisitionConfig.from_value("low-dose-sharp")
+    varied = AcquisitionConfig.from_value("varied")
+    # the test-subject preset lies outside the training preset's dose and beam-hardening ranges, on another geometry
+    assert low.enabled and low.kernels == ("ram-lak",) and low.geometry == "fan"
+    assert low.dose_photons[1] <= varied.dose_photons[0] and low.beam_hardening[0] >= varied.beam_hardening[1]
+    soft = AcquisitionConfig.from_value("standard-soft")
+    assert soft.kernels == ("hann",) and soft.dose_photons[0] >= varied.dose_photons[0]
+    # a table over a preset: its keys win; the resolved config round-trips through to_dict
+    tuned = AcquisitionConfig.from_value({"preset": "low-dose-sharp", "n_angles": 90, "kernels": ["hann"]})
+    assert tuned.n_angles == 90 and tuned.kernels == ("hann",) and tuned.geometry == "fan"
+    assert AcquisitionConfig.from_value(tuned.to_dict()) == tuned
+    assert set(PRESETS) == {"off", "varied", "low-dose-sharp", "standard-soft"}
+    for bad in ("bogus", {"preset": "bogus"}, {"preset": 3}, {"preset": "varied", "dose": 1}):
+        with pytest.raises(InputError, match="test_acquisition"):
+            AcquisitionConfig.from_value(bad, name="test_acquisition")
 
 
 def test_apply_to_subject_is_seeded_and_keeps_the_grid():

@@ -24,13 +24,7 @@ from slicreg.network import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread avoids OpenMP synchronisation costs on a shared machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(**kw) -> SlicRegNet:

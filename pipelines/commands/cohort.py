@@ -22,6 +22,28 @@ def _knob(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def _acquisition(text: str) -> object:
+    """A preset name, true/false/on/off, or a JSON table of AcquisitionConfig fields (checked in run)."""
+    import json
+
+    lowered = text.strip().lower()
+    if lowered in ("on", "true"):
+        return True
+    if lowered in ("off", "false", "none"):
+        return False
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON table: {exc}") from None
+    return text.strip()
+
+
+ACQUISITION_HELP = ("a preset (varied, low-dose-sharp, standard-soft), on (the defaults), off, or a JSON table of "
+                    "preprocessing.acquisition.AcquisitionConfig fields, e.g. "
+                    "'{\"preset\": \"varied\", \"n_angles\": 180}'")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-image", default=None, metavar="FILE",
                    help="the real CT in HU (NIfTI; default: the cached example CT of `slicreg fetch-example`)")
@@ -39,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="knobs", type=_knob, action="append", default=[], metavar="KEY=VALUE",
                    help="a realism knob of preprocessing.cohort.CohortConfig, e.g. --set deform_mm=12 "
                         "--set 'noise_hu=[5, 10]' (repeatable)")
+    p.add_argument("--acquisition", type=_acquisition, default=None, metavar="SPEC",
+                   help="simulated CT acquisition of every subject (default off; docs/ct.md): " + ACQUISITION_HELP)
+    p.add_argument("--test-acquisition", type=_acquisition, default=None, metavar="SPEC",
+                   help="the test subjects' acquisition instead (default: as --acquisition), e.g. low-dose-sharp "
+                        "for scans unlike the training ones")
+    p.add_argument("--template-acquisition", type=_acquisition, default=None, metavar="SPEC",
+                   help="the template's acquisition instead (default: as --acquisition)")
     p.add_argument("--no-montage", action="store_true", help="do not draw cohort_montage.png")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the cohort files in a non-empty --out folder")
@@ -55,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipelines.runner import StageContext
-    from pipelines.stages.cohort import KNOBS, write_cohort
+    from pipelines.stages.cohort import KNOBS, resolve_acquisitions, write_cohort
     from slicreg.errors import InputError
 
     if args.jobs < 1:
@@ -78,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(knobs) - set(KNOBS))
     if unknown:
         raise InputError(f"--set: unknown knob(s) {unknown}; known: {', '.join(KNOBS)}")
+    acquisitions = {"acquisition": args.acquisition, "test_acquisition": args.test_acquisition,
+                    "template_acquisition": args.template_acquisition}
+    resolve_acquisitions(**acquisitions)  # bad values fail here, before anything is written
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -101,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     summary = write_cohort(ctx, image=Path(image), labels=Path(labels), tissue=Path(tissue) if tissue else None,
                            n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                            ground_truth_fields=args.ground_truth_fields, montage=not args.no_montage, knobs=knobs,
-                           licence=licence)
+                           licence=licence, **acquisitions)
     print(f"wrote {out}: dataset.json, {summary['subjects']} subjects, cohort_stats.json"
           f"{', ground_truth_fields/' if args.ground_truth_fields else ''}"
           f"{'' if args.no_montage else ', cohort_montage.png'} in {summary['seconds']['total']:.0f} s")

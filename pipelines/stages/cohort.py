@@ -4,7 +4,18 @@ Input ``source``: a folder holding ``example_ct.nii.gz``, ``example_labels_btcv.
 ``example_labels_totalseg.nii.gz`` -- the output of the ``fetch-example`` stage.
 
 Parameters: ``n_train`` (20), ``n_test`` (10), ``seed`` (0), ``ground_truth_fields`` (true), ``montage`` (true),
-and every realism knob of :class:`preprocessing.cohort.CohortConfig` (``null`` = that class's default).
+every realism knob of :class:`preprocessing.cohort.CohortConfig` (``null`` = that class's default), and the
+simulated CT acquisition (:mod:`preprocessing.acquisition`, docs/ct.md), off by default:
+
+- ``acquisition``: every subject's acquisition -- absent / ``false`` / ``"off"`` = none; ``true`` = the defaults;
+  a preset name (``"varied"``, ``"low-dose-sharp"``, ``"standard-soft"``); or a table of
+  :class:`~preprocessing.acquisition.AcquisitionConfig` fields, optionally with ``preset = "..."`` under them.
+- ``test_acquisition``, ``template_acquisition``: the same for the test subjects / the template only; absent =
+  as ``acquisition``. A test acquisition unlike the training one measures robustness to an unseen scanner.
+
+Subject ``i``'s acquisition (dose, kernel, beam hardening, noise) is drawn from
+``numpy.random.default_rng([seed, i, 1])``, a generator of its own: switching it on changes the images it is
+applied to and nothing else (labels, transforms, true fields and every other subject stay bit-identical).
 
 Outputs (docs/CONTRACTS.md, "A dataset folder")::
 
@@ -40,9 +51,13 @@ KNOBS = (
 )
 """The realism knobs (fields of :class:`preprocessing.cohort.CohortConfig`) that are stage parameters."""
 
+ACQUISITION_PARAMS = ("acquisition", "test_acquisition", "template_acquisition")
+"""The simulated-acquisition parameters (values for :meth:`preprocessing.acquisition.AcquisitionConfig.from_value`;
+``None`` for the role-specific two = as ``acquisition``)."""
+
 COHORT_PARAMS: dict[str, Any] = {
     "n_train": 20, "n_test": 10, "seed": 0, "ground_truth_fields": True, "montage": True,
-    **{k: None for k in KNOBS},
+    **{k: None for k in KNOBS}, **{k: None for k in ACQUISITION_PARAMS},
 }
 
 SOURCE_IMAGE = "example_ct.nii.gz"
@@ -75,7 +90,8 @@ def make_subject_files(job: dict[str, Any]) -> dict[str, Any]:
     """Generate one subject and write its image, labels and transform (the transform last: it marks completion).
 
     ``job`` keys: ``index``, ``id``, ``role``, ``slab``, ``seed``, ``image``, ``labels``, ``tissue`` (source paths
-    or None), ``config`` (JSON string), ``out`` (the cohort folder). Returns the subject's summary."""
+    or None), ``config`` (JSON string), ``out`` (the cohort folder), optional ``acquisition`` (JSON string of an
+    enabled :class:`~preprocessing.acquisition.AcquisitionConfig`, or None). Returns the subject's summary."""
     import numpy as np
 
     from preprocessing.cohort import CohortConfig, make_subject, sample_subject_params
@@ -88,6 +104,7 @@ def make_subject_files(job: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng([int(job["seed"]), int(job["index"])])
     params = sample_subject_params(rng, config=config, full_fov=job["role"] == "template", slab=bool(job["slab"]))
     subject = make_subject(source, params, rng=rng, config=config)
+    acquisition = simulate_subject_acquisition(subject, job) if job.get("acquisition") else None
     out = Path(job["out"])
     save_volume(subject.image, out / image_relpath(job["id"]), dtype=np.int16)
     save_volume(subject.labels, out / labels_relpath(job["id"]), dtype=np.uint8)
@@ -96,6 +113,8 @@ def make_subject_files(job: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(time.process_time() - cpu0, 2),
         "info": subject.info, "params": params.to_json(),
     }
+    if acquisition is not None:
+        summary["acquisition"] = acquisition
     arrays = subject.transform.to_npz_dict()
     arrays["subject_affine"] = subject.image.affine
     arrays["subject_shape"] = np.asarray(subject.image.shape)
@@ -106,6 +125,44 @@ def make_subject_files(job: dict[str, Any]) -> dict[str, Any]:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
     return summary
+
+
+def simulate_subject_acquisition(subject: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Pass ``subject.image`` through the simulated CT acquisition of ``job["acquisition"]`` (in place: the image
+    and the soft-tissue centre in ``subject.info`` are replaced) with the generator ``[seed, index, 1]``.
+
+    Returns what was drawn, with the wall and CPU seconds it took."""
+    import numpy as np
+
+    from preprocessing.acquisition import AcquisitionConfig, apply_to_subject
+    from preprocessing.cohort import soft_tissue_centre_mm
+
+    started, cpu0 = time.perf_counter(), time.process_time()
+    config = AcquisitionConfig.from_value(json.loads(job["acquisition"]))
+    rng = np.random.default_rng([int(job["seed"]), int(job["index"]), 1])
+    subject.image, info = apply_to_subject(subject.image, rng, config)
+    centre = soft_tissue_centre_mm(subject.image)  # what the preprocessing will crop around now
+    subject.info["soft_tissue_centre_mm"] = None if centre is None else [round(float(c), 3) for c in centre]
+    info["seconds"] = round(time.perf_counter() - started, 2)
+    info["cpu_seconds"] = round(time.process_time() - cpu0, 2)
+    return info
+
+
+def resolve_acquisitions(acquisition: Any = None, test_acquisition: Any = None,
+                         template_acquisition: Any = None) -> dict[str, Any]:
+    """The :class:`~preprocessing.acquisition.AcquisitionConfig` of each role (``"template"``, ``"train"``,
+    ``"test"``) from the three parameters (``None`` for the last two = as ``acquisition``); bad values raise
+    :class:`~slicreg.errors.InputError` naming the parameter."""
+    from preprocessing.acquisition import AcquisitionConfig
+
+    base = AcquisitionConfig.from_value(acquisition, name="acquisition")
+    return {
+        "template": base if template_acquisition is None else
+        AcquisitionConfig.from_value(template_acquisition, name="template_acquisition"),
+        "train": base,
+        "test": base if test_acquisition is None else AcquisitionConfig.from_value(test_acquisition,
+                                                                                    name="test_acquisition"),
+    }
 
 
 def transform_relpath(subject_id: str) -> str:
@@ -260,11 +317,16 @@ def _organ_colour(label: int) -> tuple[float, float, float, float]:
 # ----------------------------------------------------------------------------------------------- the writer
 def write_cohort(ctx: StageContext, *, image: Path, labels: Path, tissue: Path | None, n_train: int, n_test: int,
                  seed: int, ground_truth_fields: bool, montage: bool = True,
-                 knobs: dict[str, Any] | None = None, licence: Path | None = None) -> dict[str, Any]:
+                 knobs: dict[str, Any] | None = None, licence: Path | None = None,
+                 acquisition: Any = None, test_acquisition: Any = None,
+                 template_acquisition: Any = None) -> dict[str, Any]:
     """Make the cohort into ``ctx.out_dir`` (see the module docstring); returns the summary of cohort_stats.json.
 
+    ``acquisition``, ``test_acquisition``, ``template_acquisition``: the simulated CT acquisition of the
+    subjects (see the module docstring and :func:`resolve_acquisitions`); off by default.
+
     Subjects already written by an interrupted attempt (their transform exists) are kept. Subject ``i`` depends
-    only on ``(seed, i)`` and the knobs, so the result does not depend on ``ctx.jobs``."""
+    only on ``(seed, i)``, the knobs and its role's acquisition, so the result does not depend on ``ctx.jobs``."""
     from preprocessing.cohort import CohortConfig, registration_pairs, subject_ids
     from preprocessing.datasets import (Dataset, Pair, Subject, field_relpath, image_relpath, labels_relpath,
                                         write_dataset_json)
@@ -276,6 +338,8 @@ def write_cohort(ctx: StageContext, *, image: Path, labels: Path, tissue: Path |
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed: expected an integer >= 0, got {seed!r}")
     config = CohortConfig.from_mapping({k: v for k, v in (knobs or {}).items() if v is not None})
+    acquisitions = resolve_acquisitions(acquisition, test_acquisition, template_acquisition)
+    acq_json = {role: json.dumps(a.to_dict()) if a.enabled else None for role, a in acquisitions.items()}
     ids = subject_ids(n_train, n_test)
     for path, what in ((image, "source image"), (labels, "source labels"), (tissue, "source tissue labels")):
         if path is not None and not Path(path).is_file():
@@ -289,7 +353,8 @@ def write_cohort(ctx: StageContext, *, image: Path, labels: Path, tissue: Path |
     roles = {template: "template", **{s: "train" for s in ids["training"]}, **{s: "test" for s in ids["test"]}}
     out = ctx.out_dir
     jobs = [{"index": i, "id": sid, "role": roles[sid], "slab": sid in slabs, "seed": seed, "image": str(image),
-             "labels": str(labels), "tissue": str(tissue) if tissue else None, "config": config_json, "out": str(out)}
+             "labels": str(labels), "tissue": str(tissue) if tissue else None, "config": config_json, "out": str(out),
+             "acquisition": acq_json[roles[sid]]}
             for i, sid in enumerate(ids["template"] + ids["training"] + ids["test"])]
 
     summaries: dict[str, dict[str, Any]] = {}
@@ -339,9 +404,13 @@ def write_cohort(ctx: StageContext, *, image: Path, labels: Path, tissue: Path |
     summary["seconds"] = {"total": round(time.perf_counter() - started, 1), "subjects": round(t_subjects, 1),
                           "pairs": round(t_pairs, 1), "jobs": ctx.jobs}
     src_vol = load_volume(image)
+    # recorded only when used, so that a cohort without it has the same stats file as before the option existed
+    acq_record = ({role: a.to_dict() for role, a in acquisitions.items()}
+                  if any(a.enabled for a in acquisitions.values()) else None)
     atomic_write_json(ctx.path("cohort_stats.json"), {
         "format": "slicreg-cohort-stats/1", "seed": seed, "n_train": n_train, "n_test": n_test,
-        "config": config.to_dict(), "ground_truth_fields": bool(ground_truth_fields),
+        "config": config.to_dict(), **({"acquisition": acq_record} if acq_record else {}),
+        "ground_truth_fields": bool(ground_truth_fields),
         "source": {"image": str(image), "image_sha256": sha256_file(image), "labels": str(labels),
                    "labels_sha256": sha256_file(labels), "tissue": str(tissue) if tissue else None,
                    "shape": list(src_vol.shape), "spacing_mm": [round(float(v), 4) for v in src_vol.spacing_mm]},
@@ -380,6 +449,10 @@ def _summarise(summaries: dict[str, dict[str, Any]], listed: list[dict[str, Any]
         "phases": {p: sum(1 for s in summaries.values() if s["info"]["phase"] == p)
                    for p in ("native", "arterial", "portal-venous")},
     }
+    acq_cpu = [s["acquisition"]["cpu_seconds"] for s in summaries.values() if "cpu_seconds" in s.get("acquisition", {})]
+    if acq_cpu:
+        out["acquisition_subjects"] = len(acq_cpu)
+        out["acquisition_cpu_seconds_per_subject"] = round(float(np.mean(acq_cpu)), 2)
     if gt:
         mins = [r["field_check_min_dice_large_organs"] for r in listed
                 if r.get("field_check_min_dice_large_organs") is not None]
@@ -403,6 +476,9 @@ def _write_montage(ctx: StageContext, out: Path, template: str, ids: dict[str, l
         tags = summaries[sid].get("tags", [])
         title = f"{sid} ({summaries[sid]['role']}{', slab' if tags else ''})\n{info['phase']}, " \
                 f"{info['fov_cc_mm']:.0f} mm cranio-caudal"
+        acq = summaries[sid].get("acquisition")
+        if acq:
+            title += f"\nscan: {acq['kernel']}, I0 {acq['dose_photons']:.2g}"
         panels.append({"id": sid, "image": load_volume(out / image_relpath(sid)),
                        "labels": load_volume(out / labels_relpath(sid), kind="labels"), "title": title})
     save_montage(ctx.path("cohort_montage.png"), panels)
@@ -417,6 +493,9 @@ def _log_summary(ctx: StageContext, summary: dict[str, Any], n_subjects: int, n_
             f"{summary['initial_mean_dice_training_to_template']}")
     ctx.log(f"deformations: smallest Jacobian determinant {summary['min_jacobian_det']}, "
             f"largest inverse error {summary['max_inverse_error_mm']} mm")
+    if "acquisition_cpu_seconds_per_subject" in summary:
+        ctx.log(f"simulated acquisition on {summary['acquisition_subjects']} subjects: "
+                f"{summary['acquisition_cpu_seconds_per_subject']} CPU-s per subject (included above)")
     if "field_check_min_dice_large_organs" in summary:
         ctx.log(f"true fields: warped moving labels vs fixed labels, smallest Dice of an organ > {LARGE_ORGAN_ML:.0f} "
                 f"mL {summary['field_check_min_dice_large_organs']}, mean Dice {summary['field_check_mean_dice']} "
@@ -439,4 +518,5 @@ def cohort_stage(ctx: StageContext) -> None:
     write_cohort(ctx, image=image, labels=labels, tissue=tissue if tissue.is_file() else None,
                  n_train=p["n_train"], n_test=p["n_test"], seed=p["seed"],
                  ground_truth_fields=bool(p["ground_truth_fields"]), montage=bool(p["montage"]),
-                 knobs={k: p[k] for k in KNOBS}, licence=folder / "LICENSE")
+                 knobs={k: p[k] for k in KNOBS}, licence=folder / "LICENSE",
+                 **{k: p[k] for k in ACQUISITION_PARAMS})
