@@ -6,7 +6,7 @@ JOBS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slicreg-installed
 
-.PHONY: demo test setup clean-runs
+.PHONY: demo test setup clean-runs bench bench-docs
 
 setup: $(STAMP)
 
@@ -23,6 +23,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# stage costs, scaling and the README's performance section (minutes on 2 cores); peers: benchmarks/README.md
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/make_readme.py --readme README.md
+
+bench-docs: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --docs-only
+	$(BIN)/python benchmarks/make_readme.py --readme README.md
 
 clean-runs:
 	rm -rf runs
