@@ -39,8 +39,8 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 def _body(shape=(24, 20, 48), seed=0, n_blobs=40, size=1.0) -> np.ndarray:
     """A CT-like phantom in HU: an elliptic soft-tissue cylinder (40 HU) along axis 2 in air (-1000 HU), a
-    bright and a dark rod along it, and random bright and dark blobs (``size`` times 2 to 3.5 voxels) inside, so that every stretch along axis 2
-    looks different."""
+    bright and a dark rod along it, and random bright and dark blobs (``size`` times 2 to 3.5 voxels) inside,
+    so that every stretch along axis 2 looks different."""
     rng = np.random.default_rng(seed)
     g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
     c = (np.asarray(shape) - 1) / 2
@@ -403,8 +403,8 @@ def test_align_command_reads_crop_records_mask_files_and_an_initial_field(tmp_pa
     shape, t = _write_slab_dataset(data)
     fixed, moving = data / "imagesTr" / "a_0000.nii.gz", data / "imagesTr" / "b_0000.nii.gz"
     common = ["--fixed", str(fixed), "--moving", str(moving), "--preset", "affine", "--quiet", "--threads", "1"]
-    rc = main(["align", *common, "--fixed-fov", str(data / "crops" / "a.json"), "--out-field", str(tmp_path / "u.nii.gz"),
-               "--out-json", str(tmp_path / "u.json")])
+    rc = main(["align", *common, "--fixed-fov", str(data / "crops" / "a.json"),
+               "--out-field", str(tmp_path / "u.nii.gz"), "--out-json", str(tmp_path / "u.json")])
     assert rc == 0 and "field of view: fixed 16.7 %" in capsys.readouterr().out
     inner = (slice(None), slice(8, -8), slice(8, -8), slice(*SLAB))
     u = load_field(tmp_path / "u.nii.gz").array

@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
           f"{info['iterations']} iterations, final loss {info['final_loss']:.5f}, "
           f"det J <= 0 in {100 * info['folding_fraction']:.3f} % of voxels")
     if "fov" in info:
-        print(f"field of view: fixed {100 * info['fov']['fixed_fraction']:.1f} %, moving "
-              f"{100 * info['fov']['moving_fraction']:.1f} % of their grids; {100 * info['fov']['overlap']:.1f} % of the "
-              f"fixed one maps inside the moving one")
+        fov = info["fov"]
+        print(f"field of view: fixed {100 * fov['fixed_fraction']:.1f} %, moving {100 * fov['moving_fraction']:.1f} % "
+              f"of their grids; {100 * fov['overlap']:.1f} % of the fixed one maps inside the moving one")
     print("wrote " + ", ".join(str(w) for w in written))
     return 0
 
