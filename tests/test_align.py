@@ -504,7 +504,7 @@ def test_align_pairs_stage_registers_listed_pairs_and_resumes(tmp_path):
            "training": ["a"], "test": [], "registration_pairs": [{"fixed": "a", "moving": "b"}]}
     (data / "dataset.json").write_text(json.dumps(doc))
     out = tmp_path / "out"
-    ctx = StageContext("align", {"preset": "affine", "device": "cpu", "pairs": "registration_pairs"},
+    ctx = StageContext("align", {"preset": "affine", "device": "cpu", "pairs": "registration_pairs", "fov_mask": True},
                        {"dataset": data}, out, tmp_path, quiet=True)
     align_pairs_stage(ctx)
     reg = read_json(out / "registrations.json")

@@ -16,6 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output field (NIfTI (X, Y, Z, 3) float32, voxels, fixed -> moving, affine included)")
     p.add_argument("--preset", default="abdomen-ct",
                    help="registration preset: abdomen-ct (default), abdomen-ct-svf (diffeomorphic), affine")
+    p.add_argument("--fixed-fov", metavar="FOV",
+                   help="field of view of the fixed image: its crop record (crops/<id>.json of a preprocessed dataset) "
+                        "or a mask NIfTI on its grid (non-zero = inside); the similarity ignores the rest (padding)")
+    p.add_argument("--moving-fov", metavar="FOV", help="field of view of the moving image (as --fixed-fov)")
+    p.add_argument("--init-field", metavar="U0",
+                   help="start the deformable stage from this field (NIfTI (X, Y, Z, 3), voxels, fixed -> moving, on "
+                        "the fixed grid); the preset's affine stage is skipped")
     p.add_argument("--moving-labels", help="label map on the moving grid to warp onto the fixed grid (nearest)")
     p.add_argument("--out-warped-labels", help="output for the warped --moving-labels")
     p.add_argument("--out-warped", help="output for the warped moving image (trilinear)")
@@ -52,6 +59,15 @@ def run(args: argparse.Namespace) -> int:
     labels = load_labels(args.moving_labels) if args.moving_labels else None
     if labels is not None and labels.shape != moving.shape:
         raise InputError(f"{args.moving_labels}: grid {labels.shape} does not match the moving image {moving.shape}")
+    from pipelines.stages.align_pairs import load_fov_mask
+
+    fixed_mask = load_fov_mask(args.fixed_fov, fixed.shape, "--fixed-fov") if args.fixed_fov else None
+    moving_mask = load_fov_mask(args.moving_fov, moving.shape, "--moving-fov") if args.moving_fov else None
+    init = None
+    if args.init_field:
+        from slicreg.io import load_field
+
+        init = load_field(args.init_field, fixed=fixed).array
 
     import torch
 
@@ -60,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    result = register_pair(fixed.array, moving.array, spacing_mm=tuple(float(s) for s in sp_f), preset=args.preset,
-                           device=args.device, seed=args.seed, progress=not args.quiet)
+    result = register_pair(fixed.array, moving.array, fixed_mask=fixed_mask, moving_mask=moving_mask, init_disp=init,
+                           spacing_mm=tuple(float(s) for s in sp_f), preset=args.preset, device=args.device,
+                           seed=args.seed, progress=not args.quiet)
     save_field(result.disp_vox, fixed.affine, args.out_field)
     written = [args.out_field]
     if args.out_warped:
@@ -85,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"registered in {info['seconds']:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in info['stages'].items())}); "
           f"{info['iterations']} iterations, final loss {info['final_loss']:.5f}, "
           f"det J <= 0 in {100 * info['folding_fraction']:.3f} % of voxels")
+    if "fov" in info:
+        fov = info["fov"]
+        print(f"field of view: fixed {100 * fov['fixed_fraction']:.1f} %, moving {100 * fov['moving_fraction']:.1f} % "
+              f"of their grids; {100 * fov['overlap']:.1f} % of the fixed one maps inside the moving one")
     print("wrote " + ", ".join(str(w) for w in written))
     return 0
 

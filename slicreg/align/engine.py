@@ -57,9 +57,20 @@ __all__ = [
     "resolve_preset",
     "gaussian_smooth",
     "downsample",
+    "fill_outside",
+    "mask_box",
+    "thin_axes",
+    "translation_search",
+    "fov_translation_search",
 ]
 
 MODELS = ("affine", "dense", "bspline", "svf")
+THIN_OVERLAP = 0.8
+"""Along a thin axis the translation search only considers placements that put at least this share of the
+smaller field of view inside the larger one."""
+THIN_MIN_VOXELS = 4
+"""An affine stage with a thin axis skips its levels on which the thin field of view spans fewer level voxels
+than this along that axis (their blocks would average the slab away); the finest level always runs."""
 PER_LEVEL = ("iterations", "lr", "weight", "grid_spacing", "subsample", "field_sigma")
 OPTIMISERS = ("adam", "lbfgs")
 
@@ -99,7 +110,22 @@ class StageConfig:
         search: affine stages: before optimising, try every whole-voxel translation of the first level within
             ``search`` times the fixed grid's extent per axis (e.g. 0.25) and start from the best NCC over the
             fixed image's foreground (normalised intensity > 0.05); 0 = off. Gives a capture range far beyond a
-            local optimiser's, e.g. for scans whose fields of view are centred differently.
+            local optimiser's, e.g. for scans whose fields of view are centred differently. With a thin axis
+            (``thin_fov``) see there.
+        thin_fov: affine stages: an axis is thin when the shorter of the two fields of view along it (the
+            bounding boxes of the masks given to :func:`register_pair`, else the grids) is less than
+            ``thin_fov`` times the longer one (default 0.35; 0 = never): a slab of a scan on one side. Then
+            the stage (1) keeps the linear part of the affine map along the thin axis as it is (identity: no
+            scaling, shear or rotation involving that axis, which a slab can not determine; only the
+            translation moves), (2) compares with ``thin_similarity`` instead of ``similarity``, (3) skips
+            its levels on which the slab is thinner than :data:`THIN_MIN_VOXELS` level voxels, and (4) if
+            ``search > 0``, starts from the best whole-voxel translation by an exhaustive FFT search
+            (:func:`fov_translation_search`): ``+-search`` of the grid across the slab, and along the thin
+            axis every placement of the shorter field of view along the longer one, end to end, that keeps
+            :data:`THIN_OVERLAP` of the smaller field of view inside the larger one.
+        thin_similarity: the measure of an affine stage with a thin axis (default ``"mind"``: on the cohort's
+            slabs the intensity NCC of a 40 mm slab preferred wrong levels of the abdomen, MIND-SSC did not; see
+            docs/align.md).
         patience, tol: early stop when the loss has not improved by more than ``tol`` (relative) for
             ``patience`` iterations; ``patience=0`` runs every iteration.
     """
@@ -122,6 +148,8 @@ class StageConfig:
     patience: int = 0
     tol: float = 1e-4
     search: float = 0.0
+    thin_fov: float = 0.35
+    thin_similarity: str = "mind"
 
     def validate(self, name: str) -> None:
         where = f"preset stage {name!r}"
@@ -130,6 +158,7 @@ class StageConfig:
         if self.optimiser not in OPTIMISERS:
             raise InputError(f"{where}: optimiser must be one of {OPTIMISERS}, got {self.optimiser!r}")
         get_similarity(self.similarity)
+        get_similarity(self.thin_similarity)
         if self.regulariser is not None:
             get_regulariser(self.regulariser)
         if not self.levels or any(int(f) < 1 for f in self.levels):
@@ -138,6 +167,8 @@ class StageConfig:
             value = getattr(self, key)
             if isinstance(value, (tuple, list)) and len(value) != len(self.levels):
                 raise InputError(f"{where}: {key} has {len(value)} entries for {len(self.levels)} levels")
+        if not 0.0 <= float(self.thin_fov) <= 1.0:
+            raise InputError(f"{where}: thin_fov must be a fraction in [0, 1], got {self.thin_fov}")
         spacings = self.grid_spacing if isinstance(self.grid_spacing, (tuple, list)) else (self.grid_spacing,)
         if any(int(g) < 1 for g in spacings):
             raise InputError(f"{where}: grid_spacing must be >= 1, got {self.grid_spacing}")
@@ -333,6 +364,9 @@ class _State:
     disp: torch.Tensor | None = None  # (1, 3, *grid) in full-resolution fixed voxels, or None
     velocity: torch.Tensor | None = None  # the svf parameters that produced ``disp`` (for continuation)
     velocity_voxel_size: tuple[float, float, float] | None = None
+    # field-of-view boxes (first and last voxel per axis, full resolution) of the fixed and moving images
+    fov_fixed: np.ndarray | None = None  # (2, 3)
+    fov_moving: np.ndarray | None = None  # (2, 3)
 
     def disp_on(self, shape: Sequence[int], device: str) -> torch.Tensor | None:
         return None if self.disp is None else resize_field(self.disp.to(device), shape)
@@ -350,7 +384,8 @@ class _Level:
     """Everything about one pyramid level of a pair that does not change while optimising."""
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, factor: int, cfg: StageConfig,
-                 spacing_mm: np.ndarray, cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+                 spacing_mm: np.ndarray, cache: dict[Any, Any] | None = None,
+                 fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> None:
         self.factor = factor
         self.full_fixed = tuple(fixed.shape[2:])
         self.full_moving = tuple(moving.shape[2:])
@@ -374,6 +409,40 @@ class _Level:
             self.fixed_feat = sim.features(f, **feat_kw)
             self.moving_feat = sim.features(m, **feat_kw)
         self.loss_fn = sim.loss
+        # field-of-view masks on this level: the fraction of each level voxel inside the field of view
+        self.fixed_mask = self.moving_mask = None
+        if fixed_mask is not None or moving_mask is not None:
+            key = ("masks", factor)
+            if cache is not None and key in cache:
+                self.fixed_mask, self.moving_mask = cache[key]
+            else:
+                self.fixed_mask = None if fixed_mask is None else downsample(fixed_mask, factor)
+                self.moving_mask = None if moving_mask is None else downsample(moving_mask, factor)
+                if cache is not None:
+                    cache[key] = (self.fixed_mask, self.moving_mask)
+        # the bounding box of the fixed field of view on this level: voxels outside it have weight 0, so the
+        # optimisation compares only the voxels inside (a slab: a few percent of the grid)
+        self.box: tuple[slice, ...] | None = None
+        if self.fixed_mask is not None:
+            inside = (self.fixed_mask[0, 0] > 0).cpu().numpy()
+            box = mask_box(inside).astype(int)
+            self.box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in box.T)
+
+    def weight(self, cut: tuple[slice, ...] | None, moving_pos: torch.Tensor) -> torch.Tensor | None:
+        """Voxel weights of the similarity: the fixed mask (on the compared voxels ``cut`` of the level grid, or
+        all of them) times the moving mask sampled at the compared voxels' moving level positions (trilinear,
+        edges continued like the moving image). ``None`` without masks. No gradient flows through the
+        weights: they select voxels, they are not a term the optimiser can trade against the similarity."""
+        if self.fixed_mask is None and self.moving_mask is None:
+            return None
+        with torch.no_grad():
+            w = None
+            if self.fixed_mask is not None:
+                w = self.fixed_mask if cut is None else self.fixed_mask[(slice(None), slice(None), *cut)]
+            if self.moving_mask is not None:
+                wm = grid_warp(self.moving_mask, moving_pos.detach(), align_corners=True, padding_mode="border")
+                w = wm if w is None else w * wm
+        return w
 
     def level_matrix(self, affine_full: torch.Tensor) -> torch.Tensor:
         """``S_m^-1 A S_f`` as a float32 tensor (differentiable in ``affine_full``)."""
@@ -383,7 +452,9 @@ class _Level:
 
 
 def translation_search(fixed: torch.Tensor, moving: torch.Tensor, matrix: np.ndarray, *, fraction: float,
-                       threshold: float = 0.05, min_overlap: float = 0.5) -> tuple[np.ndarray, float]:
+                       threshold: float = 0.05, min_overlap: float = 0.5,
+                       fixed_mask: torch.Tensor | None = None,
+                       moving_mask: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Exhaustive search of whole-voxel translations on one pyramid level.
 
     Args:
@@ -391,52 +462,229 @@ def translation_search(fixed: torch.Tensor, moving: torch.Tensor, matrix: np.nda
         matrix: 4x4 current level map, fixed level voxel -> moving level voxel; candidates add a translation.
         fraction: search range per axis as a fraction of the fixed level grid's extent.
         threshold: fixed voxels above it (the body, for CT) are the ones compared.
-        min_overlap: a candidate must keep at least this fraction of those voxels inside the moving grid.
+        min_overlap: without masks, a candidate must keep at least this fraction of the compared voxels inside
+            the moving grid; with masks, the compared voxels that land inside the moving field of view must
+            number at least this fraction of the smaller of the two fields of view's body voxels (above
+            ``threshold`` and inside the mask).
+        fixed_mask, moving_mask: optional ``(1, 1, ...)`` field-of-view fractions of the level voxels (fixed and
+            moving grids). With either, only fixed voxels inside the fixed field of view (fraction >= 0.5) are
+            compared, and for each candidate only those landing inside the moving field of view (nearest
+            moving voxel's fraction >= 0.5); the NCC is taken over that overlap.
 
     Returns:
         ``(shift, ncc)``: the best extra translation in level voxels (moving side) and its NCC.
     """
     shape = fixed.shape[2:]
-    ranges = [int(round(fraction * n)) for n in shape]
+    ranges = [range(-int(round(fraction * n)), int(round(fraction * n)) + 1) for n in shape]
+    masked = fixed_mask is not None or moving_mask is not None
     grid = identity_grid(shape, dtype=torch.float64)[0].reshape(3, -1)
     sel = (fixed.reshape(-1) > threshold)
+    if fixed_mask is not None:
+        sel = sel & (fixed_mask.reshape(-1) >= 0.5)
     if int(sel.sum()) < 8:
-        sel = torch.ones_like(sel)
+        sel = torch.ones_like(sel) if fixed_mask is None else fixed_mask.reshape(-1) >= 0.5
     f = fixed.reshape(-1)[sel].double()
-    f = f - f.mean()
-    f_norm = torch.sqrt((f * f).sum()) + 1e-12
+    if not masked:
+        f = f - f.mean()
+        f_norm = torch.sqrt((f * f).sum()) + 1e-12
     m = torch.as_tensor(matrix, dtype=torch.float64)
     base = (m[:3, :3] @ grid[:, sel] + m[:3, 3:4])  # moving positions of the compared voxels
     mov = moving[0, 0].double()
     msize = torch.tensor(mov.shape, dtype=torch.float64)[:, None]
+    if masked:
+        m_fov = torch.ones_like(mov, dtype=torch.bool) if moving_mask is None else moving_mask[0, 0] >= 0.5
+        n_moving = int(((mov > threshold) & m_fov).sum())
+        needed = min_overlap * max(1, min(int(sel.sum()), n_moving))
     best, best_shift = -math.inf, np.zeros(3)
-    for dx in range(-ranges[0], ranges[0] + 1):
-        for dy in range(-ranges[1], ranges[1] + 1):
-            for dz in range(-ranges[2], ranges[2] + 1):
+    for dx in ranges[0]:
+        for dy in ranges[1]:
+            for dz in ranges[2]:
                 pos = torch.round(base + torch.tensor([[dx], [dy], [dz]], dtype=torch.float64))
                 inside = ((pos >= 0) & (pos <= msize - 1)).all(dim=0)
-                if float(inside.double().mean()) < min_overlap:
-                    continue
-                idx = pos.clamp(min=torch.zeros_like(msize), max=msize - 1).long()
-                vals = mov[idx[0], idx[1], idx[2]]
-                vals = vals - vals.mean()
-                ncc = float((f * vals).sum() / (f_norm * (torch.sqrt((vals * vals).sum()) + 1e-12)))
+                if not masked:
+                    if float(inside.double().mean()) < min_overlap:
+                        continue
+                    idx = pos.clamp(min=torch.zeros_like(msize), max=msize - 1).long()
+                    vals = mov[idx[0], idx[1], idx[2]]
+                    vals = vals - vals.mean()
+                    ncc = float((f * vals).sum() / (f_norm * (torch.sqrt((vals * vals).sum()) + 1e-12)))
+                else:
+                    idx = pos.clamp(min=torch.zeros_like(msize), max=msize - 1).long()
+                    inside = inside & m_fov[idx[0], idx[1], idx[2]]
+                    if int(inside.sum()) < max(needed, 8):
+                        continue
+                    fi = f[inside] - f[inside].mean()
+                    vals = mov[idx[0, inside], idx[1, inside], idx[2, inside]]
+                    vals = vals - vals.mean()
+                    ncc = float((fi * vals).sum() / ((torch.sqrt((fi * fi).sum()) + 1e-12)
+                                                     * (torch.sqrt((vals * vals).sum()) + 1e-12)))
                 if ncc > best:
                     best, best_shift = ncc, np.array([dx, dy, dz], dtype=np.float64)
     return best_shift, best
 
 
+def thin_axes(fov_fixed: np.ndarray | None, fov_moving: np.ndarray | None, fixed_shape: Sequence[int],
+              moving_shape: Sequence[int], fraction: float) -> tuple[bool, bool, bool]:
+    """Per axis: is the shorter field of view less than ``fraction`` times the longer one?
+
+    Args:
+        fov_fixed, fov_moving: ``(2, 3)`` first and last voxel of each field of view per axis (``None``: the
+            whole grid).
+        fixed_shape, moving_shape: grid shapes (same voxel size).
+        fraction: the ``thin_fov`` knob of :class:`StageConfig`.
+    """
+    ext_f = _extent(fov_fixed, fixed_shape)
+    ext_m = _extent(fov_moving, moving_shape)
+    return tuple(bool(min(a, b) < fraction * max(a, b)) for a, b in zip(ext_f, ext_m))  # type: ignore[return-value]
+
+
+def _extent(box: np.ndarray | None, shape: Sequence[int]) -> np.ndarray:
+    if box is None:
+        return np.asarray(shape, dtype=np.float64)
+    return box[1] - box[0] + 1.0
+
+
+def _box(box: np.ndarray | None, shape: Sequence[int]) -> np.ndarray:
+    if box is None:
+        return np.stack([np.zeros(3), np.asarray(shape, dtype=np.float64) - 1])
+    return np.asarray(box, dtype=np.float64)
+
+
+def fov_translation_search(fixed_feat: torch.Tensor, moving_feat: torch.Tensor, matrix: np.ndarray,
+                           ranges: Sequence[tuple[int, int]], *, fixed_weight: torch.Tensor | None = None,
+                           moving_mask: torch.Tensor | None = None,
+                           min_overlap: float = THIN_OVERLAP) -> tuple[np.ndarray, float]:
+    """Exhaustive search of whole-voxel translations by masked feature SSD, every candidate at once by FFT.
+
+    The candidate ``s`` maps fixed level voxel ``p`` to moving level position ``matrix @ (p + s)`` and scores
+    ``sum_p w(p) |F(p) - M(matrix (p + s))|^2 / (C sum_p w(p))`` with ``w(p) = fixed_weight(p) v(p + s)``, ``v``
+    the moving field of view (``moving_mask``, and zero outside the moving grid) and ``C`` channels: the
+    masked ``mind``/``mse`` loss. The moving features and mask are resampled once (trilinear) onto the fixed
+    level grid extended by the search range; the three sums of the expanded square and the overlap are
+    cross-correlations, so all candidates cost a few FFTs of that grid.
+
+    Args:
+        fixed_feat: ``(1, C, X, Y, Z)`` fixed features of the level.
+        moving_feat: ``(1, C, X', Y', Z')`` moving features of the level.
+        matrix: 4x4 level map, fixed level voxel -> moving level voxel (any affine; the shift is applied
+            before it, in fixed level voxels).
+        ranges: per axis an inclusive ``(lo, hi)`` range of shifts in fixed level voxels.
+        fixed_weight: ``(1, 1, X, Y, Z)`` weights of the fixed voxels (the fixed field of view); None = all 1.
+        moving_mask: ``(1, 1, X', Y', Z')`` moving field of view fractions; None = the whole moving grid.
+        min_overlap: candidates whose overlap ``sum w`` is below this fraction of the smaller of
+            ``sum fixed_weight`` and the moving field of view's size (level voxels) are not considered.
+
+    Returns:
+        ``(shift, score)``: the best shift (fixed level voxels, float array of whole numbers) and its mean
+        squared feature difference; ``(zeros, inf)`` if no candidate overlaps enough.
+    """
+    device = fixed_feat.device
+    shape = tuple(int(n) for n in fixed_feat.shape[2:])
+    lo = np.array([int(r[0]) for r in ranges])
+    hi = np.array([int(r[1]) for r in ranges])
+    if np.any(hi < lo):
+        raise InputError(f"fov_translation_search: empty shift range {list(map(tuple, ranges))}")
+    ext = tuple(int(n + h - l) for n, l, h in zip(shape, lo, hi))
+    # moving features and field of view on the extended fixed grid: voxel e <-> fixed level voxel e + lo
+    grid = identity_grid(ext, device=device, dtype=torch.float32) + torch.as_tensor(
+        lo, dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
+    pos = _points(torch.as_tensor(matrix, dtype=torch.float32, device=device), grid)
+    with torch.no_grad():
+        m = grid_warp(moving_feat, pos, align_corners=True, padding_mode="border").double()
+        fov = torch.ones_like(moving_feat[:, :1]) if moving_mask is None else moving_mask.to(moving_feat.dtype)
+        v = grid_warp(fov, pos, align_corners=True, padding_mode="zeros").double()
+        wf = torch.ones_like(fixed_feat[:, :1]) if fixed_weight is None else fixed_weight.to(fixed_feat.dtype)
+        wf = wf.double()
+        f = fixed_feat.double()
+        n_ch = f.shape[1]
+
+        def spectrum(x: torch.Tensor) -> torch.Tensor:
+            return torch.fft.rfftn(x, s=ext, dim=(2, 3, 4))
+
+        def corr(a_spec: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            """``out[s] = sum_p a(p) b(p + s)`` for ``s`` in ``[0, ext - shape]`` (no wrap-around: ``b`` is as
+            long as the extended grid and ``a`` is zero beyond ``shape``)."""
+            full = torch.fft.irfftn(a_spec.conj() * spectrum(b), s=ext, dim=(2, 3, 4))
+            return full[:, :, : ext[0] - shape[0] + 1, : ext[1] - shape[1] + 1, : ext[2] - shape[2] + 1]
+
+        overlap = corr(spectrum(wf), v)[0, 0]
+        term_ff = corr(spectrum(wf * (f * f).sum(dim=1, keepdim=True)), v)[0, 0]
+        term_mm = corr(spectrum(wf), (m * m).sum(dim=1, keepdim=True) * v)[0, 0]
+        term_fm = corr(spectrum(wf * f), m * v).sum(dim=1)[0]
+        ssd = (term_ff - 2 * term_fm + term_mm) / (n_ch * overlap.clamp_min(1e-9))
+    need = min_overlap * min(float(wf.sum()), _fov_size(moving_mask, moving_feat))
+    ssd = torch.where(overlap >= need, ssd, torch.full_like(ssd, math.inf))
+    best = int(torch.argmin(ssd))
+    score = float(ssd.reshape(-1)[best])
+    if not math.isfinite(score):
+        return np.zeros(3), math.inf
+    idx = np.unravel_index(best, tuple(ssd.shape))
+    return np.asarray(idx, dtype=np.float64) + lo, score
+
+
+def _fov_size(moving_mask: torch.Tensor | None, moving_feat: torch.Tensor) -> float:
+    """The moving field of view's size in level voxels."""
+    if moving_mask is None:
+        return float(np.prod(moving_feat.shape[2:]))
+    return float(moving_mask.double().sum())
+
+
+def _thin_ranges(state: _State, lv: _Level, level_matrix: np.ndarray, thin: Sequence[bool],
+                 fraction: float) -> list[tuple[int, int]]:
+    """Shift ranges (fixed level voxels) of :func:`fov_translation_search`: ``+-fraction`` of the level grid per
+    axis; along a thin axis also every shift from the placement that puts the fixed field of view's first
+    voxel on the moving one's first voxel to the one that aligns the last voxels (for a fixed slab: the slab
+    slid along the whole moving scan; for a moving slab: the reverse)."""
+    to_level_f = np.linalg.inv(lv.s_fixed)
+    to_level_m = np.linalg.inv(lv.s_moving)
+    bf = to_level_f @ np.vstack([_box(state.fov_fixed, lv.full_fixed).T, np.ones((1, 2))])
+    bm = _box(state.fov_moving, lv.full_moving)
+    corners = np.array([[bm[i, 0], bm[j, 1], bm[k, 2], 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)]).T
+    m_on_f = np.linalg.inv(level_matrix) @ to_level_m @ corners  # the moving box on the fixed level grid
+    out = []
+    for a, n in enumerate(lv.shape):
+        r = int(round(fraction * n))
+        lo, hi = -r, r
+        if thin[a]:
+            first = m_on_f[a].min() - bf[a, 0]
+            last = m_on_f[a].max() - bf[a, 1]
+            lo = min(lo, int(math.floor(min(first, last))))
+            hi = max(hi, int(math.ceil(max(first, last))))
+        out.append((lo, hi))
+    return out
+
+
 def _run_affine(state: _State, lv: _Level, cfg: StageConfig, level: int, device: str, gen: torch.Generator,
                 progress: bool, desc: str) -> tuple[int, float]:
-    if level == 0 and cfg.search > 0:
+    thin = thin_axes(state.fov_fixed, state.fov_moving, lv.full_fixed, lv.full_moving, float(cfg.thin_fov))
+    if level == 0 and cfg.search > 0 and any(thin):
+        level_matrix = np.linalg.inv(lv.s_moving) @ state.affine @ lv.s_fixed
+        ranges = _thin_ranges(state, lv, level_matrix, thin, cfg.search)
+        shift, _ = fov_translation_search(lv.fixed_feat, lv.moving_feat, level_matrix, ranges,
+                                          fixed_weight=lv.fixed_mask, moving_mask=lv.moving_mask)
+        move = np.eye(4)
+        move[:3, 3] = lv.r_fixed * shift  # fixed level voxels -> fixed full-resolution voxels
+        state.affine = state.affine @ move
+    elif level == 0 and cfg.search > 0:
         level_matrix = np.linalg.inv(lv.s_moving) @ state.affine @ lv.s_fixed
         shift, _ = translation_search(lv.fixed_feat[:, :1].cpu(), lv.moving_feat[:, :1].cpu(), level_matrix,
-                                      fraction=cfg.search)
+                                      fraction=cfg.search,
+                                      fixed_mask=None if lv.fixed_mask is None else lv.fixed_mask.cpu(),
+                                      moving_mask=None if lv.moving_mask is None else lv.moving_mask.cpu())
         state.affine = state.affine.copy()
         state.affine[:3, 3] += lv.s_moving[:3, :3] @ shift  # level voxels -> full-resolution voxels
     half = float(np.mean(np.asarray(lv.full_fixed, dtype=np.float64) - 1) / 2)
     model = AffineTransform(lv.full_fixed, lv.full_moving, translation_scale=max(half, 1.0)).to(device)
     _set_affine(model, state.affine)
+    if any(thin):
+        # a thin field of view can not determine scaling, shear or rotation involving its short axis: keep the
+        # rows and columns of the linear part for that axis as they are (only the translation moves there)
+        keep = torch.ones(3, 3, dtype=model.linear.dtype, device=model.linear.device)
+        for a in range(3):
+            if thin[a]:
+                keep[a, :] = 0.0
+                keep[:, a] = 0.0
+        model.linear.register_hook(lambda grad: grad * keep)
     # the nonlinear part (if an earlier stage made one) stays fixed while the affine part is refined
     d_full = state.disp_on(lv.shape, device)
     r_f = torch.as_tensor(lv.r_fixed, dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
@@ -446,14 +694,52 @@ def _run_affine(state: _State, lv: _Level, cfg: StageConfig, level: int, device:
     if lv.similarity == "mi":
         loss_kw["generator"] = gen
 
+    if lv.box is not None:  # compare only the voxels of the fixed field of view's bounding box
+        cut = (slice(None), slice(None), *lv.box)
+        coords = identity_grid(lv.shape, device=device)[cut]
+        if d_level is not None:
+            coords = coords + d_level[cut]
+        target = lv.fixed_feat[cut]
+
     def loss() -> torch.Tensor:
+        if lv.box is not None:
+            pos = _points(lv.level_matrix(model.matrix()), coords)
+            warped = grid_warp(lv.moving_feat, pos, align_corners=True, padding_mode="border")
+            return lv.loss_fn(target, warped, weight=lv.weight(lv.box, pos), **loss_kw)
         pos = _positions(lv.level_matrix(model.matrix()), d_level, lv.shape)
         warped = grid_warp(lv.moving_feat, pos, align_corners=True, padding_mode="border")
-        return lv.loss_fn(lv.fixed_feat, warped, **loss_kw)
+        weight = lv.weight(None, pos)
+        if weight is None:
+            return lv.loss_fn(lv.fixed_feat, warped, **loss_kw)
+        return lv.loss_fn(lv.fixed_feat, warped, weight=weight, **loss_kw)
 
     its, last = _optimise(params, loss, cfg, int(cfg.per_level("iterations", level)), desc, progress)
     state.affine = model.matrix().detach().double().cpu().numpy()
     return its, last
+
+
+def _thin_stage(stage: StageConfig, state: _State, fixed_shape: Sequence[int],
+                moving_shape: Sequence[int]) -> tuple[StageConfig, dict[str, Any] | None]:
+    """An affine stage adapted to a thin field of view (see ``thin_fov`` of :class:`StageConfig`): the thin
+    similarity and only the levels on which the slab keeps :data:`THIN_MIN_VOXELS` voxels (at least the finest).
+    Returns the stage unchanged and ``None`` when no axis is thin."""
+    thin = thin_axes(state.fov_fixed, state.fov_moving, fixed_shape, moving_shape, float(stage.thin_fov))
+    if not any(thin):
+        return stage, None
+    ext = np.minimum(_extent(state.fov_fixed, fixed_shape), _extent(state.fov_moving, moving_shape))
+    slab = float(min(ext[a] for a in range(3) if thin[a]))
+    keep = [i for i, f in enumerate(stage.levels) if slab / float(f) >= THIN_MIN_VOXELS] or [len(stage.levels) - 1]
+    changes: dict[str, Any] = {"levels": tuple(stage.levels[i] for i in keep)}
+    for key in ("iterations", "lr"):
+        value = getattr(stage, key)
+        if isinstance(value, (tuple, list)):
+            changes[key] = tuple(value[i] for i in keep)
+    if stage.thin_similarity != stage.similarity:
+        changes["similarity"] = stage.thin_similarity
+        changes["similarity_kwargs"] = {}
+    return dataclasses.replace(stage, **changes), {
+        "axes": [a for a in range(3) if thin[a]], "slab_vox": slab, "levels": list(changes["levels"]),
+        "similarity": stage.thin_similarity}
 
 
 def _set_affine(model: AffineTransform, matrix: np.ndarray) -> None:
@@ -467,15 +753,19 @@ def _set_affine(model: AffineTransform, matrix: np.ndarray) -> None:
         model.translation.copy_(torch.as_tensor(t / model.translation_scale, dtype=torch.float32))
 
 
-def _lattice(shape: Sequence[int], stride: int, gen: torch.Generator,
-             device: str) -> tuple[tuple[slice, ...], torch.Tensor]:
+def _lattice(shape: Sequence[int], stride: int, gen: torch.Generator, device: str,
+             box: tuple[slice, ...] | None = None) -> tuple[tuple[slice, ...], torch.Tensor]:
     """A random sub-lattice of the level grid: every ``stride``-th voxel per axis from a random offset.
 
     Returns the slices that cut it out of a ``(B, C, X, Y, Z)`` tensor and its voxel coordinates
-    ``(1, 3, x, y, z)`` (float32). A regular lattice keeps memory access local, unlike scattered points."""
+    ``(1, 3, x, y, z)`` (float32). A regular lattice keeps memory access local, unlike scattered points.
+    ``box``: only the part of the grid inside these slices (step 1), e.g. the fixed field of view."""
     offsets = torch.randint(0, stride, (3,), generator=gen).tolist() if stride > 1 else [0, 0, 0]
-    slices = tuple(slice(o, None, stride) for o in offsets)
-    axes = [torch.arange(o, int(n), stride, device=device, dtype=torch.float32) for o, n in zip(offsets, shape)]
+    starts = [0, 0, 0] if box is None else [int(b.start) for b in box]
+    stops = [int(n) for n in shape] if box is None else [int(b.stop) for b in box]
+    firsts = [a + o for a, o in zip(starts, offsets)]
+    slices = tuple(slice(f, None if box is None else e, stride) for f, e in zip(firsts, stops))
+    axes = [torch.arange(f, e, stride, device=device, dtype=torch.float32) for f, e in zip(firsts, stops)]
     return slices, torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
 
@@ -534,16 +824,21 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
 
     def loss() -> torch.Tensor:
         g = grid_field()
-        if stride > 1:
-            cut, y = _lattice(shape, stride, gen, device)
+        if stride > 1 or lv.box is not None:
+            # a sub-lattice, and with a fixed field of view only the voxels in its bounding box
+            cut, y = _lattice(shape, stride, gen, device, lv.box)
             target = lv.fixed_feat[(slice(None), slice(None), *cut)]
         else:
-            y, target = full_grid, lv.fixed_feat
+            cut, y, target = None, full_grid, lv.fixed_feat
         # level voxel y -> parameter-grid voxel (y + 0.5) * n_grid / n_level - 0.5 (align_corners=False grids)
-        d = g if stride == 1 and tuple(grid_shape) == tuple(shape) else grid_warp(g, (y + 0.5) * to_grid - 0.5)
+        d = g if cut is None and tuple(grid_shape) == tuple(shape) else grid_warp(g, (y + 0.5) * to_grid - 0.5)
         pos = _points(matrix, y + d / r_f)
         warped = grid_warp(lv.moving_feat, pos, align_corners=True, padding_mode="border")
-        value = lv.loss_fn(target, warped, **loss_kw)
+        voxel_weight = lv.weight(cut, pos)
+        if voxel_weight is None:
+            value = lv.loss_fn(target, warped, **loss_kw)
+        else:
+            value = lv.loss_fn(target, warped, weight=voxel_weight, **loss_kw)
         if reg is not None and weight > 0:
             value = value + weight * reg(g * mm_per_vox, spacing=grid_mm)
         return value
@@ -650,10 +945,79 @@ def _check_array(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _check_mask(mask: Any, shape: Sequence[int], name: str) -> np.ndarray | None:
+    """A field-of-view mask as bool, or ``None`` when it is absent or all True (the whole grid)."""
+    if mask is None:
+        return None
+    arr = np.asarray(mask)
+    if arr.shape != tuple(shape):
+        raise InputError(f"register_pair: {name} must be a bool array of the image's shape {tuple(shape)}, got "
+                         f"shape {arr.shape}")
+    if arr.dtype != bool:
+        if arr.dtype.kind not in "biuf" or not np.all(np.isin(arr, (0, 1))):
+            raise InputError(f"register_pair: {name} must be bool (or 0/1), got dtype {arr.dtype} with other values")
+        arr = arr.astype(bool)
+    if not arr.any():
+        raise InputError(f"register_pair: {name} has no True voxel (an empty field of view)")
+    return None if arr.all() else arr
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """``(2, 3)``: the first and last True voxel of a non-empty bool mask per axis (its bounding box)."""
+    out = np.zeros((2, 3))
+    for a in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))
+        out[:, a] = hit[0], hit[-1]
+    return out
+
+
+def fill_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` with every voxel outside ``mask`` replaced by the value of the nearest voxel inside it.
+
+    Padding (e.g. -1000 HU around a thin slab) would otherwise make an artificial edge at the border of the
+    field of view that neighbourhood features (MIND patches, LNCC windows, gradients) and the pyramid's block
+    averages would carry into the field of view. A box-shaped mask (the preprocessing's crop) is filled by
+    edge replication; any other by the nearest voxel of a Euclidean distance transform.
+
+    Args:
+        image: ``(X, Y, Z)`` array.
+        mask: ``(X, Y, Z)`` bool, True inside the field of view (at least one voxel).
+
+    Returns:
+        float32 ``(X, Y, Z)``.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    box = mask_box(mask).astype(int)
+    inner = tuple(slice(lo, hi + 1) for lo, hi in box.T)
+    if mask[inner].all() and int(mask.sum()) == mask[inner].size:
+        pad = [(int(lo), int(n - 1 - hi)) for (lo, hi), n in zip(box.T, img.shape)]
+        return np.pad(img[inner], pad, mode="edge")
+    from scipy.ndimage import distance_transform_edt
+
+    idx = distance_transform_edt(~mask, return_distances=False, return_indices=True)
+    return img[tuple(idx)]
+
+
+def _check_init(init: Any, shape: Sequence[int]) -> np.ndarray | None:
+    if init is None:
+        return None
+    arr = np.asarray(init)
+    if arr.shape != (3, *tuple(shape)):
+        raise InputError(f"register_pair: init_disp must be a (3, X, Y, Z) field on the fixed grid "
+                         f"{(3, *tuple(shape))} (voxels, fixed -> moving), got shape {arr.shape}")
+    if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
+        raise InputError(f"register_pair: init_disp must hold finite floats, got dtype {arr.dtype}"
+                         f"{'' if arr.dtype.kind != 'f' else ' with NaN or Inf values'}")
+    return arr.astype(np.float32, copy=False)
+
+
 def register_pair(
     fixed: np.ndarray,
     moving: np.ndarray,
     *,
+    fixed_mask: np.ndarray | None = None,
+    moving_mask: np.ndarray | None = None,
+    init_disp: np.ndarray | None = None,
     spacing_mm: Sequence[float] = (2.0, 2.0, 2.0),
     preset: str | Preset = "abdomen-ct",
     device: str = "cpu",
@@ -667,6 +1031,21 @@ def register_pair(
         fixed: ``(X, Y, Z)`` fixed image in HU (e.g. 192 x 160 x 256 at 2 mm).
         moving: ``(X', Y', Z')`` moving image in HU, same voxel spacing (its shape may differ; the initial map
             takes the fixed grid's centre to the moving grid's centre).
+        fixed_mask, moving_mask: optional bool arrays of the images' shapes, True inside the field of view
+            (where the scan has data; False in padding). The similarity then counts only fixed voxels inside
+            the fixed mask whose warped position lands inside the moving mask (each pyramid level uses the
+            fraction of a level voxel inside, the moving one sampled trilinearly with the warp, as weights);
+            the regulariser acts everywhere, so the field outside is its smooth continuation. The images'
+            voxels outside their masks are first replaced by the nearest voxel inside (:func:`fill_outside`),
+            so the padding's edge does not enter the features. Affine stages search and constrain along thin
+            fields of view (``search``, ``thin_fov`` of :class:`StageConfig`). A mask that is all True is the
+            same as no mask (bit-identical results).
+        init_disp: optional ``(3, X, Y, Z)`` float field on the fixed grid (voxels, fixed -> moving, e.g. from
+            another registration): the deformable stages start from ``phi(x) = x + init_disp(x)`` and the
+            preset's affine stages are skipped (the field is taken to hold the global alignment already;
+            ``info["skipped_stages"]`` lists them). The deformable stages resample it onto their parameter
+            grids (trilinear) and regularise the whole displacement, ``init_disp`` included. A preset without
+            deformable stages returns ``init_disp`` (up to float rounding).
         spacing_mm: voxel size per axis in mm, used for the regulariser (default 2 mm isotropic).
         preset: a name of :data:`PRESETS` (default ``"abdomen-ct"``) or a :class:`Preset`.
         device: torch device (``"cpu"`` or ``"cuda"``...).
@@ -692,22 +1071,48 @@ def register_pair(
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed))
 
-    f_img = _normalise(fixed_arr, cfg.clip_hu, device)
-    m_img = _normalise(moving_arr, cfg.clip_hu, device)
+    f_mask = _check_mask(fixed_mask, fixed_arr.shape, "fixed_mask")
+    m_mask = _check_mask(moving_mask, moving_arr.shape, "moving_mask")
+    init = _check_init(init_disp, fixed_arr.shape)
+
+    f_img = _normalise(fixed_arr if f_mask is None else fill_outside(fixed_arr, f_mask), cfg.clip_hu, device)
+    m_img = _normalise(moving_arr if m_mask is None else fill_outside(moving_arr, m_mask), cfg.clip_hu, device)
+    f_mask_t = None if f_mask is None else torch.from_numpy(f_mask.astype(np.float32)).to(device)[None, None]
+    m_mask_t = None if m_mask is None else torch.from_numpy(m_mask.astype(np.float32)).to(device)[None, None]
     shape = fixed_arr.shape
     state = _State(affine=np.eye(4))
     state.affine[:3, 3] = (np.asarray(moving_arr.shape) - 1) / 2 - (np.asarray(shape) - 1) / 2
+    state.fov_fixed = None if f_mask is None else mask_box(f_mask)
+    state.fov_moving = None if m_mask is None else mask_box(m_mask)
+    stages = list(cfg.stages)
+    skipped: list[str] = []
+    if init is not None:
+        state.affine = np.eye(4)
+        state.disp = torch.from_numpy(np.ascontiguousarray(init)).to(device)[None]
+        skipped = [n for n, st in stages if st.model == "affine"]
+        stages = [(n, st) for n, st in stages if st.model != "affine"]
 
     info: dict[str, Any] = {"preset": cfg.name, "stages": {}, "levels": [], "seed": int(seed), "device": str(device),
                             "threads": torch.get_num_threads()}
+    if f_mask is not None or m_mask is not None:
+        info["fov"] = {"fixed_box": None if f_mask is None else state.fov_fixed.astype(int).tolist(),
+                       "moving_box": None if m_mask is None else state.fov_moving.astype(int).tolist(),
+                       "fixed_fraction": 1.0 if f_mask is None else round(float(f_mask.mean()), 6),
+                       "moving_fraction": 1.0 if m_mask is None else round(float(m_mask.mean()), 6)}
+    if init is not None:
+        info["skipped_stages"] = skipped
     total_its = 0
     last = math.nan
-    pyramid: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for stage_name, stage in cfg.stages:
+    pyramid: dict[Any, Any] = {}
+    for stage_name, stage in stages:
         t0 = time.perf_counter()
+        if stage.model == "affine":
+            stage, thin_info = _thin_stage(stage, state, fixed_arr.shape, moving_arr.shape)
+            if thin_info:
+                info.setdefault("thin", {})[stage_name] = thin_info
         for i, factor in enumerate(stage.levels):
             t1 = time.perf_counter()
-            lv = _Level(f_img, m_img, int(factor), stage, spacing, pyramid)
+            lv = _Level(f_img, m_img, int(factor), stage, spacing, pyramid, f_mask_t, m_mask_t)
             desc = f"{stage_name} 1/{factor}"
             run = _run_affine if stage.model == "affine" else _run_deformable
             its, last = run(state, lv, stage, i, device, gen, progress, desc)
@@ -726,6 +1131,12 @@ def register_pair(
         det = jacobian_determinant(disp)
         folding = float((det <= 0).float().mean())
         disp_np = disp.cpu().numpy().astype(np.float32)
+        if f_mask_t is not None or m_mask_t is not None:
+            # the share of the fixed field of view that the final map puts inside the moving field of view
+            w_f = torch.ones_like(pos[:, :1]) if f_mask_t is None else f_mask_t
+            w_m = torch.ones_like(w_f) if m_mask_t is None else \
+                grid_warp(m_mask_t, pos, align_corners=True, padding_mode="border")
+            info["fov"]["overlap"] = round(float((w_f * w_m).sum() / w_f.sum().clamp_min(1e-12)), 6)
     info["stages"]["compose"] = round(time.perf_counter() - t0, 3)
     info.update({
         "final_loss": last, "iterations": total_its, "folding_fraction": folding,

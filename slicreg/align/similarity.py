@@ -15,6 +15,17 @@ name            definition                                               value a
 ``mind``        SSD of MIND-SSC descriptors (Heinrich et al. 2013)       0
 ==============  =======================================================  ==================
 
+**Weights (masks).** Every loss takes an optional keyword ``weight``: a non-negative ``(B, 1, X, Y, Z)`` tensor
+on the fixed grid (one value per voxel, shared by all channels), e.g. a field-of-view mask as 0/1 or as a
+fraction. It enters in one way for every measure: each voxel's contribution to the measure's averages is
+multiplied by its weight and the averages are divided by the total weight, i.e. ``mean(x)`` becomes
+``sum(w x) / sum(w)`` (:func:`weighted_mean`): the per-voxel loss maps of ``mse``, ``lncc``, ``ngf`` and
+``mind`` are averaged that way, the global moments of ``ncc`` and the joint histogram of ``mi`` are weighted
+moments and a weighted histogram. ``weight=None`` (the default) runs the unweighted code, and a weight of ones
+gives the same value up to float rounding. Neighbourhood features (LNCC windows, NGF gradients, MIND patches)
+are computed on the whole images; where a mask marks padding, fill that padding first (the engine replicates
+the nearest field-of-view voxel), so that no artificial edge enters the features.
+
 ``mind`` works on descriptors: compute :func:`mind_ssc` once for the fixed and the moving image and warp
 the moving descriptors (12 channels) inside the optimisation, which is how MIND is normally used. The
 :data:`SIMILARITIES` table pairs each name with its feature extractor (identity for the intensity measures).
@@ -45,6 +56,7 @@ __all__ = [
     "mind_ssc",
     "mind_loss",
     "box_filter",
+    "weighted_mean",
     "Similarity",
     "SIMILARITIES",
     "get_similarity",
@@ -58,6 +70,27 @@ def _check_pair(fixed: torch.Tensor, warped: torch.Tensor, name: str) -> None:
     if fixed.shape != warped.shape:
         raise InputError(f"{name}: fixed and warped must have the same shape, got {tuple(fixed.shape)} and "
                          f"{tuple(warped.shape)}")
+
+
+def _check_weight(weight: torch.Tensor | None, fixed: torch.Tensor, name: str) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 5 or weight.shape[1] != 1 \
+            or weight.shape[0] != fixed.shape[0] or weight.shape[2:] != fixed.shape[2:]:
+        raise InputError(f"{name}: weight must be a (B, 1, X, Y, Z) tensor matching the images "
+                         f"{tuple(fixed.shape)}, got {tuple(getattr(weight, 'shape', ())) or type(weight).__name__}")
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None, *, eps: float = 1e-12) -> torch.Tensor:
+    """``sum(w x) / sum(w)`` over every element of ``values`` ``(B, C, X, Y, Z)`` with the voxel weight ``w``
+    ``(B, 1, X, Y, Z)`` shared by the channels; ``torch.mean(values)`` when ``weight`` is None.
+
+    The one way a weight (mask) enters every measure of this module. The total weight is clamped at ``eps``
+    (no overlap at all gives 0, not NaN)."""
+    if weight is None:
+        return torch.mean(values)
+    w = weight.expand_as(values)
+    return (values * w).sum() / w.sum().clamp_min(eps)
 
 
 def box_filter(x: torch.Tensor, radius: int | Sequence[int]) -> torch.Tensor:
@@ -77,27 +110,44 @@ def box_filter(x: torch.Tensor, radius: int | Sequence[int]) -> torch.Tensor:
     return out
 
 
-def mse_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference over all voxels and channels (units: intensity squared)."""
+def mse_loss(fixed: torch.Tensor, warped: torch.Tensor, *, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference over all voxels and channels (units: intensity squared); ``weight``: see the
+    module docstring."""
     _check_pair(fixed, warped, "mse_loss")
-    return torch.mean((fixed - warped) ** 2)
+    _check_weight(weight, fixed, "mse_loss")
+    return weighted_mean((fixed - warped) ** 2, weight)
 
 
-def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, weight: torch.Tensor | None = None,
+             eps: float = 1e-8) -> torch.Tensor:
     """``1 - NCC`` with the global normalised cross-correlation per batch item and channel, averaged.
 
-    Range [0, 2]; 0 for images that are equal up to a positive linear intensity map."""
+    Range [0, 2]; 0 for images that are equal up to a positive linear intensity map. With ``weight`` the
+    means, covariance and variances are weighted moments (module docstring)."""
     _check_pair(fixed, warped, "ncc_loss")
+    _check_weight(weight, fixed, "ncc_loss")
     f = fixed.flatten(2)
     w = warped.flatten(2)
-    f = f - f.mean(dim=2, keepdim=True)
-    w = w - w.mean(dim=2, keepdim=True)
-    num = (f * w).sum(dim=2)
-    den = torch.sqrt((f * f).sum(dim=2) * (w * w).sum(dim=2) + eps)
+    if weight is None:
+        f = f - f.mean(dim=2, keepdim=True)
+        w = w - w.mean(dim=2, keepdim=True)
+        num = (f * w).sum(dim=2)
+        den = torch.sqrt((f * f).sum(dim=2) * (w * w).sum(dim=2) + eps)
+        return 1.0 - torch.mean(num / den)
+    v = weight.flatten(2)
+    total = v.sum(dim=2, keepdim=True).clamp_min(1e-12)
+    f = f - (v * f).sum(dim=2, keepdim=True) / total
+    w = w - (v * w).sum(dim=2, keepdim=True) / total
+    # weighted sums over the voxel weights; the common factor 1 / sum(v) cancels in the ratio except for eps,
+    # which is scaled so that a weight of ones reproduces the unweighted value
+    scale = v.sum(dim=2).clamp_min(1e-12) / v.shape[2]
+    num = (v * f * w).sum(dim=2) / scale
+    den = torch.sqrt((v * f * f).sum(dim=2) / scale * (v * w * w).sum(dim=2) / scale + eps)
     return 1.0 - torch.mean(num / den)
 
 
-def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 2, eps: float = 1e-8) -> torch.Tensor:
+def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 2, weight: torch.Tensor | None = None,
+              eps: float = 1e-8) -> torch.Tensor:
     """``1 - mean(lcc^2)``: local normalised cross-correlation over ``(2 radius + 1)^3`` boxes.
 
     ``lcc^2 = cov^2 / (var_f var_w + eps)`` in every window (box means via :func:`box_filter`). Flat
@@ -105,16 +155,18 @@ def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 2, eps
 
     Args:
         radius: half-width of the window in voxels (default 2, i.e. 5x5x5).
+        weight: voxel weights of the average of ``lcc^2`` (module docstring).
         eps: added to the variance product (intensity^4 units; small, so that faint soft-tissue texture of
             images normalised to [0, 1] still counts).
     """
     _check_pair(fixed, warped, "lncc_loss")
+    _check_weight(weight, fixed, "lncc_loss")
     mf = box_filter(fixed, radius)
     mw = box_filter(warped, radius)
     cov = box_filter(fixed * warped, radius) - mf * mw
     vf = (box_filter(fixed * fixed, radius) - mf * mf).clamp_min(0)
     vw = (box_filter(warped * warped, radius) - mw * mw).clamp_min(0)
-    return 1.0 - torch.mean(cov * cov / (vf * vw + eps))
+    return 1.0 - weighted_mean(cov * cov / (vf * vw + eps), weight)
 
 
 def _central_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -132,19 +184,21 @@ def _central_gradient(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(grads, dim=1)
 
 
-def ngf_loss(fixed: torch.Tensor, warped: torch.Tensor, *, eps: float = 1e-2) -> torch.Tensor:
+def ngf_loss(fixed: torch.Tensor, warped: torch.Tensor, *, eps: float = 1e-2,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised gradient fields: ``mean(1 - <n_f, n_w>^2)`` with ``n = grad / sqrt(|grad|^2 + eps^2)``.
 
     Only single-channel images. ``eps`` (intensity per voxel) suppresses noise-level gradients: choose it
-    around the noise level of the normalised images (default 0.01)."""
+    around the noise level of the normalised images (default 0.01). ``weight``: module docstring."""
     _check_pair(fixed, warped, "ngf_loss")
+    _check_weight(weight, fixed, "ngf_loss")
     if fixed.shape[1] != 1:
         raise InputError(f"ngf_loss: expected single-channel images (B, 1, X, Y, Z), got {tuple(fixed.shape)}")
     gf = _central_gradient(fixed)
     gw = _central_gradient(warped)
     nf = gf / torch.sqrt((gf * gf).sum(dim=1, keepdim=True) + eps * eps)
     nw = gw / torch.sqrt((gw * gw).sum(dim=1, keepdim=True) + eps * eps)
-    return torch.mean(1.0 - (nf * nw).sum(dim=1) ** 2)
+    return weighted_mean(1.0 - ((nf * nw).sum(dim=1, keepdim=True)) ** 2, weight)
 
 
 def mi_loss(
@@ -156,6 +210,7 @@ def mi_loss(
     sigma: float | None = None,
     n_samples: int | None = 50_000,
     generator: torch.Generator | None = None,
+    weight: torch.Tensor | None = None,
     eps: float = 1e-10,
 ) -> torch.Tensor:
     """``-MI`` (nats) from a differentiable joint histogram with Gaussian Parzen windows.
@@ -171,16 +226,22 @@ def mi_loss(
         n_samples: voxels drawn at random (with ``generator``) per call to keep the cost bounded; ``None``
             uses every voxel.
         generator: torch random generator for the voxel sample (determinism under a seed).
+        weight: voxel weights of the joint histogram (module docstring); the sample is drawn uniformly and
+            weighted afterwards.
     """
     _check_pair(fixed, warped, "mi_loss")
+    _check_weight(weight, fixed, "mi_loss")
     lo, hi = float(value_range[0]), float(value_range[1])
     if not hi > lo or bins < 2:
         raise InputError(f"mi_loss: need value_range lo < hi and bins >= 2, got {value_range}, {bins}")
     f = fixed.reshape(-1)
     w = warped.reshape(-1)
+    # one weight per value: the voxel weight repeated over the channels (channels lie outside the voxels)
+    v = None if weight is None else weight.expand_as(fixed).reshape(-1)
     if n_samples is not None and f.numel() > n_samples:
         idx = torch.randint(0, f.numel(), (int(n_samples),), generator=generator, device="cpu").to(f.device)
         f, w = f[idx], w[idx]
+        v = None if v is None else v[idx]
     centres = torch.linspace(lo, hi, bins, dtype=f.dtype, device=f.device)
     width = (hi - lo) / (bins - 1)
     s = 0.5 * width if sigma is None else float(sigma)
@@ -191,7 +252,10 @@ def mi_loss(
         return k / (k.sum(dim=1, keepdim=True) + eps)
 
     wf, ww = weights(f), weights(w)
-    joint = wf.t() @ ww / f.numel()
+    if v is None:
+        joint = wf.t() @ ww / f.numel()
+    else:
+        joint = (wf * v[:, None]).t() @ ww / v.sum().clamp_min(1e-12)
     pf = joint.sum(dim=1, keepdim=True)
     pw = joint.sum(dim=0, keepdim=True)
     mi = torch.sum(joint * (torch.log(joint + eps) - torch.log(pf * pw + eps)))
@@ -285,10 +349,13 @@ def _box_valid(x: torch.Tensor, radius: int) -> torch.Tensor:
     return out
 
 
-def mind_loss(fixed_mind: torch.Tensor, warped_mind: torch.Tensor) -> torch.Tensor:
-    """SSD of MIND descriptors: the mean over voxels of the channel-averaged squared difference."""
+def mind_loss(fixed_mind: torch.Tensor, warped_mind: torch.Tensor, *,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """SSD of MIND descriptors: the mean over voxels of the channel-averaged squared difference; ``weight``:
+    module docstring."""
     _check_pair(fixed_mind, warped_mind, "mind_loss")
-    return torch.mean((fixed_mind - warped_mind) ** 2)
+    _check_weight(weight, fixed_mind, "mind_loss")
+    return weighted_mean((fixed_mind - warped_mind) ** 2, weight)
 
 
 @dataclass(frozen=True)
@@ -299,7 +366,8 @@ class Similarity:
     Attributes:
         name: key in :data:`SIMILARITIES`.
         features: ``(B, 1, X, Y, Z)`` image -> ``(B, C, X, Y, Z)`` features (keyword arguments from the config).
-        loss: ``(fixed_features, warped_features, **kwargs)`` -> scalar tensor, lower is better.
+        loss: ``(fixed_features, warped_features, *, weight=None, **kwargs)`` -> scalar tensor, lower is better
+            (``weight``: optional ``(B, 1, X, Y, Z)`` voxel weights, see the module docstring).
         feature_kwargs: names of config keys that go to ``features``; the others go to ``loss``.
     """
 
