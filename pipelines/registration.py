@@ -1,4 +1,10 @@
-"""Shared edge code of the ``register`` command and stage: weights, preprocessing detection, one pair."""
+"""Shared edge code of the ``register`` command and stage: weights, preprocessing detection, one pair.
+
+The preprocessed grid a bundle works on is twice its template supervoxel grid (the template was preprocessed
+to 192 x 160 x 256 at 2 mm and its supervoxels live on the 96 x 80 x 128 grid at 4 mm), so
+:func:`bundle_crop_shape` derives it from the bundle; a scan already on such a grid (2 mm, RAS, that shape) is
+used as it is, any other is preprocessed the paper's way (:func:`preprocessing.geometry.preprocess_volume`).
+"""
 
 from __future__ import annotations
 
@@ -18,16 +24,34 @@ def default_weights() -> Path:
 
 
 def load_weights(path: str | Path | None, *, device: str = "cpu") -> Any:
-    """Load and verify a weights bundle (the shipped one when ``path`` is None)."""
+    """Load and verify a weights bundle (the shipped one when ``path`` is None).
+
+    Raises:
+        InputError: no such folder (with a hint when the shipped weights are missing), or any problem
+            :func:`slicreg.bundle.load_bundle` finds (format, architecture, hashes, weights)."""
     from slicreg.bundle import load_bundle
     from slicreg.errors import InputError
 
-    folder = Path(path) if path else default_weights()
+    folder = Path(path).expanduser() if path else default_weights()
     if not folder.exists():
         hint = "" if path else " (no shipped weights in this checkout: train them with `python run_pipeline.py " \
                                "pipelines/demo-train.toml` or pass --weights)"
         raise InputError(f"{folder}: weights bundle not found{hint}")
-    return load_bundle(folder, device=device)
+    bundle = load_bundle(folder, device=device)
+    bundle_crop_shape(bundle)  # a bundle whose template grid cannot be a network input is unusable
+    return bundle
+
+
+def bundle_crop_shape(bundle: Any) -> tuple[int, int, int]:
+    """The preprocessed 2 mm grid of a bundle: twice its template supervoxel grid (192 x 160 x 256 normally)."""
+    from slicreg.errors import InputError
+
+    sv_shape = tuple(int(s) for s in np.shape(bundle.template_supervoxels.array)[1:])
+    shape = tuple(2 * s for s in sv_shape)
+    if len(shape) != 3 or any(s % 8 for s in shape):
+        raise InputError(f"{bundle.path}: template supervoxels on a {sv_shape} grid; the network needs a "
+                         f"preprocessed grid (twice that) with sizes divisible by 8")
+    return shape  # type: ignore[return-value]
 
 
 @dataclass
@@ -39,16 +63,32 @@ class Prepared:
     identity: bool  # True: the input was already preprocessed (no resampling or crop was needed)
 
 
-def preprocess_for_registration(volume: Any, *, name: str, force: bool = False) -> Prepared:
-    """Preprocess a CT as the paper did, unless it already is (2 mm RAS, 192 x 160 x 256): then use it as is."""
+def is_preprocessed(volume: Any, crop_shape: tuple[int, int, int]) -> bool:
+    """True for a 2 mm isotropic RAS volume of shape ``crop_shape`` (the output of ``slicreg preprocess``)."""
     import nibabel as nib
 
+    return (tuple(volume.shape) == tuple(crop_shape) and np.allclose(volume.spacing_mm, 2.0, atol=1e-3)
+            and "".join(nib.aff2axcodes(volume.affine)) == "RAS")
+
+
+def preprocess_for_registration(volume: Any, *, name: str, force: bool = False,
+                                crop_shape: tuple[int, int, int] | None = None) -> Prepared:
+    """Preprocess a CT as the paper did, unless it already is (2 mm RAS, ``crop_shape``): then use it as is.
+
+    Args:
+        volume: the scan (:class:`slicreg.conventions.Volume`, HU).
+        name: how to call it in messages (its file name).
+        force: accept an image that does not look like CT.
+        crop_shape: the preprocessed grid (default 192 x 160 x 256; use :func:`bundle_crop_shape`).
+
+    Raises:
+        InputError: not CT-like (without force), no soft tissue to centre on, not 3-D.
+    """
     from preprocessing.geometry import CROP_SHAPE, CropRecord, check_ct_like, preprocess_volume
 
-    already = (volume.shape == tuple(CROP_SHAPE) and np.allclose(volume.spacing_mm, 2.0, atol=1e-3)
-               and "".join(nib.aff2axcodes(volume.affine)) == "RAS")
-    if not already:
-        prep = preprocess_volume(volume, force=force, name=name)
+    crop_shape = tuple(crop_shape or CROP_SHAPE)  # type: ignore[assignment]
+    if not is_preprocessed(volume, crop_shape):
+        prep = preprocess_volume(volume, force=force, name=name, crop_shape=crop_shape)
         return Prepared(prep.image, prep.record, False)
     check = check_ct_like(volume.array, name=name, force=force)
     none = ((0, 0), (0, 0), (0, 0))
@@ -61,11 +101,15 @@ def preprocess_for_registration(volume: Any, *, name: str, force: bool = False) 
 
 
 def register_preprocessed(bundle: Any, fixed_hu: np.ndarray, moving_hu: np.ndarray, *, device: str = "cpu",
-                          seed: int = 0, moving_is_template: bool = False, **flow_options: Any) -> Any:
-    """One registration with a loaded bundle (atlas mode uses the bundle's template supervoxels)."""
+                          seed: int = 0, moving_is_template: bool = False, refine: bool = False,
+                          refine_options: dict[str, Any] | None = None, network_dtype: Any = None,
+                          **flow_options: Any) -> Any:
+    """One registration with a loaded bundle (atlas mode uses the bundle's template supervoxels).
+
+    See :func:`slicreg.register.register_preprocessed`; returns its :class:`~slicreg.register.RegistrationResult`."""
     from slicreg.register import register_preprocessed as register
 
     template = np.asarray(bundle.template_supervoxels.array) if moving_is_template else None
-    return register(bundle.model, np.asarray(fixed_hu, dtype=np.float32), np.asarray(moving_hu, dtype=np.float32),
+    return register(bundle, np.asarray(fixed_hu, dtype=np.float32), np.asarray(moving_hu, dtype=np.float32),
                     template_supervoxels=template, moving_is_template=moving_is_template, device=device, seed=seed,
-                    **flow_options)
+                    refine=refine, refine_options=refine_options, network_dtype=network_dtype, **flow_options)

@@ -99,6 +99,8 @@ DEFAULTS: dict[str, Any] = {
     "alpha": 6.5e-5,  # penalty weight in sv voxels (= reference 0.15 in normalised units)
     "lr": 1.0,  # Adam step in sv voxels (reference 0.05 normalised ~ 2.5 sv voxels)
     "iterations": 100,
+    "patience": 0,  # early stop: end when the loss has not improved by tol (relative) for this many iterations; 0 = off
+    "tol": 1e-3,
     "kernel": "r",  # 3-D biharmonic TPS kernel; "r2logr" is the reference's 2-D kernel
     "lam": 100.0,  # TPS regularisation for kernel "r" (fine voxels; 0 = exact interpolation)
     "step": 5,  # TPS evaluation grid step in fine voxels
@@ -692,7 +694,7 @@ def _match_init(cf: Any, idf: Any, cm: Any, idm: Any, pts: Any, n_neighbours: in
     out = []
     for start in range(0, pts.shape[0], 4096):
         d2 = torch.cdist(pts[start: start + 4096].double(), anchors)
-        near = torch.sort(d2, dim=1, stable=True).indices[:, :m]
+        near = torch.topk(d2, m, dim=1, largest=False, sorted=False).indices  # the median ignores the order
         out.append(d0[near].median(dim=1).values)
     return torch.cat(out).float()
 
@@ -700,6 +702,7 @@ def _match_init(cf: Any, idf: Any, cm: Any, idm: Any, pts: Any, n_neighbours: in
 def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, feature_stride: int = 2,
                        k: int = DEFAULTS["k"], alpha: float = DEFAULTS["alpha"], lr: float = DEFAULTS["lr"],
                        iterations: int = DEFAULTS["iterations"], init_disp: Any = None,
+                       patience: int = DEFAULTS["patience"], tol: float = DEFAULTS["tol"],
                        device: Any = "cpu") -> tuple[Any, dict]:
     """Keypoint displacements by Adam on feature MSE + kNN-graph diffusion (SLIC-Reg's optimisation).
 
@@ -721,12 +724,15 @@ def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, 
         iterations: Adam steps.
         init_disp: ``(N, 3)`` starting displacements in sv voxels (default None: zeros, as the reference);
             see :func:`centre_matching_init`.
+        patience, tol: early stop: after at least ``patience`` iterations, end when the lowest loss of the last
+            ``patience`` iterations is not below ``(1 - tol)`` times the lowest loss before them (default
+            ``patience=0``: run all ``iterations``, as the reference). The loss is read every iteration anyway.
         device: where to compute.
 
     Returns:
         ``(disp, info)``: ``disp (N, 3)`` float32 in sv voxels (fixed -> moving), same type as ``points_vox``;
-        ``info`` with ``"loss"`` (per iteration, before the step), ``"mse"`` and ``"penalty"`` of the final
-        displacements, ``"knn"`` ``(N, k)``.
+        ``info`` with ``"loss"`` (per iteration run, before the step), ``"mse"`` and ``"penalty"`` of the final
+        displacements, ``"knn"`` ``(N, k)``, ``"iterations_run"``.
     """
     torch = _torch()
     numpy_out = not _is_tensor(points_vox)
@@ -737,9 +743,10 @@ def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, 
         raise InputError(f"fixed_feats, moving_feats: expected floating (C, X, Y, Z) features of equal shape, "
                          f"got {tuple(fix.shape)} {fix.dtype} and {tuple(mov.shape)} {mov.dtype}")
     _check_points(pts, "points_vox")
-    if int(iterations) < 0 or not float(lr) > 0 or not float(alpha) >= 0 or int(feature_stride) < 1:
-        raise InputError(f"expected iterations >= 0, lr > 0, alpha >= 0, feature_stride >= 1, got "
-                         f"{iterations}, {lr}, {alpha}, {feature_stride}")
+    if int(iterations) < 0 or not float(lr) > 0 or not float(alpha) >= 0 or int(feature_stride) < 1 \
+            or int(patience) < 0 or not 0 <= float(tol) < 1:
+        raise InputError(f"expected iterations >= 0, lr > 0, alpha >= 0, feature_stride >= 1, patience >= 0, "
+                         f"0 <= tol < 1, got {iterations}, {lr}, {alpha}, {feature_stride}, {patience}, {tol}")
     fix, mov, pts = fix.float(), mov.float(), pts.float()
     scale = 1.0 / int(feature_stride)
     fixed_cl = to_channels_last(fix)
@@ -765,6 +772,7 @@ def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, 
         return torch.nn.functional.mse_loss(sample_channels_last(moving_cl, (pts + d) * scale), target)
 
     losses = torch.zeros(int(iterations), dtype=torch.float32, device=pts.device)
+    wait, run = int(patience), int(iterations)
     for it in range(int(iterations)):
         opt.zero_grad(set_to_none=True)
         mse = mse_of(disp)
@@ -773,12 +781,18 @@ def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, 
             pen, pen_grad = graph_penalty(disp)
             disp.grad.add_(pen_grad, alpha=float(alpha) / n)
             losses[it] = mse.detach() + float(alpha) * pen / n
+        if wait and it >= 2 * wait and it % wait == 0:  # (a host sync only every `patience` iterations)
+            recent, before = float(losses[it - wait + 1: it + 1].min()), float(losses[: it - wait + 1].min())
+            if recent > (1.0 - float(tol)) * before:
+                run = it + 1
+                break
         opt.step()
     with torch.no_grad():
         mse = mse_of(disp)
         penalty = graph_penalty(disp)[0] / n
     info = {
-        "loss": [float(v) for v in losses.cpu()],
+        "loss": [float(v) for v in losses[:run].cpu()],
+        "iterations_run": run,
         "mse": float(mse),
         "penalty": float(penalty),
         "knn": _out(knn, numpy_out),
@@ -874,24 +888,33 @@ def tps_fit(points: Any, values: Any, *, kernel: Kernel = DEFAULTS["kernel"], la
     return ThinPlateSpline(centres=pts, weights=sol[:n], affine=sol[n:], origin=origin, kernel=kernel)
 
 
-def tps_evaluate(tps: ThinPlateSpline, points: Any, *, chunk: int = 1024) -> Any:
+def tps_evaluate(tps: ThinPlateSpline, points: Any, *, chunk: int = 1024, fast: bool = False) -> Any:
     """Evaluate a :class:`ThinPlateSpline` at ``points (M, 3)`` -> ``(M, D)`` float64 torch tensor.
 
     Squared distances come from one matrix product per chunk, ``[x, |x|^2, 1] . [-2 c, 1, |c|^2]`` (float64:
-    ~1e-11 absolute error), and the kernel is applied in place. Chunks of ``chunk`` points (``chunk x N``
-    float64, ~16 MB for the default with N = 2032) stay small enough for the allocator to reuse them."""
+    ~1e-11 absolute error), and the kernel is applied in place. With ``fast=True`` and the kernel ``"r"``, the
+    square root and the weighted sum run in float32 (about half the time; the squared distances are exact before
+    the cast, so the result differs from the float64 evaluation by ~1e-5: noise for a float32 field, which is
+    what :func:`tps_dense_field` makes). Chunks of ``chunk`` points (``chunk x N`` float64, ~16 MB for the
+    default with N = 2032) stay small enough for the allocator to reuse them."""
     torch = _torch()
     pts = _as_tensor(points, "points", tps.centres.device).double()
     _check_points(pts, "points")
     c = tps.centres - tps.origin
     right = torch.cat([-2.0 * c, torch.ones_like(c[:, :1]), (c * c).sum(dim=1, keepdim=True)], dim=1).t()
+    single = bool(fast) and tps.kernel == "r"
     weights = -tps.weights if tps.kernel == "r" else tps.weights  # phi = -r: fold the sign into the weights
+    if single:
+        weights = weights.float()
     out = []
     for start in range(0, pts.shape[0], int(chunk)):
         x = pts[start: start + int(chunk)] - tps.origin
         left = torch.cat([x, (x * x).sum(dim=1, keepdim=True), torch.ones_like(x[:, :1])], dim=1)
         d2 = (left @ right).clamp_(min=0.0)
-        radial = d2.sqrt_() if tps.kernel == "r" else _phi_from_sq(d2, tps.kernel)
+        if tps.kernel == "r":
+            radial = d2.float().sqrt_() if single else d2.sqrt_()
+        else:
+            radial = _phi_from_sq(d2, tps.kernel)
         out.append(torch.addmm(tps.affine[3], x, tps.affine[:3]).add_(radial @ weights))
     return torch.cat(out)
 
@@ -930,7 +953,7 @@ def tps_dense_field(points_vox: Any, disp_vox: Any, shape: Sequence[int], *, ker
     nodes = [math.ceil((s - 1) / step) + 1 for s in shape]
     axes = [torch.arange(m, dtype=torch.float64, device=pts.device) * step for m in nodes]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-    coarse = tps_evaluate(tps, grid).float().t().reshape(1, 3, *nodes)
+    coarse = tps_evaluate(tps, grid, fast=True).float().t().reshape(1, 3, *nodes)
     if step > 1:
         full = [step * (m - 1) + 1 for m in nodes]
         coarse = torch.nn.functional.interpolate(coarse, size=full, mode="trilinear", align_corners=True)
@@ -973,7 +996,8 @@ def supervoxel_flow(fixed_sv: Any, moving_sv: Any, *, keypoints: Literal["centre
                     include_background: bool = DEFAULTS["include_background"], prob_upsample: int = 1,
                     init: Literal["zero", "centres"] = "zero", n_init_neighbours: int = 16,
                     k: int = DEFAULTS["k"], alpha: float = DEFAULTS["alpha"], lr: float = DEFAULTS["lr"],
-                    iterations: int = DEFAULTS["iterations"], kernel: Kernel = DEFAULTS["kernel"],
+                    iterations: int = DEFAULTS["iterations"], patience: int = DEFAULTS["patience"],
+                    tol: float = DEFAULTS["tol"], kernel: Kernel = DEFAULTS["kernel"],
                     lam: float = DEFAULTS["lam"], step: int = DEFAULTS["step"], factor: int = DEFAULTS["factor"],
                     device: Any = "cpu") -> tuple[Any, dict]:
     """Displacement field between two scans from their supervoxel maps (SLIC-Reg inference, spec section 7).
@@ -997,7 +1021,8 @@ def supervoxel_flow(fixed_sv: Any, moving_sv: Any, *, keypoints: Literal["centre
             centres (:func:`centre_matching_init`, median over ``n_init_neighbours``) -- for misalignments
             beyond the flow's capture range (~15-25 sv voxels), e.g. without any pre-alignment.
         n_init_neighbours: supervoxels per median for ``init="centres"``.
-        k, alpha, lr, iterations: the Adam flow (:func:`adam_keypoint_flow`; sv voxels).
+        k, alpha, lr, iterations, patience, tol: the Adam flow (:func:`adam_keypoint_flow`; sv voxels; early stop
+            off by default).
         kernel, lam, step: the dense field (:func:`tps_dense_field`; fine voxels).
         factor: fine grid = ``factor`` x supervoxel grid (2: 4 mm maps -> 2 mm field, 192 x 160 x 256).
         device: where to compute.
@@ -1036,7 +1061,9 @@ def supervoxel_flow(fixed_sv: Any, moving_sv: Any, *, keypoints: Literal["centre
     ids = None
     if keypoints == "centres":
         pts, ids = supervoxel_centres(fix_labels, min_voxels=min_voxels, device=device)
+        fixed_centres = (pts, ids)
     else:
+        fixed_centres = None
         pts = foreground_keypoints(fix_labels, n=n_random, seed=seed, device=device,
                                    stride=max(1, DEFAULTS["random_stride"] // kp_factor))
     pts = coarse_to_fine_vox(pts, factor=kp_factor)
@@ -1044,7 +1071,7 @@ def supervoxel_flow(fixed_sv: Any, moving_sv: Any, *, keypoints: Literal["centre
         raise InputError(f"fixed_sv: only {pts.shape[0]} keypoints found, need more than k = {k}")
     init_disp = None
     if init == "centres":
-        cf, idf = supervoxel_centres(fix_labels, min_voxels=min_voxels, device=device)
+        cf, idf = fixed_centres or supervoxel_centres(fix_labels, min_voxels=min_voxels, device=device)
         mov_labels = mov if mov_is_labels else _argmax_labels(mov)
         cm, idm = supervoxel_centres(mov_labels, min_voxels=min_voxels, device=device)
         del mov_labels
@@ -1065,7 +1092,8 @@ def supervoxel_flow(fixed_sv: Any, moving_sv: Any, *, keypoints: Literal["centre
     # Adam kNN flow (sv voxels)
     t2, c2 = time.perf_counter(), time.process_time()
     disp_sv, flow_info = adam_keypoint_flow(f_feat, m_feat, pts, feature_stride=stride, k=k, alpha=alpha, lr=lr,
-                                            iterations=iterations, init_disp=init_disp, device=device)
+                                            iterations=iterations, init_disp=init_disp, patience=patience, tol=tol,
+                                            device=device)
     del f_feat, m_feat
     timings["adam"], cpu["adam"] = time.perf_counter() - t2, time.process_time() - c2
 
@@ -1085,6 +1113,7 @@ def supervoxel_flow(fixed_sv: Any, moving_sv: Any, *, keypoints: Literal["centre
         "keypoint_ids": None if ids is None else _out(ids, numpy_out),
         "init_disp_sv_vox": None if init_disp is None else _out(init_disp, numpy_out),
         "loss": flow_info["loss"],
+        "iterations_run": flow_info["iterations_run"],
         "mse": flow_info["mse"],
         "penalty": flow_info["penalty"],
         "timings_s": timings,
@@ -1093,8 +1122,8 @@ def supervoxel_flow(fixed_sv: Any, moving_sv: Any, *, keypoints: Literal["centre
             "keypoints": keypoints, "seed": int(seed), "n_random": int(n_random), "min_voxels": int(min_voxels),
             "n_channels": int(n_channels), "include_background": bool(include_background),
             "prob_upsample": int(prob_upsample), "init": init, "n_init_neighbours": int(n_init_neighbours),
-            "k": int(k), "alpha": float(alpha), "lr": float(lr),
-            "iterations": int(iterations), "kernel": kernel, "lam": float(lam), "step": int(step),
+            "k": int(k), "alpha": float(alpha), "lr": float(lr), "iterations": int(iterations),
+            "patience": int(patience), "tol": float(tol), "kernel": kernel, "lam": float(lam), "step": int(step),
             "factor": int(factor), "n_keypoints": int(pts.shape[0]),
         },
     }

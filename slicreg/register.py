@@ -3,7 +3,8 @@
 Both scans are preprocessed CT (2 mm, typically 192 x 160 x 256, HU). The network predicts the 16 supervoxel
 maps of each scan; the template's own supervoxels may stand for the template side (atlas mode). The maps are
 put in correspondence by the Adam keypoint flow of :mod:`slicreg.flow`, whose thin-plate spline gives the dense
-field on the fixed 2 mm grid (voxels, fixed -> moving).
+field on the fixed 2 mm grid (voxels, fixed -> moving). :func:`refine_field` optionally polishes that field by
+a short instance optimisation on MIND-SSC image features (``refine=True``).
 
 Prediction: the network's logits ``(16, 128, X/4, Y/4, Z/4)`` (stride 2 of its 4 mm input) -> per-layer argmax ->
 nearest upsampling to the 4 mm supervoxel grid. Output voxel ``q`` of the network is centred on 4 mm voxel
@@ -12,10 +13,15 @@ Argmax maps rather than softmax probabilities: the features are average-pooled t
 anyway, the label path keeps memory at a few hundred MB (probabilities are 1 GB in float32) and it is the path
 tested against known displacements. The reference's rule (logits upsampled linearly, then argmax) is
 ``upsample="linear"``.
+
+Timings: every function here reports wall seconds per step in ``info["timings_s"]`` and process CPU seconds
+(all threads) in ``info["cpu_s"]``, with the same keys: ``network fixed``, ``network moving``, ``keypoints``,
+``features``, ``adam``, ``dense field``, ``refine``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,13 +31,27 @@ import numpy as np
 from slicreg.errors import InputError
 
 __all__ = ["RegistrationResult", "predict_supervoxels", "upsample_labels_stride2", "register_supervoxel_maps",
-           "register_preprocessed", "FLOW_DEFAULTS"]
+           "register_preprocessed", "refine_field", "FLOW_DEFAULTS", "REFINE_DEFAULTS"]
 
-FLOW_DEFAULTS: dict[str, Any] = {"init": "centres"}
+FLOW_DEFAULTS: dict[str, Any] = {"init": "centres", "patience": 10, "tol": 3e-3}
 """Flow settings used by registration, on top of :data:`slicreg.flow.DEFAULTS`.
 
 ``init="centres"`` starts the Adam flow from matched supervoxel centres, so that scans need no affine
 pre-alignment (the capture range of the flow from zero is ~15-25 supervoxel voxels, 60-100 mm)."""
+
+REFINE_DEFAULTS: dict[str, Any] = {
+    "factor": 4,  # the refined displacement lives on every 4th voxel (8 mm for 2 mm scans), so do the images
+    "iterations": 80,  # Adam steps
+    "lr": 0.25,  # Adam step at the start, coarse voxels; decays (cosine) to lr * lr_final
+    "lr_final": 0.1,
+    "weight": 0.03,  # diffusion weight (dimensionless derivatives: displacement and spacing in coarse voxels)
+    "penalise": "increment",  # diffusion of the change made by the refinement ("field": of the whole field)
+    "subsample": 2,  # compare every 2nd coarse voxel per axis per iteration (1/8), fresh random offset each time
+    "mind_radius": 1,  # MIND-SSC patch half-width, coarse voxels
+    "mind_dilation": 1,  # MIND-SSC neighbour distance, coarse voxels
+    "clip_hu": (-400.0, 600.0),  # intensity window before MIND (air and bone flat), as slicreg.align's CT preset
+}
+"""Defaults of :func:`refine_field` (one place; the ``register`` stage's ``refine_options`` override them)."""
 
 
 @dataclass
@@ -40,11 +60,26 @@ class RegistrationResult:
 
     Attributes:
         disp_vox: ``(3, X, Y, Z)`` float32, voxels of the fixed grid, fixed -> moving.
-        info: timings (``timings_s``), flow diagnostics and parameters (JSON-ready values only).
+        info: timings (``timings_s`` wall, ``cpu_s`` process CPU), flow diagnostics and parameters (JSON-ready).
     """
 
     disp_vox: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+
+
+class _Clock:
+    """Wall and CPU seconds per named step (``timings_s`` / ``cpu_s``)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def start(self) -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def stop(self, name: str, started: tuple[float, float]) -> None:
+        self.wall[name] = round(self.wall.get(name, 0.0) + time.perf_counter() - started[0], 4)
+        self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - started[1], 4)
 
 
 def upsample_labels_stride2(labels: Any) -> Any:
@@ -66,7 +101,7 @@ def upsample_labels_stride2(labels: Any) -> Any:
 
 
 def predict_supervoxels(model: Any, image_hu: np.ndarray, *, device: Any = "cpu",
-                        upsample: str = "nearest") -> np.ndarray:
+                        upsample: str = "nearest", dtype: Any = None) -> np.ndarray:
     """Predict the supervoxel maps of a preprocessed scan on its 4 mm grid.
 
     Args:
@@ -77,6 +112,7 @@ def predict_supervoxels(model: Any, image_hu: np.ndarray, *, device: Any = "cpu"
         upsample: ``"nearest"`` (default): per-layer argmax on the network's stride-2 grid, then nearest
             upsampling (:func:`upsample_labels_stride2`; ~0.1 s); ``"linear"``: logits upsampled x2 linearly per
             layer, then argmax (the reference's rule; ~16 full-size 128-channel volumes, several seconds on a CPU).
+        dtype: network precision (``None``: bf16 autocast on CPU, fp16 on CUDA; ``torch.float32``: full).
 
     Returns:
         uint8 ``(16, X/2, Y/2, Z/2)``: labels 0..127 per layer on the 4 mm grid of the scan.
@@ -94,8 +130,8 @@ def predict_supervoxels(model: Any, image_hu: np.ndarray, *, device: Any = "cpu"
         raise InputError(f"predict_supervoxels: upsample must be 'nearest' or 'linear', got {upsample!r}")
     hu_4mm = network_input(image_hu, from_2mm=True) * np.float32(HU_SCALE)
     if upsample == "linear":
-        return predict(model, hu_4mm, output="labels", grid="input", device=device)
-    labels = predict(model, hu_4mm, output="labels", grid="output", device=device)
+        return predict(model, hu_4mm, output="labels", grid="input", device=device, dtype=dtype)
+    labels = predict(model, hu_4mm, output="labels", grid="output", device=device, dtype=dtype)
     return upsample_labels_stride2(torch.from_numpy(labels)).numpy()
 
 
@@ -104,7 +140,8 @@ def register_supervoxel_maps(fixed_sv: np.ndarray, moving_sv: np.ndarray, *, dev
     """Field between two scans from their supervoxel maps ``(16, 96, 80, 128)`` uint8 (4 mm grids).
 
     ``flow_options`` go to :func:`slicreg.flow.supervoxel_flow` (on top of :data:`FLOW_DEFAULTS`). Returns the
-    field on the fixed 2 mm grid (twice the supervoxel grid)."""
+    field on the fixed 2 mm grid (twice the supervoxel grid); ``info["timings_s"]`` / ``info["cpu_s"]`` hold
+    ``keypoints``, ``features``, ``adam`` and ``dense field``."""
     from slicreg.flow import supervoxel_flow
 
     for name, sv in (("fixed_sv", fixed_sv), ("moving_sv", moving_sv)):
@@ -114,10 +151,16 @@ def register_supervoxel_maps(fixed_sv: np.ndarray, moving_sv: np.ndarray, *, dev
     options = {**FLOW_DEFAULTS, **flow_options}
     t0 = time.perf_counter()
     disp, info = supervoxel_flow(fixed_sv, moving_sv, seed=seed, device=device, **options)
-    keep = {k: v for k, v in info.items() if k in ("timings_s", "cpu_s", "params")}
-    keep["final_loss"] = float(info["loss"][-1]) if len(info.get("loss", [])) else None
-    keep["n_keypoints"] = int(len(info["keypoints_vox"]))
-    keep["flow_s"] = round(time.perf_counter() - t0, 3)
+    rename = {"keypoints": "keypoints", "features": "features", "adam": "adam", "dense": "dense field"}
+    keep: dict[str, Any] = {
+        "timings_s": {rename[k]: round(float(v), 4) for k, v in info["timings_s"].items() if k in rename},
+        "cpu_s": {rename[k]: round(float(v), 4) for k, v in info["cpu_s"].items() if k in rename},
+        "params": info["params"],
+        "final_loss": float(info["loss"][-1]) if len(info.get("loss", [])) else None,
+        "adam_iterations_run": len(info.get("loss", [])),
+        "n_keypoints": int(len(info["keypoints_vox"])),
+        "flow_s": round(time.perf_counter() - t0, 3),
+    }
     return RegistrationResult(np.asarray(disp, dtype=np.float32), _jsonable(keep))
 
 
@@ -135,45 +178,238 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+# ------------------------------------------------------------------------------------------------ refinement
+def _as_float_tensor(x: Any, name: str, ndim: int, device: Any) -> Any:
+    import torch
+
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if t.ndim != ndim or not (t.dtype.is_floating_point or t.dtype in (torch.int16, torch.int32, torch.uint8,
+                                                                         torch.int64, torch.int8)):
+        raise InputError(f"refine_field: {name} must be a numeric array with {ndim} dimensions, got "
+                         f"{tuple(t.shape)} {t.dtype}")
+    t = t.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"refine_field: {name} contains NaN or Inf values")
+    return t
+
+
+def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *,
+                 factor: int = REFINE_DEFAULTS["factor"], iterations: int = REFINE_DEFAULTS["iterations"],
+                 lr: float = REFINE_DEFAULTS["lr"], lr_final: float = REFINE_DEFAULTS["lr_final"],
+                 weight: float = REFINE_DEFAULTS["weight"], penalise: str = REFINE_DEFAULTS["penalise"],
+                 subsample: int = REFINE_DEFAULTS["subsample"],
+                 mind_radius: int = REFINE_DEFAULTS["mind_radius"],
+                 mind_dilation: int = REFINE_DEFAULTS["mind_dilation"],
+                 clip_hu: tuple[float, float] = REFINE_DEFAULTS["clip_hu"], seed: int = 0,
+                 device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Instance refinement of a dense field on MIND-SSC features (a short Adam optimisation).
+
+    The field is re-parameterised on a grid ``factor`` times coarser than the fixed image (voxel ``q`` of that
+    grid is fixed voxel ``factor * q + (factor - 1) / 2``, the rule of
+    :func:`slicreg.conventions.downsample_affine`), initialised with the block average of ``init_disp_vox``, and
+    optimised by Adam on::
+
+        mean_{sampled q, c} (MIND_m(q + u(q))_c - MIND_f(q)_c)^2  +  weight * diffusion(u)
+
+    where ``MIND_f``, ``MIND_m`` are the 12-channel MIND-SSC descriptors
+    (:func:`slicreg.align.similarity.mind_ssc`) of both images, clipped to ``clip_hu``, scaled to [0, 1] and
+    block-averaged to the coarse grid; the moving descriptors are sampled with
+    :func:`slicreg.align.transforms.grid_warp` (trilinear, border), ``diffusion`` is
+    :func:`slicreg.align.regularisers.diffusion` of the whole coarse field (unit spacing: dimensionless
+    derivatives). Each iteration compares every ``subsample``-th coarse voxel per axis, from a fresh seeded
+    random offset. The step decays from ``lr`` to ``lr * lr_final`` (cosine). The result is
+    ``init + upsample(u - u_init)``: the change is upsampled trilinearly (``align_corners=False``) and scaled by
+    ``factor``, so the fine detail of the initial field is kept and ``iterations=0`` returns it unchanged.
+
+    Args:
+        fixed_hu: ``(X, Y, Z)`` fixed image in HU (preprocessed, 2 mm), numpy or torch.
+        moving_hu: ``(X', Y', Z')`` moving image in HU (usually the same grid shape).
+        init_disp_vox: ``(3, X, Y, Z)`` initial field, voxels, fixed -> moving (e.g. the supervoxel flow's).
+        factor: coarsening of the parameter grid and of the images (default 4: 8 mm for 2 mm scans); every
+            image size must be divisible by it.
+        iterations: Adam steps (default 80).
+        lr, lr_final: Adam step (coarse voxels) at the start, and the final fraction of it.
+        weight: diffusion weight.
+        subsample: compare every ``subsample``-th coarse voxel per axis in each iteration (1 = all).
+        mind_radius, mind_dilation: MIND-SSC patch radius and neighbour distance, coarse voxels.
+        clip_hu: ``(lo, hi)`` intensity window.
+        seed: seed of the sampling offsets (``torch.Generator``).
+        device: where to compute.
+
+    Returns:
+        ``(disp_vox, info)``: ``(3, X, Y, Z)`` float32 refined field (numpy if ``init_disp_vox`` is numpy, else
+        torch), ``info`` with ``"loss"`` (per iteration: similarity + weight * diffusion on the sampled
+        voxels), ``"similarity_before"`` / ``"similarity_after"`` (MIND SSD on every coarse voxel),
+        ``"timings_s"``, ``"cpu_s"`` (``features``, ``optimise``, ``upsample``) and ``"params"``.
+
+    Raises:
+        InputError: bad shapes, sizes not divisible by ``factor``, non-finite values, bad knobs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from slicreg.align.regularisers import diffusion
+    from slicreg.align.similarity import mind_ssc
+    from slicreg.align.transforms import grid_warp, identity_grid
+
+    clock = _Clock()
+    started = clock.start()
+    numpy_out = not isinstance(init_disp_vox, torch.Tensor)
+    fix = _as_float_tensor(fixed_hu, "fixed_hu", 3, device)
+    mov = _as_float_tensor(moving_hu, "moving_hu", 3, device)
+    init = _as_float_tensor(init_disp_vox, "init_disp_vox", 4, device)
+    f = int(factor)
+    if init.shape[0] != 3 or tuple(init.shape[1:]) != tuple(fix.shape):
+        raise InputError(f"refine_field: init_disp_vox must be (3, {', '.join(map(str, fix.shape))}) on the fixed "
+                         f"grid, got {tuple(init.shape)}")
+    if f < 1 or any(s % f for s in (*fix.shape, *mov.shape)):
+        raise InputError(f"refine_field: factor must be >= 1 and divide every image size, got factor {factor} "
+                         f"for fixed {tuple(fix.shape)} and moving {tuple(mov.shape)}")
+    if penalise not in ("increment", "field"):
+        raise InputError(f"refine_field: penalise must be 'increment' or 'field', got {penalise!r}")
+    if int(iterations) < 0 or int(subsample) < 1 or not float(lr) > 0 or not 0 < float(lr_final) <= 1 \
+            or not float(weight) >= 0 or int(mind_radius) < 0 or int(mind_dilation) < 1:
+        raise InputError(f"refine_field: expected iterations >= 0, subsample >= 1, lr > 0, 0 < lr_final <= 1, "
+                         f"weight >= 0, mind_radius >= 0, mind_dilation >= 1; got {iterations}, {subsample}, {lr}, "
+                         f"{lr_final}, {weight}, {mind_radius}, {mind_dilation}")
+    lo, hi = float(clip_hu[0]), float(clip_hu[1])
+    if not hi > lo:
+        raise InputError(f"refine_field: clip_hu must be (lo, hi) with hi > lo, got {clip_hu}")
+    coarse_f = [s // f for s in fix.shape]
+    if min(coarse_f) < 2 or min(s // f for s in mov.shape) < 2:
+        raise InputError(f"refine_field: images too small for factor {f}: fixed {tuple(fix.shape)}, moving "
+                         f"{tuple(mov.shape)}")
+
+    def features(img: Any) -> Any:
+        x = ((img.clamp(lo, hi) - lo) / (hi - lo))[None, None]
+        if f > 1:
+            x = F.avg_pool3d(x, kernel_size=f, stride=f)
+        return mind_ssc(x, radius=int(mind_radius), dilation=int(mind_dilation))
+
+    with torch.no_grad():
+        mind_f = features(fix)
+        mind_m = features(mov)
+        del fix, mov
+        u0 = (F.avg_pool3d(init[None], kernel_size=f, stride=f) if f > 1 else init[None].clone()) / f
+    grid = identity_grid(coarse_f, device=u0.device)
+    clock.stop("features", started)
+
+    started = clock.start()
+
+    def similarity(u: Any, offset: tuple[int, ...] | None) -> Any:
+        pos, target = grid + u, mind_f
+        if offset is not None:
+            index = (slice(None), slice(None), *(slice(o, None, int(subsample)) for o in offset))
+            pos, target = grid[index] + u[index], mind_f[index]
+        warped = grid_warp(mind_m, pos, align_corners=True, padding_mode="border")
+        return torch.mean((warped - target) ** 2)
+
+    check = (0, 0, 0) if int(subsample) > 1 else None  # the before / after similarity: one fixed lattice
+    gen = torch.Generator().manual_seed(int(seed))
+    u = u0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=float(lr))
+    losses = []
+    n_it = int(iterations)
+    with torch.no_grad():
+        sim_before = float(similarity(u0, check))
+    for it in range(n_it):
+        step = float(lr) * (float(lr_final) + (1.0 - float(lr_final)) * 0.5 * (1.0 + math.cos(math.pi * it / n_it)))
+        for group in opt.param_groups:
+            group["lr"] = step
+        offset = tuple(int(v) for v in torch.randint(0, int(subsample), (3,), generator=gen)) \
+            if int(subsample) > 1 else None
+        opt.zero_grad(set_to_none=True)
+        loss = similarity(u, offset) + float(weight) * diffusion(u - u0 if penalise == "increment" else u)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    u = u.detach()
+    with torch.no_grad():
+        sim_after = float(similarity(u, check))
+    clock.stop("optimise", started)
+
+    started = clock.start()
+    with torch.no_grad():
+        delta = (u - u0) * f
+        if f > 1:
+            delta = F.interpolate(delta, size=tuple(init.shape[1:]), mode="trilinear", align_corners=False)
+        out = init + delta[0]
+    clock.stop("upsample", started)
+    info = {
+        "loss": losses,
+        "similarity_before": sim_before,
+        "similarity_after": sim_after,
+        "timings_s": clock.wall,
+        "cpu_s": clock.cpu,
+        "params": {"factor": f, "iterations": n_it, "lr": float(lr), "lr_final": float(lr_final),
+                   "weight": float(weight), "penalise": penalise, "subsample": int(subsample),
+                   "mind_radius": int(mind_radius), "mind_dilation": int(mind_dilation), "clip_hu": [lo, hi],
+                   "seed": int(seed)},
+    }
+    return (out.cpu().numpy() if numpy_out else out), info
+
+
+# ------------------------------------------------------------------------------------------------ one pair
 def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarray, *,
                           template_supervoxels: np.ndarray | None = None, moving_is_template: bool = False,
                           fixed_sv: np.ndarray | None = None, moving_sv: np.ndarray | None = None,
-                          device: Any = "cpu", seed: int = 0, **flow_options: Any) -> RegistrationResult:
+                          refine: bool = False, refine_options: dict[str, Any] | None = None,
+                          network_dtype: Any = None, device: Any = "cpu", seed: int = 0,
+                          **flow_options: Any) -> RegistrationResult:
     """Register two preprocessed scans (2 mm, same shape) with a trained network.
 
     Args:
-        model: :class:`slicreg.network.SlicRegNet` with trained weights.
+        model: :class:`slicreg.network.SlicRegNet` or :class:`slicreg.bundle.Bundle` with trained weights (may
+            be None when both maps are given).
         fixed_hu, moving_hu: ``(X, Y, Z)`` HU arrays on their preprocessed grids.
         template_supervoxels: the template's own maps ``(16, X/2, Y/2, Z/2)``; used for the moving side when
             ``moving_is_template`` (atlas mode, as the paper registers scans to its template).
         fixed_sv, moving_sv: maps predicted earlier (skips the network for that side).
+        refine: polish the supervoxel field with :func:`refine_field` (MIND-SSC instance optimisation).
+        refine_options: keyword arguments of :func:`refine_field` (over :data:`REFINE_DEFAULTS`).
+        network_dtype: precision of the network passes (see :func:`predict_supervoxels`).
         device, seed, flow_options: see :func:`register_supervoxel_maps`.
 
     Returns:
-        :class:`RegistrationResult` on the fixed grid; ``info["timings_s"]`` has the prediction times.
+        :class:`RegistrationResult` on the fixed grid; ``info["timings_s"]`` / ``info["cpu_s"]`` per step
+        (``network fixed``, ``network moving``, ``keypoints``, ``features``, ``adam``, ``dense field``,
+        ``refine``); ``info["refine"]`` the refinement's diagnostics.
     """
     fixed_hu = np.asarray(fixed_hu)
     moving_hu = np.asarray(moving_hu)
     if fixed_hu.shape != moving_hu.shape:
         raise InputError(f"register_preprocessed: fixed {fixed_hu.shape} and moving {moving_hu.shape} must be "
                          f"preprocessed to the same shape")
-    timings: dict[str, float] = {}
+    clock = _Clock()
     if fixed_sv is None:
-        t0 = time.perf_counter()
-        fixed_sv = predict_supervoxels(model, fixed_hu, device=device)
-        timings["predict fixed"] = round(time.perf_counter() - t0, 3)
+        started = clock.start()
+        fixed_sv = predict_supervoxels(model, fixed_hu, device=device, dtype=network_dtype)
+        clock.stop("network fixed", started)
     if moving_sv is None:
         if moving_is_template:
             if template_supervoxels is None:
                 raise InputError("register_preprocessed: moving_is_template needs template_supervoxels")
             moving_sv = np.asarray(template_supervoxels)
         else:
-            t0 = time.perf_counter()
-            moving_sv = predict_supervoxels(model, moving_hu, device=device)
-            timings["predict moving"] = round(time.perf_counter() - t0, 3)
+            started = clock.start()
+            moving_sv = predict_supervoxels(model, moving_hu, device=device, dtype=network_dtype)
+            clock.stop("network moving", started)
     if np.shape(moving_sv) != np.shape(fixed_sv):
         raise InputError(f"register_preprocessed: supervoxel maps differ in shape: {np.shape(fixed_sv)} vs "
-                         f"{np.shape(moving_sv)}")
+                         f"{np.shape(moving_sv)}" + (" (the bundle's template supervoxels do not match the "
+                                                      "preprocessed grid)" if moving_is_template else ""))
     result = register_supervoxel_maps(fixed_sv, moving_sv, device=device, seed=seed, **flow_options)
-    result.info["timings_s"] = {**timings, **result.info.get("timings_s", {})}
+    wall = {**clock.wall, **result.info.get("timings_s", {})}
+    cpu = {**clock.cpu, **result.info.get("cpu_s", {})}
+    if refine:
+        started = time.perf_counter(), time.process_time()
+        disp, rinfo = refine_field(fixed_hu, moving_hu, result.disp_vox, device=device, seed=seed,
+                                   **(refine_options or {}))
+        wall["refine"] = round(time.perf_counter() - started[0], 4)
+        cpu["refine"] = round(time.process_time() - started[1], 4)
+        result = RegistrationResult(np.asarray(disp, dtype=np.float32), result.info)
+        result.info["refine"] = _jsonable({k: v for k, v in rinfo.items() if k != "loss"} |
+                                          {"final_loss": rinfo["loss"][-1] if rinfo["loss"] else None})
+    result.info["timings_s"] = wall
+    result.info["cpu_s"] = cpu
     return result

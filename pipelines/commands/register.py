@@ -1,4 +1,10 @@
-"""``slicreg register``: register two abdominal CTs by their predicted supervoxels."""
+"""``slicreg register``: register two abdominal CTs by their predicted supervoxels.
+
+Raw CTs (any orientation and spacing) are preprocessed the paper's way on the grid the weights expect (twice
+the bundle's template supervoxel grid: 192 x 160 x 256 at 2 mm for the shipped weights); a scan already on that
+grid is used as it is. The field is computed on the preprocessed fixed grid and mapped back to the original
+fixed scan's grid (:func:`preprocessing.geometry.field_to_original_grid`), in voxels of the original moving
+scan, fixed -> moving, so ``slicreg warp`` / ``--out-warped`` apply it to the original moving files."""
 
 from __future__ import annotations
 
@@ -7,65 +13,182 @@ import argparse
 NAME = "register"
 HELP = "register two CTs (raw or preprocessed) by predicted supervoxels; writes the field and warped outputs"
 
+_STEPS = ("load weights", "load images", "preprocess", "network fixed", "network moving", "keypoints", "features",
+          "adam", "dense field", "refine", "map to original grid", "warp", "save")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", required=True, help="fixed CT (NIfTI, HU); raw or preprocessed (2 mm, 192x160x256)")
-    p.add_argument("--moving", required=True, help="moving CT (NIfTI, HU)")
-    p.add_argument("--weights", default=None, help="weights bundle folder (default: the shipped bundle)")
-    p.add_argument("--out-field", required=True, help="field (X, Y, Z, 3), voxels of the fixed image, fixed -> moving")
-    p.add_argument("--out-warped", default=None, help="warped moving image on the fixed grid")
+    p.add_argument("--moving", required=True, help="moving CT (NIfTI, HU); with --atlas: the bundle's template")
+    p.add_argument("--weights", default=None, help="weights bundle folder (default: the shipped weights/"
+                                                   "slicreg-cohort-v1)")
+    p.add_argument("--out-field", required=True,
+                   help="field (X, Y, Z, 3) on the fixed scan's grid, voxels of the moving scan, fixed -> moving")
+    p.add_argument("--out-warped", default=None, help="warped moving image on the fixed grid (linear)")
     p.add_argument("--moving-labels", default=None, help="moving label map to warp (nearest)")
     p.add_argument("--out-warped-labels", default=None, help="where to write the warped moving labels")
-    p.add_argument("--moving-is-template", action="store_true",
-                   help="the moving scan is the bundle's template: use its own supervoxels (atlas mode)")
+    p.add_argument("--atlas", "--moving-is-template", dest="atlas", action="store_true",
+                   help="the moving scan is the bundle's template: use its own supervoxels instead of a network "
+                        "pass (atlas mode, as the paper)")
+    p.add_argument("--refine", action="store_true",
+                   help="polish the field by a short instance optimisation on MIND-SSC features (a few seconds)")
+    p.add_argument("--refine-iterations", type=int, default=None, help="Adam steps of --refine (default 40)")
     p.add_argument("--force", action="store_true", help="accept images that do not look like CT")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--fp32", action="store_true", help="network in full precision (default: bf16 on CPU, "
+                                                       "fp16 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the feature permutation (default 0)")
-    p.add_argument("--verbose", action="store_true", help="print per-step timings")
+    p.add_argument("--out-info", default=None, help="JSON file with timings, parameters and diagnostics")
+    p.add_argument("--verbose", action="store_true", help="print per-step timings (wall and CPU seconds)")
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    from pathlib import Path
+
+    from slicreg.errors import InputError
+
+    if path is None:
+        return
+    if not str(path).endswith((".nii", ".nii.gz")):
+        raise InputError(f"{flag} {path}: output name must end in .nii or .nii.gz")
+    parent = Path(path).expanduser().resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is not a folder")
+
+
+def _check_input(path: str | None, flag: str) -> None:
+    from pathlib import Path
+
+    from slicreg.errors import InputError
+
+    if path is not None and not Path(path).expanduser().is_file():
+        raise InputError(f"{flag} {path}: file not found")
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import time
 
     import numpy as np
 
-    from pipelines.registration import load_weights, preprocess_for_registration, register_preprocessed
-    from preprocessing.geometry import field_to_original_grid
-    from slicreg.conventions import Volume
     from slicreg.errors import InputError
-    from slicreg.fields import warp_image, warp_labels
-    from slicreg.io import load_image, load_labels, save_field, save_volume
 
     if bool(args.moving_labels) != bool(args.out_warped_labels):
         raise InputError("--moving-labels and --out-warped-labels go together")
-    t0 = time.perf_counter()
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: expected a positive number")
+    if args.refine_iterations is not None and args.refine_iterations < 0:
+        raise InputError(f"--refine-iterations {args.refine_iterations}: expected >= 0")
+    for path, flag in ((args.fixed, "--fixed"), (args.moving, "--moving"), (args.moving_labels, "--moving-labels")):
+        _check_input(path, flag)
+    for path, flag in ((args.out_field, "--out-field"), (args.out_warped, "--out-warped"),
+                       (args.out_warped_labels, "--out-warped-labels")):
+        _check_output(path, flag)
+    if args.out_info is not None and not str(args.out_info).endswith(".json"):
+        raise InputError(f"--out-info {args.out_info}: expected a .json file name")
+
+    import torch
+
+    from pipelines.registration import bundle_crop_shape, load_weights, preprocess_for_registration, \
+        register_preprocessed
+    from preprocessing.geometry import field_to_original_grid
+    from slicreg.conventions import Volume
+    from slicreg.fields import warp_image, warp_labels
+    from slicreg.io import atomic_write_json, load_image, load_labels, save_field, save_volume, sha256_file
+
+    if args.threads is not None:
+        torch.set_num_threads(int(args.threads))
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def stop(name: str, started: tuple[float, float]) -> None:
+        wall[name] = wall.get(name, 0.0) + time.perf_counter() - started[0]
+        cpu[name] = cpu.get(name, 0.0) + time.process_time() - started[1]
+
+    t_all = clock()
+    t = clock()
     bundle = load_weights(args.weights, device=args.device)
+    crop_shape = bundle_crop_shape(bundle)
+    stop("load weights", t)
+
+    t = clock()
     fixed, moving = load_image(args.fixed), load_image(args.moving)
     moving_labels = load_labels(args.moving_labels) if args.moving_labels else None
-    if moving_labels is not None and moving_labels.shape != moving.shape:
-        raise InputError(f"{args.moving_labels}: label grid {moving_labels.shape} does not match the moving image "
-                         f"{moving.shape}")
-    t_load = time.perf_counter() - t0
-    fixed_p = preprocess_for_registration(fixed, name=args.fixed, force=args.force)
-    moving_p = preprocess_for_registration(moving, name=args.moving, force=args.force)
+    if moving_labels is not None and not moving.same_grid(moving_labels, atol_mm=1e-2):
+        raise InputError(f"--moving-labels {args.moving_labels}: label grid {moving_labels.shape} (affine "
+                         f"{np.round(moving_labels.affine, 3).tolist()}) does not match the moving image's "
+                         f"{moving.shape} (affine {np.round(moving.affine, 3).tolist()})")
+    stop("load images", t)
+
+    t = clock()
+    fixed_p = preprocess_for_registration(fixed, name=args.fixed, force=args.force, crop_shape=crop_shape)
+    moving_p = preprocess_for_registration(moving, name=args.moving, force=args.force, crop_shape=crop_shape)
+    stop("preprocess", t)
+    if args.atlas:
+        expected = bundle.card.get("template", {}).get("image_sha256")
+        if moving_p.identity and expected and sha256_file(args.moving) != expected:
+            print(f"slicreg register: note: --atlas: {args.moving} is not the bundle's template image (sha256 "
+                  f"differs); its supervoxels are taken from the bundle all the same", file=sys.stderr)
+
+    refine_options = {} if args.refine_iterations is None else {"iterations": int(args.refine_iterations)}
+    dtype = torch.float32 if args.fp32 else None
     result = register_preprocessed(bundle, fixed_p.image.array, moving_p.image.array, device=args.device,
-                                   seed=args.seed, moving_is_template=args.moving_is_template)
-    t1 = time.perf_counter()
-    disp = field_to_original_grid(result.disp_vox, fixed_p.record, moving_p.record) \
-        if not (fixed_p.identity and moving_p.identity) else result.disp_vox
-    t_back = time.perf_counter() - t1
-    save_field(disp, fixed.affine, args.out_field)
-    t2 = time.perf_counter()
+                                   seed=args.seed, moving_is_template=args.atlas, refine=args.refine,
+                                   refine_options=refine_options, network_dtype=dtype)
+    wall.update(result.info["timings_s"])
+    cpu.update(result.info["cpu_s"])
+
+    t = clock()
+    if fixed_p.identity and moving_p.identity:
+        disp = result.disp_vox
+    else:
+        disp = field_to_original_grid(result.disp_vox, fixed_p.record, moving_p.record)
+    stop("map to original grid", t)
+
+    warped = warped_labels = None
+    t = clock()
     if args.out_warped:
-        save_volume(Volume(warp_image(moving.array, disp, device=args.device), fixed.affine), args.out_warped)
+        warped = warp_image(moving.array, disp, device=args.device)
     if moving_labels is not None:
-        warped = warp_labels(moving_labels.array, disp, device=args.device)
-        save_volume(Volume(warped, fixed.affine), args.out_warped_labels)
-    t_warp = time.perf_counter() - t2
-    total = time.perf_counter() - t0
+        warped_labels = warp_labels(moving_labels.array, disp, device=args.device)
+    stop("warp", t)
+
+    t = clock()
+    save_field(disp, fixed.affine, args.out_field)
+    if warped is not None:
+        save_volume(Volume(warped, fixed.affine), args.out_warped)
+    if warped_labels is not None:
+        save_volume(Volume(warped_labels, fixed.affine), args.out_warped_labels)
+    stop("save", t)
+    total = time.perf_counter() - t_all[0]
+    total_cpu = time.process_time() - t_all[1]
+
+    if args.out_info:
+        atomic_write_json(args.out_info, {
+            "fixed": args.fixed, "moving": args.moving, "weights": str(bundle.path), "atlas": bool(args.atlas),
+            "refine": bool(args.refine), "device": args.device, "threads": torch.get_num_threads(),
+            "network_precision": "fp32" if args.fp32 else ("bf16" if args.device == "cpu" else "fp16"),
+            "preprocessed_inputs": {"fixed": fixed_p.identity, "moving": moving_p.identity},
+            "field": {"path": args.out_field, "shape": list(disp.shape[1:]),
+                      "units": "voxels of the moving scan's grid, fixed -> moving"},
+            "timings_s": {k: round(v, 4) for k, v in wall.items()},
+            "cpu_s": {k: round(v, 4) for k, v in cpu.items()},
+            "total_s": round(total, 4), "total_cpu_s": round(total_cpu, 4),
+            "flow": {k: v for k, v in result.info.items() if k not in ("timings_s", "cpu_s")},
+        })
     print(f"wrote {args.out_field} (fixed grid {fixed.shape}, voxels, fixed -> moving) in {total:.1f} s")
     if args.verbose:
-        steps = {"load": t_load, **result.info["timings_s"], "map back": t_back, "warp + write": t_warp}
-        for name, seconds in steps.items():
-            print(f"  {name:<22} {seconds:7.2f} s")
+        print(f"  {'step':<22} {'wall s':>8} {'CPU s':>8}")
+        for name in [*_STEPS, *[k for k in wall if k not in _STEPS]]:
+            if name in wall:
+                print(f"  {name:<22} {wall[name]:8.2f} {cpu[name]:8.2f}")
+        core = sum(wall.get(k, 0.0) for k in ("network fixed", "network moving", "keypoints", "features", "adam",
+                                              "dense field", "refine"))
+        print(f"  {'registration':<22} {core:8.2f} {'':>8}   (network passes + flow + dense field"
+              f"{' + refine' if args.refine else ''})")
+        print(f"  {'total':<22} {total:8.2f} {total_cpu:8.2f}   ({torch.get_num_threads()} torch threads)")
     return 0

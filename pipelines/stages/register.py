@@ -1,19 +1,101 @@
-"""The ``register`` stage: SLIC-Reg registration of every listed pair of a preprocessed dataset."""
+"""The ``register`` stage: SLIC-Reg registration of the listed pairs of a preprocessed dataset.
+
+Inputs:
+
+- ``dataset`` (required): a preprocessed dataset folder (docs/CONTRACTS.md);
+- ``bundle`` (optional): a weights bundle folder made by an earlier stage (e.g. ``"train/bundle"``); otherwise
+  the ``weights`` parameter (default: the shipped ``weights/slicreg-cohort-v1``);
+- ``predicted`` (optional): the output of a ``predict`` stage (``predicted/<id>.nii.gz`` on the 4 mm grid and
+  ``predict.json`` with the network time per subject). Subjects it lacks are predicted here.
+
+Parameters: ``weights``, ``device``, ``pairs`` (``"registration_pairs"`` or ``"atlas"``: only the pairs whose
+moving scan is the template), ``atlas`` (the template side uses the bundle's own supervoxels, no network pass),
+``seed``, ``flow`` (options of :func:`slicreg.flow.supervoxel_flow`), ``refine`` (false by default: the MIND-SSC
+instance refinement, :func:`slicreg.register.refine_field`), ``refine_options`` (its keyword arguments),
+``method`` (the name in registrations.json; default ``"slicreg"`` or ``"slicreg+refine"``).
+
+Outputs (docs/CONTRACTS.md, "Registration results")::
+
+    supervoxels/<id>.nii.gz               maps predicted here (16 layers, 4 mm), when not given as input
+    fields/disp_<fixed>_<moving>.nii.gz   (X, Y, Z, 3) float32, voxels, fixed -> moving, on the fixed grid
+    runs/<fixed>_<moving>.json            per pair: timings per step, flow and refinement diagnostics
+    registrations.json                    {"method": ..., "pairs": [{"fixed", "moving", "field", "runtime_s"}]}
+
+``runtime_s`` of a pair = network passes of both scans (0 for the template in atlas mode) + keypoints +
+features + Adam + dense field (+ refinement): what ``slicreg register`` spends on preprocessed scans, without
+file reading and writing. Pairs run on ``--jobs`` processes (``ctx.map``); the network passes run first, once
+per scan, in the main process.
+"""
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
+from typing import Any
 
 from pipelines.runner import StageContext, stage
 
 PAIR_CHOICES = ("registration_pairs", "atlas")
 
 
-@stage("register", version="1",
+def register_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Register one pair from its supervoxel files, write its field and record (module level: runs in workers)."""
+    import numpy as np
+
+    from slicreg.io import atomic_write_json, load_image, load_volume, save_field
+    from slicreg.register import refine_field, register_supervoxel_maps
+
+    t0 = time.perf_counter()
+    fixed_sv = load_volume(job["fixed_sv"], kind="labels", channels=True).array
+    moving_sv = load_volume(job["moving_sv"], kind="labels", channels=True).array
+    fixed = load_image(job["fixed_image"])
+    read_s = time.perf_counter() - t0
+    result = register_supervoxel_maps(fixed_sv, moving_sv, device=job["device"], seed=job["seed"], **job["flow"])
+    wall, cpu = dict(result.info["timings_s"]), dict(result.info["cpu_s"])
+    refine_info = None
+    disp = result.disp_vox
+    if job["refine"]:
+        moving = load_image(job["moving_image"])
+        t1, c1 = time.perf_counter(), time.process_time()
+        disp, refine_info = refine_field(fixed.array, moving.array, disp, device=job["device"], seed=job["seed"],
+                                         **job["refine_options"])
+        wall["refine"], cpu["refine"] = time.perf_counter() - t1, time.process_time() - c1
+        refine_info = {k: v for k, v in refine_info.items() if k != "loss"} | \
+            {"final_loss": refine_info["loss"][-1] if refine_info["loss"] else None}
+    save_field(np.asarray(disp, dtype=np.float32), fixed.affine, job["field_path"])
+    network = {"network fixed": job["network_fixed_s"], "network moving": job["network_moving_s"]}
+    runtime = sum(v for v in network.values() if v is not None) + sum(wall.values())
+    record = {
+        "fixed": job["fixed"], "moving": job["moving"], "field": job["field"], "runtime_s": round(runtime, 3),
+        "timings_s": {**network, **{k: round(v, 4) for k, v in wall.items()}},
+        "cpu_s": {k: round(v, 4) for k, v in cpu.items()},
+        "read_s": round(read_s, 3), "total_wall_s": round(time.perf_counter() - t0, 3),
+        "n_keypoints": result.info["n_keypoints"], "adam_iterations_run": result.info["adam_iterations_run"],
+        "final_flow_loss": result.info["final_loss"], "flow_params": result.info["params"],
+        "refine": refine_info,
+    }
+    atomic_write_json(job["record_path"], record)
+    return record
+
+
+def _check_options(options: Any, fn: Any, key: str, where: str, reserved: tuple[str, ...]) -> dict[str, Any]:
+    from slicreg.errors import ConfigError
+
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where} {key}: expected a table of options, got {options!r}")
+    allowed = [name for name, par in inspect.signature(fn).parameters.items()
+               if par.kind == inspect.Parameter.KEYWORD_ONLY and name not in reserved]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where} {key}: unknown option(s) {unknown}; allowed: {allowed}")
+    return dict(options)
+
+
+@stage("register", version="2",
        params={"weights": None, "device": "cpu", "pairs": "registration_pairs", "atlas": False, "seed": 0,
-               "flow": {}},
-       inputs={"dataset": True}, path_params=["weights"])
+               "flow": {}, "refine": False, "refine_options": {}, "method": None},
+       inputs={"dataset": True, "bundle": False, "predicted": False}, path_params=["weights"])
 def register_stage(ctx: StageContext) -> None:
     """Predict supervoxels of every scan once, then register each pair by the keypoint flow (CONTRACTS.md)."""
     import numpy as np
@@ -22,56 +104,105 @@ def register_stage(ctx: StageContext) -> None:
     from preprocessing.datasets import load_dataset
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.errors import ConfigError
-    from slicreg.io import atomic_write_json, load_image, load_volume, save_field, save_volume
-    from slicreg.register import predict_supervoxels, register_supervoxel_maps
+    from slicreg.flow import supervoxel_flow
+    from slicreg.io import atomic_write_json, load_image, read_json, save_volume
+    from slicreg.register import predict_supervoxels, refine_field
 
     p = ctx.params
+    where = f"[stages.{ctx.stage_id}]"
     if p["pairs"] not in PAIR_CHOICES:
-        raise ConfigError(f"stage {ctx.stage_id!r}: pairs must be one of {PAIR_CHOICES}, got {p['pairs']!r}")
-    if not isinstance(p["flow"], dict):
-        raise ConfigError(f"stage {ctx.stage_id!r}: flow must be a table of keypoint-flow options")
+        raise ConfigError(f"{where} pairs = {p['pairs']!r}: expected one of {PAIR_CHOICES}")
+    flow = _check_options(p["flow"], supervoxel_flow, "flow", where, ("seed", "device"))
+    refine_options = _check_options(p["refine_options"], refine_field, "refine_options", where, ("seed", "device"))
+    method = str(p["method"] or ("slicreg+refine" if p["refine"] else "slicreg"))
     dataset = load_dataset(Path(ctx.inputs["dataset"]))
     pairs = [(q.fixed, q.moving) for q in dataset.pairs]
     if p["pairs"] == "atlas":
         pairs = [(f, m) for f, m in pairs if m == dataset.template]
     if not pairs:
-        raise ConfigError(f"stage {ctx.stage_id!r}: the dataset lists no {p['pairs']} pairs")
-    bundle = load_weights(p["weights"] or default_weights(), device=p["device"])
-    template_sv = np.asarray(bundle.template_supervoxels.array) if p["atlas"] else None
+        raise ConfigError(f"{where}: the dataset {dataset.root} lists no {p['pairs']} pairs")
+    source = ctx.inputs.get("bundle") or p["weights"] or default_weights()
+    bundle = load_weights(Path(str(source)), device=p["device"])
+    template_sv_file = Path(bundle.path) / "supervoxels.nii.gz"
 
-    needed = sorted({s for pair in pairs for s in pair if not (p["atlas"] and s == dataset.template)})
-    predict_s: dict[str, float] = {}
-    maps: dict[str, np.ndarray] = {}
+    def image_path(sid: str) -> Path:
+        return Path(dataset.path(dataset.subject(sid).image))
+
+    # supervoxel maps: given by a predict stage, predicted here, or (atlas) the template's own
+    given: dict[str, Path] = {}
+    given_s: dict[str, float | None] = {}
+    if ctx.inputs.get("predicted"):
+        folder = Path(ctx.inputs["predicted"])
+        record = read_json(folder / "predict.json") if (folder / "predict.json").is_file() else {"subjects": {}}
+        for sid, entry in record.get("subjects", {}).items():
+            if (folder / entry["file"]).is_file():
+                given[sid] = folder / entry["file"]
+                given_s[sid] = entry.get("seconds")
+    maps: dict[str, Path] = {}
+    network_s: dict[str, float | None] = {}
+    needed = sorted({s for pair in pairs for s in pair})
+    if p["atlas"]:
+        maps[dataset.template] = template_sv_file
+        network_s[dataset.template] = 0.0
+        needed = [s for s in needed if s != dataset.template]
     for sid in ctx.progress(needed, "predict"):
+        image = load_image(image_path(sid))
+        expected = tuple(s // 2 for s in image.shape)
+        if sid in given:
+            from slicreg.io import load_volume
+
+            shape = load_volume(given[sid], kind="labels", channels=True).array.shape
+            if tuple(shape[1:]) != expected:
+                raise ConfigError(f"{where}: predicted maps {given[sid]} have grid {shape[1:]}, expected the 4 mm grid "
+                                  f"{expected} of {sid} (use grid = \"input\" in the predict stage)")
+            maps[sid], network_s[sid] = given[sid], given_s[sid]
+            continue
         rel = f"supervoxels/{sid}.nii.gz"
-        image = load_image(dataset.subject(sid).image)
+        maps[sid] = ctx.out_dir / rel
         if ctx.done(rel):
-            maps[sid] = load_volume(ctx.out_dir / rel, kind="labels", channels=True).array
-            predict_s[sid] = float("nan")
+            network_s[sid] = read_json(ctx.out_dir / "predict_s.json").get(sid) \
+                if ctx.done("predict_s.json") else None
             continue
         t0 = time.perf_counter()
-        maps[sid] = predict_supervoxels(bundle, image.array, device=p["device"])
-        predict_s[sid] = time.perf_counter() - t0
-        save_volume(Volume(maps[sid], downsample_affine(image.affine, 2)), ctx.path(rel))
+        labels = predict_supervoxels(bundle, image.array, device=p["device"])
+        network_s[sid] = round(time.perf_counter() - t0, 3)
+        save_volume(Volume(labels, downsample_affine(image.affine, 2)), ctx.path(rel), dtype=np.uint8)
+        atomic_write_json(ctx.path("predict_s.json"), {k: v for k, v in network_s.items() if k in needed})
     if p["atlas"]:
-        maps[dataset.template] = template_sv
-        predict_s[dataset.template] = 0.0
+        t_shape = tuple(np.shape(bundle.template_supervoxels.array)[1:])
+        want = tuple(s // 2 for s in load_image(image_path(dataset.template)).shape)
+        if t_shape != want:
+            raise ConfigError(f"{where}: atlas mode: the bundle's template supervoxels are on a {t_shape} grid, the "
+                              f"dataset's template {dataset.template} needs {want}; is it the bundle's template?")
+    del bundle
 
-    records = []
-    for fixed, moving in ctx.progress(pairs, "register"):
-        rel = f"fields/disp_{fixed}_{moving}.nii.gz"
-        fixed_img = load_image(dataset.subject(fixed).image)
-        t0 = time.perf_counter()
-        result = register_supervoxel_maps(maps[fixed], maps[moving], device=p["device"], seed=int(p["seed"]),
-                                          **p["flow"])
-        flow_s = time.perf_counter() - t0
-        save_field(result.disp_vox, fixed_img.affine, ctx.path(rel))
-        runtime = flow_s + np.nan_to_num(predict_s[fixed]) + np.nan_to_num(predict_s[moving])
-        records.append({"fixed": fixed, "moving": moving, "field": rel, "runtime_s": round(float(runtime), 3),
-                        "flow_s": round(flow_s, 3), "timings_s": result.info.get("timings_s", {})})
+    jobs, records = [], {}
+    for fixed, moving in pairs:
+        field = f"fields/disp_{fixed}_{moving}.nii.gz"
+        record = f"runs/{fixed}_{moving}.json"
+        if ctx.done(field) and ctx.done(record):
+            records[(fixed, moving)] = read_json(ctx.out_dir / record)
+            continue
+        jobs.append({"fixed": fixed, "moving": moving, "field": field, "field_path": str(ctx.path(field)),
+                     "record_path": str(ctx.path(record)), "fixed_sv": str(maps[fixed]),
+                     "moving_sv": str(maps[moving]), "fixed_image": str(image_path(fixed)),
+                     "moving_image": str(image_path(moving)), "network_fixed_s": network_s.get(fixed),
+                     "network_moving_s": network_s.get(moving), "device": str(p["device"]), "seed": int(p["seed"]),
+                     "flow": flow, "refine": bool(p["refine"]), "refine_options": refine_options})
+    if records:
+        ctx.log(f"{len(records)} of {len(pairs)} pairs already registered by an earlier attempt")
+    for rec in ctx.map(register_one, jobs, desc="register"):
+        records[(rec["fixed"], rec["moving"])] = rec
+    ordered = [records[q] for q in pairs]
     atomic_write_json(ctx.path("registrations.json"), {
-        "method": "slicreg", "weights": str(bundle.path), "atlas": bool(p["atlas"]), "pairs": records,
-        "predict_s": {k: (None if v != v else round(v, 3)) for k, v in predict_s.items()},
-        "note": "runtime_s = network passes of both scans (the template's maps are free in atlas mode) + flow"})
-    ctx.log(f"registered {len(records)} pairs; median runtime "
-            f"{float(np.median([r['runtime_s'] for r in records])):.2f} s per pair")
+        "method": method, "weights": str(Path(str(source)).resolve()), "atlas": bool(p["atlas"]),
+        "refine": bool(p["refine"]), "flow": flow, "refine_options": refine_options,
+        "pairs": [{"fixed": r["fixed"], "moving": r["moving"], "field": r["field"], "runtime_s": r["runtime_s"],
+                   "timings_s": r["timings_s"]} for r in ordered],
+        "network_s": network_s,
+        "note": "runtime_s = network passes of both scans (0 for the template in atlas mode; missing when the maps "
+                "came from an earlier attempt without a record) + keypoints + features + Adam + dense field "
+                "(+ refine); file reading and writing excluded"})
+    times = [r["runtime_s"] for r in ordered]
+    ctx.log(f"{method}: registered {len(ordered)} pairs; runtime per pair median {float(np.median(times)):.2f} s "
+            f"(min {min(times):.2f}, max {max(times):.2f})")

@@ -1,0 +1,257 @@
+"""Benchmark of pairwise registration by supervoxels at real size (2 mm scans 192 x 160 x 256, network input
+96 x 80 x 128 at 4 mm): what each step of ``slicreg register`` costs on preprocessed scans.
+
+Part 1 -- ``network``: one network pass (``slicreg.bundle.predict``, labels on the stride-2 grid) in each
+setting: fp32 or bf16 autocast, contiguous or channels-last 3-D memory, 1 or 2 torch threads; median of
+``--repeats`` after a warm-up. Weights: ``--weights BUNDLE`` or random (``build_model(seed=0)``; the time does
+not depend on the weights).
+
+Part 2 -- ``pair``: the whole registration of one pair, step by step: network pass of the fixed and of the
+moving scan (bf16 autocast, channels-last, as ``slicreg register`` runs it), keypoints, features, Adam flow,
+dense field, optionally ``--refine``, warping the moving image (linear) and a label map (nearest), saving the
+field. Median wall and CPU time per step over ``--repeats`` runs, and the peak RSS of the process that ran
+them (a fresh process per part). The maps the flow works on:
+
+- ``--maps synthetic`` (default without ``--weights``): random weights give meaningless maps, so the flow
+  runs on synthetic supervoxel maps (16 layers of 127 Voronoi cells; the moving maps are the fixed ones pulled
+  through a known smooth map, as in ``bench_flow.py``) and the keypoint error against the known displacement
+  is printed -- the check that speed changes leave the result alone;
+- ``--maps network``: the maps the network predicted (meaningful with trained ``--weights``).
+
+Images: ``--fixed``/``--moving`` preprocessed CT files (e.g. two of the cohort's ``prep`` subjects), or a
+synthetic CT-like pair.
+
+    .venv/bin/python benchmarks/bench_register.py [--part network pair] [--repeats 3] [--threads 2]
+        [--weights BUNDLE] [--fixed F --moving M] [--maps synthetic|network] [--refine] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHAPE = (192, 160, 256)
+NET_SHAPE = tuple(s // 2 for s in SHAPE)
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def synthetic_ct(shape: tuple[int, ...], seed: int, shift: tuple[float, ...] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """A CT-like volume in HU: air, an ellipsoidal body (fat/soft tissue), a few organ-like blobs and a spine."""
+    rng = np.random.default_rng(seed)
+    axes = [np.arange(s, dtype=np.float32) - shift[a] for a, s in enumerate(shape)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    c = (np.array(shape) - 1) / 2
+    body = ((x - c[0]) / (0.45 * shape[0])) ** 2 + ((y - c[1]) / (0.4 * shape[1])) ** 2 <= 1
+    img = np.where(body, -80.0, -1000.0).astype(np.float32) + rng.normal(0, 15, shape).astype(np.float32)
+    for _ in range(12):
+        p = c + rng.uniform(-0.3, 0.3, 3) * np.array(shape)
+        r = rng.uniform(8, 30)
+        blob = ((x - p[0]) ** 2 + (y - p[1]) ** 2 + ((z - p[2]) * 0.7) ** 2) <= r * r
+        img = np.where(blob & body, rng.uniform(30, 180), img)
+    spine = ((x - c[0]) ** 2 + (y - 0.75 * shape[1]) ** 2) <= 12 ** 2
+    img = np.where(spine, 700.0, img)
+    return img.astype(np.float32)
+
+
+def _load_model(weights: str | None, channels_last: bool) -> Any:
+    import torch
+
+    if weights:
+        from slicreg.bundle import load_bundle
+
+        return load_bundle(weights, channels_last=channels_last)
+    from slicreg.network import build_model
+
+    model = build_model(seed=0, backward="native").eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def _timed(fn: Any) -> tuple[Any, float, float]:
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+# ---------------------------------------------------------------------------------------------- network
+def part_network(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from slicreg.bundle import predict
+
+    image = synthetic_ct(NET_SHAPE, seed=0)
+    rows = []
+    for threads in args.net_threads:
+        torch.set_num_threads(threads)
+        for channels_last in (False, True):
+            model = _load_model(args.weights, channels_last)
+            for name, dtype in (("fp32", torch.float32), ("bf16", None)):
+                predict(model, image, output="labels", grid="output", dtype=dtype)  # warm-up
+                times = [_timed(lambda: predict(model, image, output="labels", grid="output", dtype=dtype))[1:]
+                         for _ in range(args.repeats)]
+                wall, cpu = np.median([t[0] for t in times]), np.median([t[1] for t in times])
+                rows.append({"precision": name, "memory": "channels-last" if channels_last else "contiguous",
+                             "threads": threads, "wall_s": round(float(wall), 3), "cpu_s": round(float(cpu), 3)})
+                print(f"  {name:5s} {rows[-1]['memory']:13s} {threads} thread(s): wall {wall:6.2f} s, CPU {cpu:6.2f} s",
+                      flush=True)
+    return {"rows": rows, "peak_rss_gb": round(_rss_gb(), 3)}
+
+
+# ---------------------------------------------------------------------------------------------- pair
+def _synthetic_maps(seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_flow import pull, smooth_map, voronoi_maps
+
+    fixed = voronoi_maps(NET_SHAPE, 16, 127, seed=seed)
+    v = smooth_map(NET_SHAPE, 2.0, (4.0, -3.0, 5.0), seed=seed + 1)
+    return fixed, pull(fixed, v), v
+
+
+def part_pair(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from slicreg.conventions import Volume
+    from slicreg.fields import warp_image, warp_labels
+    from slicreg.io import load_image, save_field, save_volume
+    from slicreg.register import predict_supervoxels, register_preprocessed
+
+    torch.set_num_threads(args.threads)
+    if args.fixed:
+        fixed, moving = load_image(args.fixed), load_image(args.moving)
+        fixed_hu, moving_hu, affine = fixed.array, moving.array, fixed.affine
+    else:
+        fixed_hu, moving_hu = synthetic_ct(SHAPE, seed=1), synthetic_ct(SHAPE, seed=1, shift=(6.0, -4.0, 8.0))
+        affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    if fixed_hu.shape != moving_hu.shape or any(s % 8 for s in fixed_hu.shape):
+        raise SystemExit(f"--fixed/--moving: expected preprocessed scans of one shape divisible by 8, got "
+                         f"{fixed_hu.shape} and {moving_hu.shape}")
+    moving_labels = (np.digitize(moving_hu, [0.0, 100.0, 400.0])).astype(np.uint8)  # 4 intensity classes
+    model = _load_model(args.weights, channels_last=True)
+    maps = args.maps or ("network" if args.weights else "synthetic")
+    if maps == "synthetic":
+        t = time.perf_counter()
+        syn_fixed, syn_moving, v = _synthetic_maps(args.seed)
+        print(f"  synthetic maps made in {time.perf_counter() - t:.1f} s", flush=True)
+    predict_supervoxels(model, fixed_hu)  # warm-up (first oneDNN calls)
+    runs = []
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_register_"))
+    for rep in range(args.repeats):
+        wall: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        f_sv, wall["network fixed"], cpu["network fixed"] = _timed(lambda: predict_supervoxels(model, fixed_hu))
+        m_sv, wall["network moving"], cpu["network moving"] = _timed(lambda: predict_supervoxels(model, moving_hu))
+        if maps == "synthetic":
+            f_sv, m_sv = syn_fixed, syn_moving
+        result = register_preprocessed(None, fixed_hu, moving_hu, fixed_sv=f_sv, moving_sv=m_sv, refine=args.refine,
+                                       seed=args.seed)
+        wall.update(result.info["timings_s"])
+        cpu.update(result.info["cpu_s"])
+        disp = result.disp_vox
+
+        def warp() -> None:
+            warp_image(moving_hu, disp)
+            warp_labels(moving_labels, disp)
+
+        _, wall["warp (image + labels)"], cpu["warp (image + labels)"] = _timed(warp)
+        _, wall["save field"], cpu["save field"] = _timed(lambda: save_field(disp, affine, out_dir / "u.nii.gz"))
+        runs.append((wall, cpu, result.info))
+        print(f"  run {rep + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in wall.items()), flush=True)
+    steps = list(runs[0][0])
+    table = []
+    for step in steps:
+        table.append({"step": step, "wall_s": round(float(np.median([r[0][step] for r in runs])), 3),
+                      "cpu_s": round(float(np.median([r[1][step] for r in runs])), 3)})
+    core = [k for k in steps if k not in ("save field",)]
+    totals = [sum(r[0][k] for k in core) for r in runs]
+    out: dict[str, Any] = {"maps": maps, "refine": bool(args.refine), "threads": torch.get_num_threads(),
+                           "steps": table, "registration_wall_s_median": round(float(np.median(totals)), 3),
+                           "registration_wall_s_all": [round(t, 3) for t in totals],
+                           "adam_iterations_run": runs[-1][2].get("adam_iterations_run"),
+                           "n_keypoints": runs[-1][2].get("n_keypoints"), "peak_rss_gb": round(_rss_gb(), 3)}
+    if maps == "synthetic":
+        from slicreg import flow
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_flow import true_disp
+
+        disp_kp, info = flow.supervoxel_flow(syn_fixed, syn_moving, seed=args.seed, init="centres")
+        pts = info["keypoints_sv_vox"].astype(float)
+        err = np.linalg.norm(info["disp_sv_vox"] - true_disp(pts, v), axis=1)
+        out["keypoint_error_sv_vox"] = {"mean": round(float(err.mean()), 4), "median": round(float(np.median(err)), 4),
+                                        "p90": round(float(np.percentile(err, 90)), 4)}
+    return out
+
+
+def _run_part(name: str, args: argparse.Namespace, queue: Any) -> None:
+    queue.put((PARTS[name](args)))
+
+
+PARTS = {"network": part_network, "pair": part_pair}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="+", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the pair (default 2)")
+    parser.add_argument("--net-threads", type=int, nargs="+", default=[1, 2], help="thread counts for part 1")
+    parser.add_argument("--weights", default=None, help="weights bundle (default: random weights)")
+    parser.add_argument("--fixed", default=None, help="preprocessed fixed CT (default: synthetic)")
+    parser.add_argument("--moving", default=None, help="preprocessed moving CT")
+    parser.add_argument("--maps", choices=["synthetic", "network"], default=None)
+    parser.add_argument("--refine", action="store_true", help="include the MIND-SSC refinement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    if bool(args.fixed) != bool(args.moving):
+        parser.error("--fixed and --moving go together")
+    import torch
+
+    print(f"torch {torch.__version__}, {mp.cpu_count()} CPUs; shapes: scans {SHAPE}, network input {NET_SHAPE}",
+          flush=True)
+    results: dict[str, Any] = {"torch": torch.__version__, "cpus": mp.cpu_count(), "argv": sys.argv[1:]}
+    ctx = mp.get_context("spawn")
+    for name in args.part:
+        print(f"[{name}]", flush=True)
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_run_part, args=(name, args, queue))  # a fresh process: its own peak RSS
+        proc.start()
+        results[name] = queue.get()
+        proc.join()
+    if "network" in results:
+        print("\n| precision | memory | threads | wall s | CPU s |\n|---|---|---|---|---|")
+        for r in results["network"]["rows"]:
+            print(f"| {r['precision']} | {r['memory']} | {r['threads']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} |")
+        print(f"peak RSS {results['network']['peak_rss_gb']:.2f} GB")
+    if "pair" in results:
+        pr = results["pair"]
+        print(f"\npair ({pr['threads']} threads, maps: {pr['maps']}, refine: {pr['refine']}, {pr['n_keypoints']} "
+              f"keypoints, {pr['adam_iterations_run']} Adam iterations), median of {args.repeats}:")
+        print("| step | wall s | CPU s |\n|---|---|---|")
+        for r in pr["steps"]:
+            print(f"| {r['step']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} |")
+        print(f"| **registration (all but saving)** | **{pr['registration_wall_s_median']:.2f}** | |")
+        print(f"peak RSS {pr['peak_rss_gb']:.2f} GB")
+        if "keypoint_error_sv_vox" in pr:
+            e = pr["keypoint_error_sv_vox"]
+            print(f"keypoint error (synthetic maps, known displacement): mean {e['mean']:.3f}, median "
+                  f"{e['median']:.3f}, 90th pct {e['p90']:.3f} sv voxels (4 mm)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
