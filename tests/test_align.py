@@ -35,13 +35,7 @@ from slicreg.errors import InputError
 from slicreg.fields import warp_image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny volumes: one torch thread is faster than two on a shared machine (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _phantom(shape=(24, 22, 20), centre=None, seed=0) -> np.ndarray:

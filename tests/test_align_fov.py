@@ -25,12 +25,7 @@ from slicreg.errors import InputError
 from slicreg.fields import warp_image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
