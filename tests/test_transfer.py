@@ -13,7 +13,7 @@ from pipelines.runner import Runner, StageContext, load_pipeline
 from slicreg import deeds
 from slicreg.conventions import Volume, downsample_affine
 from slicreg.errors import InputError
-from slicreg.io import load_field, load_volume, save_field, save_volume
+from slicreg.io import atomic_write_json, load_field, load_volume, save_field, save_volume
 from slicreg.transfer import (check_transfer, reached_region, sample_layers, template_positions,
                               transfer_supervoxels)
 
@@ -236,7 +236,8 @@ def _register_copy_stage():
 def _ctx(tmp_path, ds, sv_dir, **params):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    full = {"field_source": "deeds", "deeds_folder": None, "grid_spacing": 4, "align_preset": "abdomen-ct", **params}
+    full = {"field_source": "deeds", "deeds_folder": None, "grid_spacing": 4, "align_preset": "abdomen-ct",
+            "fov_mask": True, **params}
     return StageContext("transfer", full, {"dataset": ds, "supervoxels": sv_dir}, out, tmp_path, quiet=True)
 
 
@@ -276,15 +277,29 @@ def test_stage_with_align(tmp_path, monkeypatch):
     ds, sv_dir, folder, sv, aff = _dataset(tmp_path)
     images = {sid: load_volume(ds / "imagesTr" / f"{sid}_0000.nii.gz").array for sid in [TEMPLATE, *SUBJECTS]}
     calls = []
+    masks = {}
+    # the first subject has a crop record whose field of view is a slab: its mask reaches register_pair
+    from preprocessing.geometry import CropRecord
+
+    vol = load_volume(ds / "imagesTr" / f"{SUBJECTS[0]}_0000.nii.gz")
+    pad = ((0, 0), (0, 0), (2, 3))
+    record = CropRecord(
+        original_shape=vol.shape, original_affine=vol.affine, original_axcodes="RAS", spacing_mm=2.0,
+        resampled_shape=vol.shape, resampled_affine=vol.affine, crop_start=(0, 0, 0), crop_shape=vol.shape,
+        affine=vol.affine, centre_vox=None, padded_vox=pad, dropped_vox=((0, 0), (0, 0), (0, 0)), clipped_voxels=0,
+        ct_check={}, source={})
+    (ds / "crops").mkdir(exist_ok=True)
+    atomic_write_json(ds / "crops" / f"{SUBJECTS[0]}.json", record.to_json())
 
     class Result:
         def __init__(self, disp, info):
             self.disp_vox, self.info = disp, info
 
     def fake_register_pair(fixed, moving, *, spacing_mm=(2, 2, 2), preset="abdomen-ct", device="cpu", seed=0,
-                           progress=False):
+                           progress=False, fixed_mask=None, moving_mask=None):
         sid = next(s for s in SUBJECTS if np.array_equal(images[s], fixed))
         assert np.array_equal(moving, images[TEMPLATE])
+        masks[sid] = (fixed_mask, moving_mask)
         calls.append((sid, tuple(spacing_mm), preset, device, seed))
         disp = np.broadcast_to(np.reshape(SHIFTS[sid], (3, 1, 1, 1)), (3, *fixed.shape)).astype(np.float32)
         return Result(disp, {"preset": preset, "runtime_s": 0.0})
@@ -300,5 +315,9 @@ def test_stage_with_align(tmp_path, monkeypatch):
     transfer_stage(ctx)
     assert sorted(c[0] for c in calls) == SUBJECTS
     assert all(c[1:] == ((2.0, 2.0, 2.0), "fast", "cpu", 0) for c in calls)
+    fixed_mask, moving_mask = masks[SUBJECTS[0]]
+    assert moving_mask is None and fixed_mask is not None and fixed_mask.shape == images[SUBJECTS[0]].shape
+    assert fixed_mask[..., 2:-3].all() and not fixed_mask[..., :2].any() and not fixed_mask[..., -3:].any()
+    assert all(m == (None, None) for sid, m in masks.items() if sid != SUBJECTS[0])
     report = _check_outputs(ctx.out_dir, sv, aff)
     assert report["field_source"] == "align" and report["subjects"]["case_0001"]["align"]["preset"] == "fast"

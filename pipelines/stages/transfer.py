@@ -122,11 +122,16 @@ def transfer_one(job: dict[str, Any]) -> dict[str, Any]:
                              "grid_spacing_inferred": transform.grid_spacing_inferred})
         save_field(field, subject.affine, field_path)
     else:
+        from pipelines.stages.align_pairs import load_fov_mask
         from slicreg.align import register_pair
 
         template = load_image(job["template_image"])
+        masks = {f"{side}_mask": load_fov_mask(job[f"{side}_crop"], image.shape, f"{side} crop record")
+                 if job.get(f"{side}_crop") else None
+                 for side, image in (("fixed", subject), ("moving", template))}
         result = register_pair(subject.array, template.array, spacing_mm=tuple(float(s) for s in subject.spacing_mm),
-                               preset=job["align_preset"], device="cpu", seed=job["seed"], progress=False)
+                               preset=job["align_preset"], device="cpu", seed=job["seed"], progress=False, **masks)
+        record["fov_mask"] = {k: v is not None for k, v in masks.items()}
         field = np.asarray(result.disp_vox, dtype=np.float32)
         record["align"] = json.loads(json.dumps(dict(getattr(result, "info", {}) or {}), default=str))
         save_field(field, subject.affine, field_path)
@@ -152,7 +157,8 @@ def transfer_one(job: dict[str, Any]) -> dict[str, Any]:
 @stage(
     "transfer",
     version="1",
-    params={"field_source": "deeds", "deeds_folder": None, "grid_spacing": 4, "align_preset": "abdomen-ct"},
+    params={"field_source": "deeds", "deeds_folder": None, "grid_spacing": 4, "align_preset": "abdomen-ct",
+            "fov_mask": True},
     inputs={"dataset": True, "supervoxels": True},
     path_params=("deeds_folder",),
 )
@@ -186,6 +192,12 @@ def transfer_stage(ctx: StageContext) -> None:
             raise ConfigError(f"{deeds_folder}: missing deeds output for {len(missing)} training subject(s): "
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
+    def crop_record(sid: str) -> str | None:
+        # field_source = "align" with fov_mask: the preprocessing's crop record (crops/<id>.json, CONTRACTS.md) masks
+        # the padding out of the similarity, as in the align-pairs stage; without a record, the whole grid counts
+        path = dataset / "crops" / f"{sid}.json"
+        return str(path) if source == "align" and ctx.params["fov_mask"] and path.is_file() else None
+
     jobs = []
     for sid in training:
         field_rel, sv_rel = f"fields/disp_{sid}_{template_id}.nii.gz", f"transferred/{sid}.nii.gz"
@@ -197,7 +209,7 @@ def transfer_stage(ctx: StageContext) -> None:
             "supervoxels": str(sv_path), "out_dir": str(ctx.out_dir), "field_rel": field_rel,
             "transferred_rel": sv_rel, "field_done": ctx.done(field_rel), "transferred_done": ctx.done(sv_rel),
             "field_source": source, "grid_spacing": spacing, "align_preset": ctx.params["align_preset"],
-            "seed": ctx.seed,
+            "seed": ctx.seed, "fixed_crop": crop_record(sid), "moving_crop": crop_record(template_id),
             "dat": str(deeds_folder / f"F{sid}_displacements.dat") if deeds_folder else None,
             "matrix": str(matrix) if matrix is not None and matrix.is_file() else None,
         })
