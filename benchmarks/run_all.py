@@ -875,4 +875,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipelines.cli import ensure_fast_allocator
+
+    ensure_fast_allocator()  # measure what the slicreg command runs (SLICREG_ALLOCATOR=default: glibc's defaults)
     sys.exit(main())
