@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the main configurations (default 2)")
     ap.add_argument("--only", default=None, help="run only configurations whose name contains this text")
+    ap.add_argument("--names", default=None, help="run only these configurations (comma-separated exact names)")
     ap.add_argument("--no-inference", action="store_true", help="skip the inference timings")
     ap.add_argument("--check-kernels", action="store_true", help="only compare fast and torch weight gradients")
     ap.add_argument("--weights", default=None, help="a bundle: measure bf16 vs fp32 argmax agreement")
@@ -361,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         agreement(args.weights, args.dataset, args.transferred, args.limit, truth=args.truth)
         return 0
     cfgs = [c for c in configurations(args.threads) if args.only is None or args.only in c.name]
+    if args.names:
+        wanted = [n.strip() for n in args.names.split(",")]
+        known = {c.name: c for c in cfgs}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            ap.error(f"--names: unknown configuration(s) {unknown}; known: {sorted(known)}")
+        cfgs = [known[n] for n in wanted]
     print(f"training step, batch {BATCH}, input {'x'.join(map(str, SHAPE))}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start", flush=True)
     results = []
