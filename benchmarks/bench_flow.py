@@ -14,6 +14,7 @@ displacements with other TPS kernels / regularisations, also from keypoint displ
 (``--noise`` fine voxels, Gaussian, plus 5 % outliers of 8x that), which stands in for predicted supervoxels.
 
     .venv/bin/python benchmarks/bench_flow.py [--threads 2] [--iters 20] [--init zero|centres]
+        [--patience 10 --tol 3e-3]
         [--compare r:0 r:30 r:100 r2logr:1000 r2logr:10000] [--noise 2]
 """
 
@@ -117,11 +118,12 @@ def bench_flow(args) -> None:
     print(f"[flow] synthetic maps 16 x {SV_SHAPE} made in {time.perf_counter() - t:.1f} s; "
           f"map: sine amplitude {args.amp} + shift {tuple(args.shift)} sv voxels")
     fixed_t, moving_t = torch.from_numpy(fixed), torch.from_numpy(moving)
-    disp, info = flow.supervoxel_flow(fixed_t, moving_t, init=args.init, device=args.device)
+    disp, info = flow.supervoxel_flow(fixed_t, moving_t, init=args.init, patience=args.patience, tol=args.tol,
+                                      device=args.device)
     for key, what in [("timings_s", "wall"), ("cpu_s", "CPU (all threads)")]:
         tim = info[key]
         print(f"  {what:17s}: keypoints {tim['keypoints']:.2f} s, features (both) {tim['features']:.2f} s, Adam "
-              f"({info['params']['iterations']} it, {info['params']['n_keypoints']} points) {tim['adam']:.2f} s, "
+              f"({info['iterations_run']} it, {info['params']['n_keypoints']} points) {tim['adam']:.2f} s, "
               f"dense TPS {tim['dense']:.2f} s -> total {tim['total']:.2f} s")
     pts = info["keypoints_sv_vox"].numpy().astype(float)
     truth = true_disp(pts, v)
@@ -173,6 +175,8 @@ def main() -> None:
     parser.add_argument("--amp", type=float, default=2.0, help="sine amplitude of the synthetic map (sv voxels)")
     parser.add_argument("--shift", type=float, nargs=3, default=(4.0, -3.0, 5.0), help="translation (sv voxels)")
     parser.add_argument("--init", default="zero", choices=["zero", "centres"])
+    parser.add_argument("--patience", type=int, default=0, help="Adam early stop patience (0 = off, the default)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="Adam early stop relative tolerance")
     parser.add_argument("--compare", nargs="*", default=[], metavar="KERNEL:LAM",
                         help="also dense fields with these TPS settings, e.g. r:30 r2logr:3000")
     parser.add_argument("--noise", type=float, default=2.0, help="keypoint noise for --compare (fine voxels)")

@@ -1,10 +1,12 @@
 """Benchmark of pairwise registration by supervoxels at real size (2 mm scans 192 x 160 x 256, network input
 96 x 80 x 128 at 4 mm): what each step of ``slicreg register`` costs on preprocessed scans.
 
-Part 1 -- ``network``: one network pass (``slicreg.bundle.predict``, labels on the stride-2 grid) in each
-setting: fp32 or bf16 autocast, contiguous or channels-last 3-D memory, 1 or 2 torch threads; median of
-``--repeats`` after a warm-up. Weights: ``--weights BUNDLE`` or random (``build_model(seed=0)``; the time does
-not depend on the weights).
+Part 1 -- ``network``: one network pass with the per-layer argmax on the stride-2 grid, by
+``slicreg.bundle.predict(..., grid="output")`` and by ``slicreg.register.network_labels`` (the registration's
+path: the same labels, argmax over the contiguous classes of the channels-last logits), in each setting: fp32
+or bf16 autocast, contiguous or channels-last 3-D memory, 1 or 2 torch threads; median of ``--repeats`` after
+a warm-up. Weights: ``--weights BUNDLE`` or random (``build_model(seed=0)``; the time does not depend on the
+weights).
 
 Part 2 -- ``pair``: the whole registration of one pair, step by step: network pass of the fixed and of the
 moving scan (bf16 autocast, channels-last, as ``slicreg register`` runs it), keypoints, features, Adam flow,
@@ -91,22 +93,27 @@ def part_network(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from slicreg.bundle import predict
+    from slicreg.register import network_labels
 
     image = synthetic_ct(NET_SHAPE, seed=0)
     rows = []
+    paths = {"bundle.predict": lambda model, dtype: predict(model, image, output="labels", grid="output",
+                                                            dtype=dtype),
+             "network_labels": lambda model, dtype: network_labels(model, image, dtype=dtype)}
     for threads in args.net_threads:
         torch.set_num_threads(threads)
         for channels_last in (False, True):
             model = _load_model(args.weights, channels_last)
             for name, dtype in (("fp32", torch.float32), ("bf16", None)):
-                predict(model, image, output="labels", grid="output", dtype=dtype)  # warm-up
-                times = [_timed(lambda: predict(model, image, output="labels", grid="output", dtype=dtype))[1:]
-                         for _ in range(args.repeats)]
-                wall, cpu = np.median([t[0] for t in times]), np.median([t[1] for t in times])
-                rows.append({"precision": name, "memory": "channels-last" if channels_last else "contiguous",
-                             "threads": threads, "wall_s": round(float(wall), 3), "cpu_s": round(float(cpu), 3)})
-                print(f"  {name:5s} {rows[-1]['memory']:13s} {threads} thread(s): wall {wall:6.2f} s, CPU {cpu:6.2f} s",
-                      flush=True)
+                for path, fn in paths.items():
+                    fn(model, dtype)  # warm-up
+                    times = [_timed(lambda: fn(model, dtype))[1:] for _ in range(args.repeats)]
+                    wall, cpu = np.median([t[0] for t in times]), np.median([t[1] for t in times])
+                    rows.append({"path": path, "precision": name, "threads": threads,
+                                 "memory": "channels-last" if channels_last else "contiguous",
+                                 "wall_s": round(float(wall), 3), "cpu_s": round(float(cpu), 3)})
+                    print(f"  {path:15s} {name:5s} {rows[-1]['memory']:13s} {threads} thread(s): wall {wall:6.2f} s, "
+                          f"CPU {cpu:6.2f} s", flush=True)
     return {"rows": rows, "peak_rss_gb": round(_rss_gb(), 3)}
 
 
@@ -232,9 +239,10 @@ def main() -> None:
         results[name] = queue.get()
         proc.join()
     if "network" in results:
-        print("\n| precision | memory | threads | wall s | CPU s |\n|---|---|---|---|---|")
+        print("\n| labels by | precision | memory | threads | wall s | CPU s |\n|---|---|---|---|---|---|")
         for r in results["network"]["rows"]:
-            print(f"| {r['precision']} | {r['memory']} | {r['threads']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} |")
+            print(f"| {r['path']} | {r['precision']} | {r['memory']} | {r['threads']} | {r['wall_s']:.2f} | "
+                  f"{r['cpu_s']:.2f} |")
         print(f"peak RSS {results['network']['peak_rss_gb']:.2f} GB")
     if "pair" in results:
         pr = results["pair"]

@@ -230,6 +230,23 @@ def test_adam_flow_recovers_a_known_smooth_displacement(pair):
     assert len(info["loss"]) == 100
 
 
+def test_adam_early_stop_ends_sooner_with_the_same_result(pair):
+    fixed, moving, v = pair
+    pts, _ = flow.supervoxel_centres(fixed)
+    ff, mf = flow.supervoxel_features(fixed), flow.supervoxel_features(moving)
+    full, info_full = flow.adam_keypoint_flow(ff, mf, pts)
+    early, info = flow.adam_keypoint_flow(ff, mf, pts, patience=10, tol=3e-3)
+    assert info_full["iterations_run"] == 100 and len(info_full["loss"]) == 100
+    assert 20 <= info["iterations_run"] < 100 and len(info["loss"]) == info["iterations_run"]
+    np.testing.assert_array_equal(info["loss"], info_full["loss"][: info["iterations_run"]])  # same path until then
+    truth = true_disp(pts.astype(float), v)
+    err_full = np.linalg.norm(full - truth, axis=1).mean()
+    err_early = np.linalg.norm(early - truth, axis=1).mean()
+    assert err_early < err_full + 0.05, (err_early, err_full)
+    with pytest.raises(InputError):
+        flow.adam_keypoint_flow(ff, mf, pts, patience=-1)
+
+
 def test_supervoxel_flow_dense_field_matches_truth_in_the_interior(pair):
     fixed, moving, v = pair
     # lam is in fine voxels (kernel r scales with distance): this grid is ~3.5x smaller than 192 x 160 x 256
@@ -334,6 +351,19 @@ def test_tps_interpolates_the_keypoints_with_lam_zero(kernel):
     dense = flow.tps_dense_field(ipts, ivals, (12, 12, 12), kernel=kernel, lam=0.0, step=1)
     idx = ipts.long()
     torch.testing.assert_close(dense[:, idx[:, 0], idx[:, 1], idx[:, 2]].t().double(), ivals, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["r", "r2logr"])
+def test_tps_fast_evaluation_matches_float64(kernel):
+    rng = np.random.default_rng(3)
+    pts = torch.from_numpy(rng.uniform(0, 150, (500, 3)))
+    tps = flow.tps_fit(pts, torch.from_numpy(rng.normal(scale=3.0, size=(500, 3))), kernel=kernel, lam=100.0)
+    grid = torch.from_numpy(rng.uniform(-10, 160, (3000, 3)))
+    exact, fast = flow.tps_evaluate(tps, grid), flow.tps_evaluate(tps, grid, fast=True)
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, exact, atol=1e-4, rtol=0)
+    if kernel == "r":
+        assert not torch.equal(fast, exact)  # the float32 path was taken
 
 
 def test_coarse_to_fine_follows_downsample_affine():

@@ -140,6 +140,25 @@ def test_refine_keeps_a_correct_field_and_zero_iterations_change_nothing(shifted
     np.testing.assert_array_equal(same, init)
 
 
+def test_refine_compares_only_inside_the_field_of_view(shifted_pair):
+    fixed, moving, init = shifted_pair
+    truth = np.broadcast_to(SHIFT[:, None, None, None], init.shape).astype(np.float32).copy()
+    slab = np.zeros(SHAPE, bool)
+    slab[:, :, 8:24] = True  # a slab of data; the rest is the preprocessing's air padding
+    fixed_slab = np.where(slab, fixed, np.float32(-1000.0))
+    masked, info = refine_field(fixed_slab, moving, truth, fixed_mask=slab, **KNOBS)
+    unmasked, _ = refine_field(fixed_slab, moving, truth, **KNOBS)
+    assert info["params"]["fixed_mask"] is True
+    outside = ~slab
+    outside[:, :, 4:28] = False  # away from the slab
+    moved_masked = np.linalg.norm(masked - truth, axis=0)[outside].mean()
+    moved_unmasked = np.linalg.norm(unmasked - truth, axis=0)[outside].mean()
+    # without the mask the padding (flat air) is matched against the moving scan's anatomy and drags the field
+    assert moved_masked < 0.25 and moved_unmasked > 2 * moved_masked, (moved_masked, moved_unmasked)
+    with pytest.raises(InputError, match="fixed_mask"):
+        refine_field(fixed, moving, init, fixed_mask=slab[:-1])
+
+
 def test_refine_bad_inputs(shifted_pair):
     fixed, moving, init = shifted_pair
     with pytest.raises(InputError, match="init_disp_vox"):
@@ -341,7 +360,8 @@ def test_register_stage_plain_and_refined(bundle_dir, tmp_path):
     toml.write_text(f'[pipeline]\nname = "t"\nwork_dir = "{tmp_path / "work"}"\n'
                     f'[stages.data]\ntype = "dataset"\nfolder = "{data}"\n'
                     f'[stages.register]\ninputs = {{ dataset = "data" }}\nweights = "{bundle_dir}"\n'
-                    f'[stages.register-refine]\ntype = "register"\ninputs = {{ dataset = "data" }}\n'
+                    f'[stages.register-refine]\ntype = "register"\n'
+                    f'inputs = {{ dataset = "data", predicted = "register" }}\n'
                     f'weights = "{bundle_dir}"\npairs = "atlas"\natlas = true\nrefine = true\n'
                     f'refine_options = {{ iterations = 4 }}\n')
     Runner(load_pipeline(toml), quiet=True).run()
@@ -352,6 +372,9 @@ def test_register_stage_plain_and_refined(bundle_dir, tmp_path):
     refined = read_json(refined_dir / "registrations.json")
     assert refined["method"] == "slicreg+refine" and [p["fixed"] for p in refined["pairs"]] == ["s1", "s2"]
     assert refined["network_s"]["t0"] == 0.0  # atlas mode: the template's own supervoxels
+    for sid in ("s1", "s2"):  # the maps of the first stage were reused, with their network times
+        assert refined["network_s"][sid] == plain["network_s"][sid] > 0
+    assert not (refined_dir / "supervoxels").exists()
     record = read_json(refined_dir / "runs" / "s1_t0.json")
     assert record["refine"]["params"]["iterations"] == 4 and "refine" in record["timings_s"]
     field = load_field(refined_dir / refined["pairs"][0]["field"])
@@ -363,3 +386,25 @@ def test_register_stage_plain_and_refined(bundle_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="speed"):
         Runner(load_pipeline(bad), quiet=True).run()
+
+
+def test_network_labels_equal_bundle_predict_in_both_memory_formats():
+    from slicreg.bundle import predict
+    from slicreg.network import build_model
+    from slicreg.register import network_labels
+
+    model = build_model(seed=1, backward="eager")
+    model.train()
+    model(torch.randn(2, 1, 8, 8, 12, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+    image = ct_like((8, 8, 12), seed=4, spacing=4.0)
+    for channels_last in (False, True):
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        for dtype in (None, torch.float32):
+            ours = network_labels(model, image, dtype=dtype)
+            ref = predict(model, image, output="labels", grid="output", dtype=dtype)
+            assert ours.dtype == np.uint8 and ours.shape == (16, 4, 4, 6)
+            np.testing.assert_array_equal(ours, ref)
+    with pytest.raises(InputError, match="divisible by 4"):
+        network_labels(model, image[:7])

@@ -136,9 +136,12 @@ def run(args: argparse.Namespace) -> int:
 
     refine_options = {} if args.refine_iterations is None else {"iterations": int(args.refine_iterations)}
     dtype = torch.float32 if args.fp32 else None
+    # the refinement compares only inside each scan's field of view (not in the preprocessing's padding)
+    masks = {f"{side}_mask": None if prep.identity else prep.record.fov_mask()
+             for side, prep in (("fixed", fixed_p), ("moving", moving_p))}
     result = register_preprocessed(bundle, fixed_p.image.array, moving_p.image.array, device=args.device,
                                    seed=args.seed, moving_is_template=args.atlas, refine=args.refine,
-                                   refine_options=refine_options, network_dtype=dtype)
+                                   refine_options=refine_options, network_dtype=dtype, **masks)
     wall.update(result.info["timings_s"])
     cpu.update(result.info["cpu_s"])
 

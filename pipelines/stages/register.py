@@ -12,11 +12,15 @@ Parameters: ``weights``, ``device``, ``pairs`` (``"registration_pairs"`` or ``"a
 moving scan is the template), ``atlas`` (the template side uses the bundle's own supervoxels, no network pass),
 ``seed``, ``flow`` (options of :func:`slicreg.flow.supervoxel_flow`), ``refine`` (false by default: the MIND-SSC
 instance refinement, :func:`slicreg.register.refine_field`), ``refine_options`` (its keyword arguments),
+``fov_mask`` (default true: the refinement ignores the preprocessing's padding, i.e. compares only inside each
+scan's field of view, from its crop record ``crops/<id>.json``; a subject without one counts as whole),
 ``method`` (the name in registrations.json; default ``"slicreg"`` or ``"slicreg+refine"``).
 
 Outputs (docs/CONTRACTS.md, "Registration results")::
 
     supervoxels/<id>.nii.gz               maps predicted here (16 layers, 4 mm), when not given as input
+    predict.json                          {"subjects": {id: {"file", "seconds"}}}: the ``predict`` stage's
+                                          format, so a later register stage can take ``predicted = "<this id>"``
     fields/disp_<fixed>_<moving>.nii.gz   (X, Y, Z, 3) float32, voxels, fixed -> moving, on the fixed grid
     runs/<fixed>_<moving>.json            per pair: timings per step, flow and refinement diagnostics
     registrations.json                    {"method": ..., "pairs": [{"fixed", "moving", "field", "runtime_s"}]}
@@ -56,10 +60,14 @@ def register_one(job: dict[str, Any]) -> dict[str, Any]:
     refine_info = None
     disp = result.disp_vox
     if job["refine"]:
+        from pipelines.stages.align_pairs import load_fov_mask
+
         moving = load_image(job["moving_image"])
+        masks = {f"{side}_mask": load_fov_mask(job[f"{side}_crop"], image.shape, f"{side} crop record")
+                 if job.get(f"{side}_crop") else None for side, image in (("fixed", fixed), ("moving", moving))}
         t1, c1 = time.perf_counter(), time.process_time()
         disp, refine_info = refine_field(fixed.array, moving.array, disp, device=job["device"], seed=job["seed"],
-                                         **job["refine_options"])
+                                         **masks, **job["refine_options"])
         wall["refine"], cpu["refine"] = time.perf_counter() - t1, time.process_time() - c1
         refine_info = {k: v for k, v in refine_info.items() if k != "loss"} | \
             {"final_loss": refine_info["loss"][-1] if refine_info["loss"] else None}
@@ -94,7 +102,7 @@ def _check_options(options: Any, fn: Any, key: str, where: str, reserved: tuple[
 
 @stage("register", version="2",
        params={"weights": None, "device": "cpu", "pairs": "registration_pairs", "atlas": False, "seed": 0,
-               "flow": {}, "refine": False, "refine_options": {}, "method": None},
+               "flow": {}, "refine": False, "refine_options": {}, "fov_mask": True, "method": None},
        inputs={"dataset": True, "bundle": False, "predicted": False}, path_params=["weights"])
 def register_stage(ctx: StageContext) -> None:
     """Predict supervoxels of every scan once, then register each pair by the keypoint flow (CONTRACTS.md)."""
@@ -113,7 +121,10 @@ def register_stage(ctx: StageContext) -> None:
     if p["pairs"] not in PAIR_CHOICES:
         raise ConfigError(f"{where} pairs = {p['pairs']!r}: expected one of {PAIR_CHOICES}")
     flow = _check_options(p["flow"], supervoxel_flow, "flow", where, ("seed", "device"))
-    refine_options = _check_options(p["refine_options"], refine_field, "refine_options", where, ("seed", "device"))
+    refine_options = _check_options(p["refine_options"], refine_field, "refine_options", where,
+                                    ("seed", "device", "fixed_mask", "moving_mask"))
+    if not isinstance(p["fov_mask"], bool):
+        raise ConfigError(f"{where} fov_mask = {p['fov_mask']!r}: expected true or false")
     method = str(p["method"] or ("slicreg+refine" if p["refine"] else "slicreg"))
     dataset = load_dataset(Path(ctx.inputs["dataset"]))
     pairs = [(q.fixed, q.moving) for q in dataset.pairs]
@@ -160,14 +171,17 @@ def register_stage(ctx: StageContext) -> None:
         rel = f"supervoxels/{sid}.nii.gz"
         maps[sid] = ctx.out_dir / rel
         if ctx.done(rel):
-            network_s[sid] = read_json(ctx.out_dir / "predict_s.json").get(sid) \
-                if ctx.done("predict_s.json") else None
+            earlier = read_json(ctx.out_dir / "predict.json").get("subjects", {}) if ctx.done("predict.json") else {}
+            network_s[sid] = earlier.get(sid, {}).get("seconds")
             continue
         t0 = time.perf_counter()
         labels = predict_supervoxels(bundle, image.array, device=p["device"])
         network_s[sid] = round(time.perf_counter() - t0, 3)
         save_volume(Volume(labels, downsample_affine(image.affine, 2)), ctx.path(rel), dtype=np.uint8)
-        atomic_write_json(ctx.path("predict_s.json"), {k: v for k, v in network_s.items() if k in needed})
+        own = {k: {"file": f"supervoxels/{k}.nii.gz", "seconds": network_s[k]} for k in needed
+               if k in network_s and k not in given}
+        atomic_write_json(ctx.path("predict.json"), {"bundle": str(Path(str(source)).resolve()),
+                                                     "grid": "input", "upsample": "nearest", "subjects": own})
     if p["atlas"]:
         t_shape = tuple(np.shape(bundle.template_supervoxels.array)[1:])
         want = tuple(s // 2 for s in load_image(image_path(dataset.template)).shape)
@@ -175,6 +189,10 @@ def register_stage(ctx: StageContext) -> None:
             raise ConfigError(f"{where}: atlas mode: the bundle's template supervoxels are on a {t_shape} grid, the "
                               f"dataset's template {dataset.template} needs {want}; is it the bundle's template?")
     del bundle
+
+    def crop(sid: str) -> str | None:
+        found = dataset.subject(sid).files.get("crop")
+        return str(dataset.path(found)) if (p["fov_mask"] and p["refine"] and found) else None
 
     jobs, records = [], {}
     for fixed, moving in pairs:
@@ -188,7 +206,8 @@ def register_stage(ctx: StageContext) -> None:
                      "moving_sv": str(maps[moving]), "fixed_image": str(image_path(fixed)),
                      "moving_image": str(image_path(moving)), "network_fixed_s": network_s.get(fixed),
                      "network_moving_s": network_s.get(moving), "device": str(p["device"]), "seed": int(p["seed"]),
-                     "flow": flow, "refine": bool(p["refine"]), "refine_options": refine_options})
+                     "flow": flow, "refine": bool(p["refine"]), "refine_options": refine_options,
+                     "fixed_crop": crop(fixed), "moving_crop": crop(moving)})
     if records:
         ctx.log(f"{len(records)} of {len(pairs)} pairs already registered by an earlier attempt")
     for rec in ctx.map(register_one, jobs, desc="register"):
@@ -196,7 +215,7 @@ def register_stage(ctx: StageContext) -> None:
     ordered = [records[q] for q in pairs]
     atomic_write_json(ctx.path("registrations.json"), {
         "method": method, "weights": str(Path(str(source)).resolve()), "atlas": bool(p["atlas"]),
-        "refine": bool(p["refine"]), "flow": flow, "refine_options": refine_options,
+        "refine": bool(p["refine"]), "flow": flow, "refine_options": refine_options, "fov_mask": bool(p["fov_mask"]),
         "pairs": [{"fixed": r["fixed"], "moving": r["moving"], "field": r["field"], "runtime_s": r["runtime_s"],
                    "timings_s": r["timings_s"]} for r in ordered],
         "network_s": network_s,
