@@ -16,7 +16,7 @@ from typing import Sequence
 
 # glibc returns every freed block above its mmap threshold (dynamic, at most 32 MB) to the kernel, so each of
 # torch's large temporaries is mapped and zero-filled anew: measured here, half of a CPU forward pass was kernel
-# time and a network pass took 8.7 s instead of 3.6 s (benchmarks/bench_register.py --allocator). The threshold
+# time and a network pass took 8.7 s instead of 3.6 s (python benchmarks/bench_allocator.py). The threshold
 # can only be raised above 32 MB from the environment at start-up, hence one re-execution of the command.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
 
