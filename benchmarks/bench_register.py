@@ -6,7 +6,8 @@ Part 1 -- ``network``: one network pass with the per-layer argmax on the stride-
 path: the same labels, argmax over the contiguous classes of the channels-last logits), in each setting: fp32
 or bf16 autocast, contiguous or channels-last 3-D memory, 1 or 2 torch threads; median of ``--repeats`` after
 a warm-up. Weights: ``--weights BUNDLE`` or random (``build_model(seed=0)``; the time does not depend on the
-weights).
+weights). Each part runs in a fresh process, by default with the ``slicreg`` command's allocator setting
+(``pipelines.cli.ALLOCATOR_ENV``; ``--allocator default`` for glibc's own).
 
 Part 2 -- ``pair``: the whole registration of one pair, step by step: network pass of the fixed and of the
 moving scan (bf16 autocast, channels-last, as ``slicreg register`` runs it), keypoints, features, Adam flow,
@@ -24,7 +25,8 @@ Images: ``--fixed``/``--moving`` preprocessed CT files (e.g. two of the cohort's
 synthetic CT-like pair.
 
     .venv/bin/python benchmarks/bench_register.py [--part network pair] [--repeats 3] [--threads 2]
-        [--weights BUNDLE] [--fixed F --moving M] [--maps synthetic|network] [--refine] [--json OUT]
+        [--weights BUNDLE] [--fixed F --moving M] [--maps synthetic|network] [--refine]
+        [--allocator command|default] [--json OUT]
 """
 
 from __future__ import annotations
@@ -130,9 +132,8 @@ def _synthetic_maps(seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
 def part_pair(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from slicreg.conventions import Volume
     from slicreg.fields import warp_image, warp_labels
-    from slicreg.io import load_image, save_field, save_volume
+    from slicreg.io import load_image, save_field
     from slicreg.register import predict_supervoxels, register_preprocessed
 
     torch.set_num_threads(args.threads)
@@ -221,6 +222,9 @@ def main() -> None:
     parser.add_argument("--maps", choices=["synthetic", "network"], default=None)
     parser.add_argument("--refine", action="store_true", help="include the MIND-SSC refinement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocator", choices=["command", "default"], default="command",
+                        help="command: the parts run with the `slicreg` command's allocator setting "
+                             "(pipelines.cli.ALLOCATOR_ENV, a high glibc mmap threshold); default: glibc's")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if bool(args.fixed) != bool(args.moving):
@@ -229,7 +233,20 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {mp.cpu_count()} CPUs; shapes: scans {SHAPE}, network input {NET_SHAPE}",
           flush=True)
-    results: dict[str, Any] = {"torch": torch.__version__, "cpus": mp.cpu_count(), "argv": sys.argv[1:]}
+    import os
+
+    if args.allocator == "command":  # read by glibc when each part's fresh process starts
+        from pipelines.cli import ALLOCATOR_ENV
+
+        os.environ.update(ALLOCATOR_ENV)
+    else:
+        from pipelines.cli import ALLOCATOR_ENV
+
+        for key in ALLOCATOR_ENV:
+            os.environ.pop(key, None)
+    print(f"allocator: {args.allocator}", flush=True)
+    results: dict[str, Any] = {"torch": torch.__version__, "cpus": mp.cpu_count(), "argv": sys.argv[1:],
+                               "allocator": args.allocator}
     ctx = mp.get_context("spawn")
     for name in args.part:
         print(f"[{name}]", flush=True)

@@ -76,6 +76,7 @@ __all__ = [
     "knn_graph",
     "knn_penalty",
     "centre_matching_init",
+    "Adam",
     "adam_keypoint_flow",
     "ThinPlateSpline",
     "tps_fit",
@@ -355,13 +356,14 @@ _LAYERS_PER_PASS = 1
 def _pooled_onehot(labels: Any, lut: Any, n_channels: int, pools: Sequence[tuple[int, int]]) -> Any:
     """All poolings of ``one_hot(lut[labels])``, exactly, with channel counts packed into int64 words.
 
-    The pooled one-hot is a box count: how many voxels of each channel fall in the window. Those counts are
-    small integers (at most 27 after the first (3, stride 2) pooling: 5 bits; at most 27 * 125 = 3375 after
-    the second: 12 bits), so several channels share one int64 word in bit fields of that width (16 channels
-    in 2 words at the 4 mm grid, 4 words at the 8 mm grid, instead of 16 floats). A box sum then adds whole
-    words -- one addition moves 12 or 5 channels, and no field can overflow into the next -- and the counts
-    are unpacked and divided once at the end. Exact and deterministic, with several times less memory
-    traffic than pooling a float one-hot volume.
+    The pooled one-hot is a box count: how many voxels of each channel fall in the window. After the first
+    (3, stride 2) pooling those counts are small integers (at most 27: 5 bits), so for the first pooling --
+    the one on the full grid -- several channels share one int64 word in bit fields of that width (16
+    channels in 2 words instead of 16 floats). A box sum then adds whole words -- one addition moves 12
+    channels, and no field can overflow into the next. The counts are then unpacked once, on the 8x smaller
+    grid, and the remaining poolings add them as float32, which is exact for integers below 2^24 (27 * 125 =
+    3375 after the second pooling); repacking them into wider fields instead costs more than it saves.
+    Exact and deterministic, with several times less memory traffic than pooling a float one-hot volume.
 
     Args:
         labels: ``(L, X, Y, Z)`` integer tensor.
@@ -410,13 +412,12 @@ def _pooled_onehot(labels: Any, lut: Any, n_channels: int, pools: Sequence[tuple
     for g0 in range(0, n_layers, group):
         g1 = min(n_layers, g0 + group)
         rows = labels[g0:g1].long() + (torch.arange(g0, g1, device=dev) * N_LABELS).reshape(-1, 1, 1, 1)
-        packed, bits = table[rows], bits0  # (G, X, Y, Z, W)
-        for i, (k, s) in enumerate(pools):
-            need = max(1, totals[i].bit_length())
-            if need != bits:
-                packed, bits = pack(unpack(packed, bits), need), need
-            packed = _box_sum(packed, k, s, (1, 2, 3))
-        counts = unpack(packed, bits)  # (G, X', Y', Z', n_channels)
+        packed = table[rows]  # (G, X, Y, Z, W)
+        if pools:
+            packed = _box_sum(packed, pools[0][0], pools[0][1], (1, 2, 3))
+        counts = unpack(packed, bits0).to(torch.float32 if total < 2 ** 24 else torch.int64)  # exact
+        for k, s in pools[1:]:
+            counts = _box_sum(counts, k, s, (1, 2, 3))  # (G, X', Y', Z', n_channels)
         if out is None:
             out = torch.empty(*counts.shape[1:4], n_layers, n_channels, dtype=torch.float32, device=dev)
         out[..., g0:g1, :] = counts.permute(1, 2, 3, 0, 4)
@@ -699,6 +700,40 @@ def _match_init(cf: Any, idf: Any, cm: Any, idm: Any, pts: Any, n_neighbours: in
     return torch.cat(out).float()
 
 
+class Adam:
+    """Adam (Kingma & Ba, ICLR 2015) for one tensor: the update of ``torch.optim.Adam`` (its single-tensor
+    path, the CPU default; the same operations in the same order, so the same numbers), without
+    ``torch.optim``, whose first use in a process imports ``torch._dynamo`` -- about 1.2 s here, paid by every
+    ``slicreg register`` run.
+
+    Args:
+        param: the tensor to optimise (updated in place).
+        lr: step size; may be changed between steps (``adam.lr = ...``).
+        betas: decay of the first and second moment averages.
+        eps: added to the root of the second moment.
+    """
+
+    def __init__(self, param: Any, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        torch = _torch()
+        self.param, self.lr, self.betas, self.eps = param, float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.steps = 0
+
+    def step(self, grad: Any) -> None:
+        """One update of ``param`` with the gradient ``grad`` (same shape)."""
+        torch = _torch()
+        beta1, beta2 = self.betas
+        with torch.no_grad():
+            self.steps += 1
+            self.exp_avg.lerp_(grad, 1 - beta1)
+            self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step = float(self.steps)
+            step_size = self.lr / (1 - beta1 ** step)
+            denom = (self.exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(self.eps)
+            self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
+
+
 def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, feature_stride: int = 2,
                        k: int = DEFAULTS["k"], alpha: float = DEFAULTS["alpha"], lr: float = DEFAULTS["lr"],
                        iterations: int = DEFAULTS["iterations"], init_disp: Any = None,
@@ -764,7 +799,7 @@ def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, 
         if disp.shape != pts.shape or not bool(torch.isfinite(disp).all()):
             raise InputError(f"init_disp: expected finite (N, 3) = {tuple(pts.shape)}, got {tuple(disp.shape)}")
     disp.requires_grad_(True)
-    opt = torch.optim.Adam([disp], lr=float(lr))
+    opt = Adam(disp, lr=float(lr))
 
     graph_penalty = knn_penalty(knn, n)
 
@@ -774,7 +809,7 @@ def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, 
     losses = torch.zeros(int(iterations), dtype=torch.float32, device=pts.device)
     wait, run = int(patience), int(iterations)
     for it in range(int(iterations)):
-        opt.zero_grad(set_to_none=True)
+        disp.grad = None
         mse = mse_of(disp)
         mse.backward()
         with torch.no_grad():  # the penalty's gradient is added by hand (see knn_penalty)
@@ -786,7 +821,7 @@ def adam_keypoint_flow(fixed_feats: Any, moving_feats: Any, points_vox: Any, *, 
             if recent > (1.0 - float(tol)) * before:
                 run = it + 1
                 break
-        opt.step()
+        opt.step(disp.grad)
     with torch.no_grad():
         mse = mse_of(disp)
         penalty = graph_penalty(disp)[0] / n

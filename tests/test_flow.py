@@ -422,3 +422,22 @@ def test_bad_inputs_raise_input_error(pair):
     with pytest.raises(InputError, match="fixed_feats, moving_feats"):
         flow.adam_keypoint_flow(np.zeros((4, 5, 5, 5), np.float32), np.zeros((4, 5, 5, 6), np.float32),
                                 np.zeros((10, 3), np.float32))
+
+
+def test_adam_equals_torch_optim_adam():
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(50, 3, generator=gen)
+    target = torch.randn(50, 3, generator=gen)
+    ours, ref = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    adam = flow.Adam(ours, lr=0.3, eps=1e-3)
+    opt = torch.optim.Adam([ref], lr=0.3, eps=1e-3)
+    for it in range(25):
+        for p in (ours, ref):
+            p.grad = None
+            ((p - target) ** 4).sum().backward()
+        adam.lr = 0.3 / (1 + it)  # a changing step, as the refinement's schedule
+        for group in opt.param_groups:
+            group["lr"] = 0.3 / (1 + it)
+        adam.step(ours.grad)
+        opt.step()
+        assert torch.equal(ours, ref), it

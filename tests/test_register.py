@@ -408,3 +408,19 @@ def test_network_labels_equal_bundle_predict_in_both_memory_formats():
             np.testing.assert_array_equal(ours, ref)
     with pytest.raises(InputError, match="divisible by 4"):
         network_labels(model, image[:7])
+
+
+def test_predict_command_output_grid_equals_bundle_predict(bundle_dir, tmp_path):
+    from slicreg.bundle import load_bundle, predict
+    from slicreg.io import load_volume
+    from slicreg.network import HU_SCALE, network_input
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    img = ct_like(PREP, seed=6)
+    save_volume(Volume(img, aff), tmp_path / "ct.nii.gz")
+    assert _main(["predict", "--weights", bundle_dir, "--image", tmp_path / "ct.nii.gz", "--grid", "output",
+                  "--out", tmp_path / "sv.nii.gz"]) == 0
+    got = load_volume(tmp_path / "sv.nii.gz", kind="labels", channels=True).array
+    hu = network_input(img, from_2mm=True) * np.float32(HU_SCALE)
+    ref = predict(load_bundle(bundle_dir), hu, output="labels", grid="output")
+    np.testing.assert_array_equal(got, ref)

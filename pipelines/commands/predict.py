@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from slicreg.errors import InputError
     from slicreg.io import load_image, save_volume
     from slicreg.network import HU_SCALE, network_input
+    from slicreg.register import network_labels
 
     t0 = time.perf_counter()
     bundle = load_bundle(args.weights, device=args.device)
@@ -49,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.image}: the 4 mm grid {hu.shape} must have sizes divisible by 4 (the preprocessed "
                          f"192 x 160 x 256 gives 96 x 80 x 128)")
     t1 = time.perf_counter()
-    labels = predict(bundle, hu, output="labels", grid=args.grid, device=args.device,
-                     dtype=torch.float32 if args.fp32 else None)
+    dtype = torch.float32 if args.fp32 else None
+    if args.grid == "output":  # the same labels, with the cheaper argmax of slicreg.register.network_labels
+        labels = network_labels(bundle, hu, device=args.device, dtype=dtype)
+    else:
+        labels = predict(bundle, hu, output="labels", grid=args.grid, device=args.device, dtype=dtype)
     t2 = time.perf_counter()
     if args.grid == "input":
         affine = affine_4mm

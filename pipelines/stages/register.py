@@ -113,7 +113,7 @@ def register_stage(ctx: StageContext) -> None:
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.errors import ConfigError
     from slicreg.flow import supervoxel_flow
-    from slicreg.io import atomic_write_json, load_image, read_json, save_volume
+    from slicreg.io import atomic_write_json, load_image, load_volume, read_json, save_volume, sha256_file
     from slicreg.register import predict_supervoxels, refine_field
 
     p = ctx.params
@@ -139,6 +139,19 @@ def register_stage(ctx: StageContext) -> None:
     def image_path(sid: str) -> Path:
         return Path(dataset.path(dataset.subject(sid).image))
 
+    if p["atlas"]:
+        if not dataset.template:
+            raise ConfigError(f"{where}: atlas = true needs a dataset with a template ({dataset.root})")
+        t_shape = tuple(np.shape(bundle.template_supervoxels.array)[1:])
+        want = tuple(s // 2 for s in load_image(image_path(dataset.template)).shape)
+        if t_shape != want:
+            raise ConfigError(f"{where}: atlas mode: the bundle's template supervoxels are on a {t_shape} grid, the "
+                              f"dataset's template {dataset.template} needs {want}; is it the bundle's template?")
+        expected_sha = bundle.card.get("template", {}).get("image_sha256")
+        if expected_sha and sha256_file(image_path(dataset.template)) != expected_sha:
+            ctx.log(f"warning: atlas mode: the dataset's template image {image_path(dataset.template)} is not the "
+                    f"image the bundle's template supervoxels were made on (sha256 differs)")
+
     # supervoxel maps: given by a predict stage, predicted here, or (atlas) the template's own
     given: dict[str, Path] = {}
     given_s: dict[str, float | None] = {}
@@ -160,8 +173,6 @@ def register_stage(ctx: StageContext) -> None:
         image = load_image(image_path(sid))
         expected = tuple(s // 2 for s in image.shape)
         if sid in given:
-            from slicreg.io import load_volume
-
             shape = load_volume(given[sid], kind="labels", channels=True).array.shape
             if tuple(shape[1:]) != expected:
                 raise ConfigError(f"{where}: predicted maps {given[sid]} have grid {shape[1:]}, expected the 4 mm grid "
@@ -182,12 +193,6 @@ def register_stage(ctx: StageContext) -> None:
                if k in network_s and k not in given}
         atomic_write_json(ctx.path("predict.json"), {"bundle": str(Path(str(source)).resolve()),
                                                      "grid": "input", "upsample": "nearest", "subjects": own})
-    if p["atlas"]:
-        t_shape = tuple(np.shape(bundle.template_supervoxels.array)[1:])
-        want = tuple(s // 2 for s in load_image(image_path(dataset.template)).shape)
-        if t_shape != want:
-            raise ConfigError(f"{where}: atlas mode: the bundle's template supervoxels are on a {t_shape} grid, the "
-                              f"dataset's template {dataset.template} needs {want}; is it the bundle's template?")
     del bundle
 
     def crop(sid: str) -> str | None:
