@@ -74,6 +74,7 @@ the same tool version, settings, threads and seed, is not run again unless ``--f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -118,6 +119,10 @@ PEERS: dict[str, dict[str, str]] = {
     "slicreg": {"label": "slicreg", "kind": "slicreg", "module": "slicreg.register", "dist": "slicreg",
                 "settings": "slicreg.register.register_preprocessed, trained bundle, atlas mode (template's own "
                             "supervoxels), flow defaults"},
+    "slicreg-refine": {"label": "slicreg + refine", "kind": "slicreg", "module": "slicreg.register",
+                       "dist": "slicreg",
+                       "settings": "as slicreg, then slicreg.register.refine_field (MIND-SSC instance "
+                                   "refinement, REFINE_DEFAULTS), as `slicreg register --refine`"},
 }
 DEEDS_BINARIES = ("linearBCV", "deedsBCV")
 
@@ -367,12 +372,14 @@ def run_slicreg_align(fixed_path: Path, moving_path: Path, work: Path, *, thread
 
 
 def run_slicreg(fixed_path: Path, moving_path: Path, work: Path, *, threads: int, seed: int, quick: bool,
-                bundle: str | None = None, atlas: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                bundle: str | None = None, atlas: bool = False, refine: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """slicreg itself: the network predicts the supervoxels, the supervoxel flow gives the field.
 
     ``atlas``: the moving scan is the bundle's template, whose own supervoxels (stored in the bundle) stand for
-    the moving side, as the paper registers scans to its template; otherwise both sides are predicted. The
-    bundle is loaded inside the timed part (a user's run pays for it too)."""
+    the moving side, as the paper registers scans to its template; otherwise both sides are predicted.
+    ``refine``: then the MIND-SSC instance refinement (``slicreg register --refine``). The bundle is loaded
+    inside the timed part (a user's run pays for it too)."""
     import torch
 
     from slicreg.bundle import load_bundle
@@ -388,14 +395,15 @@ def run_slicreg(fixed_path: Path, moving_path: Path, work: Path, *, threads: int
     kwargs: dict[str, Any] = {}
     if atlas:
         kwargs = {"template_supervoxels": b.template_supervoxels.array, "moving_is_template": True}
-    res = register_preprocessed(b.model, fixed.array, moving.array, seed=seed, **kwargs)
+    res = register_preprocessed(b.model, fixed.array, moving.array, seed=seed, refine=refine, **kwargs)
     seconds = time.perf_counter() - t0
     return np.asarray(res.disp_vox, dtype=np.float32), fixed.affine, {
-        "registration_s": seconds, "atlas": atlas, "timings_s": res.info.get("timings_s")}
+        "registration_s": seconds, "atlas": atlas, "refine": refine, "timings_s": res.info.get("timings_s")}
 
 
 RUNNERS = {"ants": run_ants, "greedy": run_greedy, "elastix": run_elastix, "convexadam": run_convexadam,
-           "deeds": run_deeds, "slicreg-align": run_slicreg_align, "slicreg": run_slicreg}
+           "deeds": run_deeds, "slicreg-align": run_slicreg_align, "slicreg": run_slicreg,
+           "slicreg-refine": functools.partial(run_slicreg, refine=True)}
 
 
 def find_deeds_binary(name: str, folder: str | None) -> str | None:
@@ -405,6 +413,15 @@ def find_deeds_binary(name: str, folder: str | None) -> str | None:
         if cand.is_file() and os.access(cand, os.X_OK):
             return str(cand)
     return shutil.which(name)
+
+
+def _git_commit() -> str:
+    """The repository's HEAD commit (``"unknown"`` outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _tool_version(peer: str) -> str:
@@ -427,7 +444,7 @@ def runner_main(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.run_peer == "deeds":
         extra["deeds_dir"] = args.deeds_dir
-    if args.run_peer == "slicreg":
+    if args.run_peer in ("slicreg", "slicreg-refine"):
         extra.update(bundle=args.slicreg_bundle, atlas=args.atlas)
     disp, affine, info = RUNNERS[args.run_peer](Path(args.fixed), Path(args.moving), work, threads=args.threads,
                                                 seed=args.seed, quick=args.quick, **extra)
@@ -503,7 +520,7 @@ def locate_peers(names: list[str], *, peers_python: str, deeds_dir: str | None, 
                                  + "; deeds is not on a package registry: build it from its source")
         else:  # slicreg
             ok, what = _probe(sys.executable, name) if name == "slicreg-align" else (True, "")
-            if name == "slicreg":
+            if name in ("slicreg", "slicreg-refine"):
                 import importlib.util
 
                 have = [m for m in ("slicreg.register", "slicreg.bundle") if importlib.util.find_spec(m) is None]
@@ -925,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_check:
         with tempfile.TemporaryDirectory(prefix="peers_check_") as tmp:
             for n, where in available.items():
-                if n == "slicreg":
+                if n in ("slicreg", "slicreg-refine"):
                     checks[n] = {"ok": None, "note": "not checked here: needs a network trained on this anatomy"}
                     continue
                 checks[n] = conversion_check(n, where, Path(tmp), threads=args.threads, seed=args.seed,
@@ -965,6 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         stamp = {"version": where["version"], "settings": PEERS[n]["settings"], "threads": args.threads,
                  "seed": args.seed}
+        if PEERS[n]["kind"] == "slicreg":  # this repository changes under one version number
+            stamp["commit"] = _git_commit()
+            if n != "slicreg-align":
+                sums = Path(args.slicreg_bundle) / "SHA256SUMS"
+                stamp["bundle"] = hashlib.sha256(sums.read_bytes()).hexdigest() if sums.is_file() else \
+                    str(Path(args.slicreg_bundle).resolve())
         for p in pairs:
             field = folder / f"disp_{p.fixed}_{p.moving}.nii.gz"
             record = folder / f"run_{p.fixed}_{p.moving}.json"

@@ -24,9 +24,11 @@ features, Adam, dense field reported separately), ``warp`` (image + labels), ``e
 HD95, Jacobian, field error), ``inference-fp32`` / ``inference-bf16`` (one scan's supervoxel maps as
 :func:`slicreg.register.predict_supervoxels` makes them: network, argmax on the stride-2 grid, nearest
 upsampling), ``inference-linear`` (bf16 with the reference's linear upsampling of the logits, the ``"linear"``
-option), ``train-step-faithful`` (fp32, dense head, torch's own backward, batch 1) and ``train-step-optimised``
+option), ``train-step-faithful`` (fp32, dense head, torch's own backward, batch 1), ``train-step-optimised``
 (the :class:`slicreg.train.TrainConfig` defaults -- bf16, channels-last, compiled depthwise backward, head on
-2048 voxels -- at batch 1; its first, compiling step is reported apart).
+2048 voxels -- at batch 1; its first, compiling step is reported apart), ``register-pair`` / ``register-atlas``
+(what ``slicreg register`` computes for two new scans / a scan and the template with the shipped weights
+``weights/slicreg-cohort-v1``: network pass(es), flow, dense field, warping the moving image).
 
 Scaling (``--scales``, default 0.5, 1, 1.5 per axis): ``slic-layer`` (one SLIC layer), ``deeds-import``,
 ``align``, ``flow``, ``warp``, ``evaluate`` and ``inference-bf16`` at each scale (align at 1.5x only with
@@ -72,8 +74,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
 
 STAGES = ("preprocess", "cohort-source", "cohort-subject", "cohort-true-field", "supervoxels", "deeds-import",
           "align", "flow", "warp", "evaluate", "inference-fp32", "inference-bf16", "inference-linear",
-          "train-step-faithful",
-          "train-step-optimised")
+          "train-step-faithful", "train-step-optimised", "register-pair", "register-atlas")
 SCALED = ("slic-layer", "deeds-import", "align", "flow", "warp", "evaluate", "inference-bf16")
 KEYPOINTS = (512, 1024, 2048, 4096, 8192)
 
@@ -429,6 +430,44 @@ def case_train_step_optimised(work: Path, scale: float, opts: dict[str, Any]) ->
     return _train_step(work, faithful=False)
 
 
+SHIPPED_WEIGHTS = REPO / "weights" / "slicreg-cohort-v1"
+
+
+def _register(work: Path, scale: float, atlas: bool) -> dict[str, Any]:
+    """The whole ``slicreg register`` computation on preprocessed scans with the shipped weights bundle
+    (:func:`slicreg.register.register_preprocessed`: network pass(es) in bf16, keypoints, features, Adam, dense
+    field) plus warping the moving image with the field; loading the bundle and the files is not included.
+    ``atlas``: the moving scan is the template, whose own supervoxels stand for it (one network pass)."""
+    from slicreg.bundle import load_bundle
+    from slicreg.fields import warp_image
+    from slicreg.register import register_preprocessed
+
+    fixed, _, _ = template(work, scale)
+    moving = moving_scan(fixed, seed=3)
+    bundle = load_bundle(SHIPPED_WEIGHTS)
+    kwargs: dict[str, Any] = {}
+    if atlas:
+        kwargs = {"template_supervoxels": bundle.template_supervoxels.array, "moving_is_template": True}
+
+    def run() -> Any:
+        res = register_preprocessed(bundle.model, fixed, moving, seed=0, **kwargs)
+        warp_image(moving, res.disp_vox, padding="border")
+        return res
+
+    res, m = measure(run)
+    steps = {k: round(float(v), 3) for k, v in (res.info.get("timings_s") or {}).items()}
+    return {**m, "size": f"{fixed.shape}, {'one network pass (atlas)' if atlas else 'two network passes'}",
+            "parts_s": steps, "weights": SHIPPED_WEIGHTS.name}
+
+
+def case_register_pair(work: Path, scale: float, opts: dict[str, Any]) -> dict[str, Any]:
+    return _register(work, scale, atlas=False)
+
+
+def case_register_atlas(work: Path, scale: float, opts: dict[str, Any]) -> dict[str, Any]:
+    return _register(work, scale, atlas=True)
+
+
 CASES: dict[str, Callable[[Path, float, dict[str, Any]], dict[str, Any]]] = {
     "preprocess": case_preprocess, "cohort-source": case_cohort_source, "cohort-subject": case_cohort_subject,
     "cohort-true-field": case_cohort_true_field, "supervoxels": case_supervoxels, "slic-layer": case_slic_layer,
@@ -436,6 +475,7 @@ CASES: dict[str, Callable[[Path, float, dict[str, Any]], dict[str, Any]]] = {
     "evaluate": case_evaluate, "inference-fp32": case_inference_fp32, "inference-bf16": case_inference_bf16,
     "inference-linear": case_inference_linear,
     "train-step-faithful": case_train_step_faithful, "train-step-optimised": case_train_step_optimised,
+    "register-pair": case_register_pair, "register-atlas": case_register_atlas,
 }
 DESCRIPTIONS = {
     "preprocess": "preprocessing (reorient, 2 mm, crop) of the example CT",
@@ -454,6 +494,8 @@ DESCRIPTIONS = {
     "inference-linear": "network inference, bf16, logits upsampled linearly before the argmax (reference rule)",
     "train-step-faithful": "training step, faithful (fp32, dense head, native backward)",
     "train-step-optimised": "training step, optimised (bf16, channels-last, compiled backward, head on 2048 voxels)",
+    "register-pair": "slicreg register, two new scans (2 network passes, flow, dense field, warp)",
+    "register-atlas": "slicreg register, scan -> template (1 network pass, flow, dense field, warp)",
 }
 
 
@@ -719,14 +761,16 @@ def _summary_lines(stages: dict[str, Any] | None, peers: dict[str, Any] | None) 
     """A few plain sentences computed from the measurements (nothing here is typed in by hand)."""
     out = []
     inf, flow = _row(stages, "inference-bf16"), _row(stages, "flow")
-    if inf and flow:
-        pair = inf["wall_s"] + flow["wall_s"]
-        out.append(f"- Registering a scan to the template with slicreg (atlas mode: one network prediction in bf16, "
-                   f"then the supervoxel flow) measured {inf['wall_s']:.1f} s + {flow['wall_s']:.1f} s = "
-                   f"{pair:.1f} s wall ({inf['cpu_s'] + flow['cpu_s']:.1f} s CPU) on 2 threads, peak "
-                   f"{max(inf['peak_rss_mb'], flow['peak_rss_mb']) / 1024:.1f} GB; two predicted scans add one more "
-                   f"prediction. This is the cost on synthetic inputs with an untrained network; slicreg's accuracy "
-                   f"is measured only once a trained bundle is run by `benchmarks/peers.py`.")
+    for case, what in (("register-pair", "two new scans (both network passes in bf16"),
+                       ("register-atlas", "a scan to the template (one network pass in bf16")):
+        row = _row(stages, case)
+        if row:
+            parts = row.get("parts_s") or {}
+            steps = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+            out.append(f"- Registering {what}, keypoints, features, Adam, dense field, warping the moving scan; "
+                       f"shipped weights, preprocessed 192 x 160 x 256 inputs) measured {row['wall_s']:.1f} s wall, "
+                       f"{row['cpu_s']:.1f} s CPU on 2 threads, peak {row['peak_rss_mb'] / 1024:.1f} GB"
+                       + (f" (steps, s: {steps})." if steps else "."))
     fp32 = _row(stages, "inference-fp32")
     if inf and fp32:
         out.append(f"- bf16 autocast makes the prediction {fp32['cpu_s'] / max(inf['cpu_s'], 1e-9):.1f}x cheaper in "
