@@ -44,7 +44,7 @@ from slicreg.errors import ConfigError, InputError
 import torch
 import torch.nn.functional as F
 
-from slicreg.network import N_CLASSES, N_LAYERS, SlicRegNet, build_model, network_input
+from slicreg.network import HU_SCALE, N_CLASSES, N_LAYERS, SlicRegNet, build_model, network_input
 
 __all__ = [
     "TrainConfig",
@@ -92,6 +92,12 @@ class TrainConfig:
             spends most of the head on background, which the network learns within ~50 steps; a share of
             ~0.5 weights supervoxel (foreground) cross-entropy up ~3x against background, a class-balancing
             change of the objective made to learn in a CPU budget (docs/network.md).
+        fov_crop_probability: share of the scans in a batch that are cut to a partial field of view before the
+            affine augmentation (:func:`crop_field_of_view`): an axial slab ``fov_crop_mm`` thick through the
+            organs is kept, the rest becomes air (image) and background (targets), and the slab is moved to the
+            middle of the axial axis, as the preprocessing centres a thin scan. Teaches the network that
+            partial scans (the cohort's 40 mm test slabs) show only part of the anatomy. 0 = off.
+        fov_crop_mm: ``(min, max)`` slab thickness in mm, drawn uniformly.
         precision: ``"auto"`` (bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA), ``"bf16"``, ``"fp16"``
             or ``"fp32"``.
         channels_last: channels-last 3-D memory format for model and input.
@@ -112,6 +118,8 @@ class TrainConfig:
     augment_sigma: float = 0.07
     head_voxels: int = 2048
     foreground_fraction: float = 0.0
+    fov_crop_probability: float = 0.0
+    fov_crop_mm: tuple[float, float] = (32.0, 120.0)
     precision: str = "auto"
     channels_last: bool = True
     checkpointing: bool = False
@@ -132,6 +140,9 @@ class TrainConfig:
             (0.0 <= self.foreground_fraction <= 1.0, "foreground_fraction must be in [0, 1]"),
             (self.foreground_fraction == 0.0 or self.head_voxels > 0,
              "foreground_fraction needs head_voxels > 0 (the dense head sees every voxel)"),
+            (0.0 <= self.fov_crop_probability <= 1.0, "fov_crop_probability must be in [0, 1]"),
+            (len(self.fov_crop_mm) == 2 and 0 < float(self.fov_crop_mm[0]) <= float(self.fov_crop_mm[1]),
+             f"fov_crop_mm must be (min, max) with 0 < min <= max, got {self.fov_crop_mm!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.backward in BACKWARDS, f"backward must be one of {BACKWARDS}"),
             (self.val_every >= 1, "val_every must be >= 1"),
@@ -142,6 +153,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"training config: {message}")
         object.__setattr__(self, "val_ids", tuple(str(v) for v in self.val_ids))
+        object.__setattr__(self, "fov_crop_mm", tuple(float(v) for v in self.fov_crop_mm))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "training config") -> "TrainConfig":
@@ -153,6 +165,12 @@ class TrainConfig:
         kwargs = dict(values)
         if "val_ids" in kwargs:
             kwargs["val_ids"] = tuple(kwargs["val_ids"] or ())
+        if "fov_crop_mm" in kwargs:
+            try:
+                kwargs["fov_crop_mm"] = tuple(float(v) for v in kwargs["fov_crop_mm"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: fov_crop_mm must be two numbers (mm), got "
+                                  f"{kwargs['fov_crop_mm']!r}") from None
         try:
             return cls(**kwargs)
         except TypeError as exc:
@@ -161,11 +179,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["val_ids"] = list(self.val_ids)
+        d["fov_crop_mm"] = list(self.fov_crop_mm)
         return d
 
 
 # Keys that may change when a run is resumed (they do not change what is learnt up to the current step).
 RESUMABLE_CHANGES = ("iterations", "val_every", "checkpoint_every", "device")
+# Augmentation keys that may be switched when a run is resumed: the steps from then on use the new value, and the
+# change is recorded (``Trainer.config_changes``, the model card) with the step it took effect.
+RESUMABLE_AUGMENTATION = ("fov_crop_probability", "fov_crop_mm")
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -269,6 +291,59 @@ def choose_foreground_voxels(candidates: torch.Tensor, labels: torch.Tensor, n: 
         picks.append(torch.cat([fg_idx, rest]))
     pick = torch.stack(picks)
     return candidates.gather(1, pick), labels.gather(2, pick.unsqueeze(1).expand(-1, labels.shape[1], -1))
+
+
+AIR_HU = -1000.0  # what the cohort (and a scanner) shows outside a partial field of view
+INPUT_SPACING_MM = 4.0  # the network input's voxel size (2 mm preprocessed scans pooled 2x2x2)
+
+
+def crop_field_of_view(images: torch.Tensor, targets: torch.Tensor, *, probability: float,
+                       thickness_vox: tuple[float, float], generator: torch.Generator | None = None,
+                       air: float = AIR_HU / HU_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut some scans of a batch to a thin axial field of view, as a partial scan is seen after preprocessing.
+
+    For each scan, with ``probability``: a thickness ``t`` is drawn uniformly from ``thickness_vox`` and a slab
+    centre uniformly between the first and last axial plane (last array axis, superior-inferior in RAS) that hold
+    foreground (layer 0's target > 0); planes outside ``[c - t/2, c + t/2)`` become ``air`` in the image and
+    background (0) in the targets; then the scan is rolled along that axis so that the slab's centre is the
+    middle plane (the preprocessing centres a scan on its own soft tissue). Scans not drawn, or without
+    foreground, are returned unchanged. Nothing is drawn from ``generator`` when ``probability`` is 0.
+
+    Args:
+        images: ``(B, 1, X, Y, Z)`` float network input (HU / HU_SCALE).
+        targets: ``(B, 16, X, Y, Z)`` integer labels on the same grid.
+        probability: per-scan probability of the cut, in [0, 1].
+        thickness_vox: ``(min, max)`` slab thickness in voxels of this grid.
+        generator: random source.
+        air: image value outside the slab (default -1000 HU in network units).
+
+    Returns:
+        New ``(images, targets)`` tensors (the inputs are not modified).
+    """
+    if probability <= 0:
+        return images, targets
+    b, z = images.shape[0], images.shape[-1]
+    draw = torch.rand(b, 3, generator=generator)  # (apply?, thickness, centre) per scan
+    images, targets = images.clone(), targets.clone()
+    lo, hi = float(thickness_vox[0]), float(thickness_vox[1])
+    for i in range(b):
+        if float(draw[i, 0]) >= probability:
+            continue
+        planes = torch.nonzero((targets[i, 0] > 0).flatten(0, 1).any(dim=0)).flatten()
+        if planes.numel() == 0:
+            continue
+        t = max(1, int(round(lo + (hi - lo) * float(draw[i, 1]))))
+        first, last = int(planes[0]), int(planes[-1])
+        c = first + int(round((last - first) * float(draw[i, 2])))
+        start, stop = max(0, c - t // 2), min(z, c - t // 2 + t)
+        keep = torch.zeros(z, dtype=torch.bool, device=images.device)
+        keep[start:stop] = True
+        images[i][..., ~keep] = air
+        targets[i][..., ~keep] = 0
+        shift = z // 2 - (start + stop) // 2
+        images[i] = torch.roll(images[i], shift, dims=-1)
+        targets[i] = torch.roll(targets[i], shift, dims=-1)
+    return images, targets
 
 
 def augment_batch(images: torch.Tensor, targets: torch.Tensor, theta: torch.Tensor, *,
@@ -408,6 +483,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(_generator_seed(config.seed, 1, rank))
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
+        self.config_changes: list[dict[str, Any]] = []  # augmentation switched on resume: {"iteration", key: [old, new]}
         self.elapsed_s = 0.0
 
     # ---- one step
@@ -428,6 +504,10 @@ class Trainer:
         Draws the augmentation, the voxel subset and the dropout mask from :attr:`generator`."""
         cfg = self.config
         b = images.shape[0]
+        if cfg.fov_crop_probability > 0:
+            images, targets = crop_field_of_view(images, targets, probability=cfg.fov_crop_probability,
+                                                 thickness_vox=tuple(v / INPUT_SPACING_MM for v in cfg.fov_crop_mm),
+                                                 generator=self.generator)
         theta = random_affines(b, sigma=cfg.augment_sigma, generator=self.generator)
         out_size = int(np.prod([s // 2 for s in images.shape[2:]]))
         if cfg.head_voxels and cfg.foreground_fraction > 0:
@@ -505,6 +585,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "world_size": self.world_size,
             "history": list(self.history),
+            "config_changes": list(self.config_changes),
             "elapsed_s": self.elapsed_s,
         }
 
@@ -514,6 +595,8 @@ class Trainer:
         defaults = TrainConfig().to_dict()  # checkpoints written before a key existed had its default
         old = {**defaults, **dict(state["config"])}
         diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        switched = {k: [old.get(k), new.get(k)] for k in diff if k in RESUMABLE_AUGMENTATION}
+        diff = [k for k in diff if k not in RESUMABLE_AUGMENTATION]
         if diff:
             raise ConfigError("cannot resume: the checkpoint was trained with other settings for " + ", ".join(
                 f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff))
@@ -530,6 +613,10 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
+        self.config_changes = list(state.get("config_changes", []))
+        if switched:
+            self.config_changes.append({"iteration": int(state["iteration"]), **switched})
+            log.warning("resumed at step %d with changed augmentation: %s", int(state["iteration"]), switched)
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
 
 
@@ -889,6 +976,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
             "final_train_loss_mean_last_25": float(np.mean(tail)) if tail else None,
             "validation": final_val,
             "validation_curve": [{k: h[k] for k in ("iteration", "val_loss", "val_accuracy")} for h in vals],
+            "config_changes": trainer.config_changes,
             "hardware": hardware_summary(trainer.device, world),
             "precision": trainer.precision,
         }

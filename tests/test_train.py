@@ -336,3 +336,62 @@ checkpoint_every = 1
     assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
     assert (run / "bundle" / "model_card.json").is_file()
     assert read_json(run / "bundle" / "model_card.json")["training"]["hardware"]["processes"] == 2
+
+
+def test_crop_field_of_view_keeps_a_centred_slab():
+    from slicreg.train import AIR_HU, crop_field_of_view
+    from slicreg.network import HU_SCALE
+
+    z = 40
+    images = torch.arange(2 * 6 * 5 * z, dtype=torch.float32).reshape(2, 1, 6, 5, z)
+    targets = torch.zeros(2, 16, 6, 5, z, dtype=torch.uint8)
+    targets[:, :, 2:4, 1:4, 10:30] = 7  # foreground planes 10..29
+    gen = torch.Generator().manual_seed(3)
+    out_i, out_t = crop_field_of_view(images, targets, probability=1.0, thickness_vox=(6, 6), generator=gen)
+    assert torch.equal(images, torch.arange(2 * 6 * 5 * z, dtype=torch.float32).reshape(2, 1, 6, 5, z))  # untouched
+    air = AIR_HU / HU_SCALE
+    for i in range(2):
+        kept = (out_i[i, 0] != air).any(dim=0).any(dim=0)
+        planes = torch.nonzero(kept).flatten()
+        assert len(planes) == 6 and int(planes[-1] - planes[0]) == 5  # one slab of 6 planes
+        assert int(planes[0] + planes[-1] + 1) // 2 == z // 2  # moved to the middle
+        shift = int(planes[0]) - int(torch.nonzero((images[i, 0] == out_i[i, 0, :, :, planes[0]][..., None])
+                                                    .all(0).all(0)).flatten()[0])
+        # image and targets moved together, and the slab's planes are the original planes
+        assert torch.equal(out_i[i, ..., planes], torch.roll(images[i], shift, dims=-1)[..., planes])
+        assert torch.equal(out_t[i, ..., planes], torch.roll(targets[i], shift, dims=-1)[..., planes])
+        assert (out_t[i][..., ~kept] == 0).all()
+        # the slab passes through the organs' planes
+        assert (out_t[i] > 0).any()
+    # probability 0: unchanged, and nothing drawn
+    gen0 = torch.Generator().manual_seed(3)
+    same_i, same_t = crop_field_of_view(images, targets, probability=0.0, thickness_vox=(6, 6), generator=gen0)
+    assert same_i is images and same_t is targets
+    assert torch.equal(gen0.get_state(), torch.Generator().manual_seed(3).get_state())
+    # no foreground: unchanged
+    empty = torch.zeros_like(targets)
+    e_i, e_t = crop_field_of_view(images, empty, probability=1.0, thickness_vox=(6, 6), generator=gen)
+    assert torch.equal(e_i, images) and torch.equal(e_t, empty)
+
+
+def test_fov_crop_trains_and_can_be_switched_on_when_resuming(tmp_path):
+    data = _tiny_data(2)
+    base = TrainConfig(iterations=2, **TINY)
+    tr = Trainer(base)
+    train_loop(tr, data, progress=False)
+    cropped = TrainConfig(iterations=4, **{**TINY, "fov_crop_probability": 0.5, "fov_crop_mm": [16, 40]})
+    assert cropped.fov_crop_mm == (16.0, 40.0)
+    resumed = Trainer(cropped)
+    resumed.load_state_dict(tr.state_dict())
+    assert resumed.config_changes == [{"iteration": 2, "fov_crop_probability": [0.0, 0.5],
+                                       "fov_crop_mm": [[32.0, 120.0], [16.0, 40.0]]}]
+    train_loop(resumed, data, progress=False)
+    assert resumed.iteration == 4 and all(np.isfinite(h["loss"]) for h in resumed.history if "loss" in h)
+    # the record survives the next checkpoint
+    again = Trainer(cropped)
+    again.load_state_dict(resumed.state_dict())
+    assert again.config_changes == resumed.config_changes
+    with pytest.raises(ConfigError, match="fov_crop_probability"):
+        TrainConfig(fov_crop_probability=2.0)
+    with pytest.raises(ConfigError, match="fov_crop_mm"):
+        TrainConfig.from_dict({"fov_crop_mm": [40, 10]})
