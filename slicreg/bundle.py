@@ -411,6 +411,10 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         "```",
         "",
     ]
+    for change in tr.get("config_changes") or []:  # augmentation switched when the run was resumed
+        what = "; ".join(f"`{k}` {v[0]!r} -> {v[1]!r}" for k, v in change.items() if k != "iteration")
+        lines += [f"- from step {change.get('iteration')} on (the run was resumed with a changed setting): {what}; "
+                  f"the configuration above is the final one", ""]
     curve = tr.get("validation_curve") or []
     if curve:
         lines += ["Validation curve:", "", "| step | val loss | val accuracy |", "|---|---|---|"]

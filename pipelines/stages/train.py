@@ -10,7 +10,7 @@ from pipelines.runner import StageContext, stage
 #   seed = None -> the pipeline's seed; threads = None -> torch's default
 TRAIN_PARAMS = {
     "iterations": 400, "batch_size": 4, "lr": 0.004, "seed": None, "augment_sigma": 0.07, "head_voxels": 2048,
-    "foreground_fraction": 0.0,
+    "foreground_fraction": 0.0, "fov_crop_probability": 0.0, "fov_crop_mm": [32.0, 120.0],
     "precision": "auto", "channels_last": True, "checkpointing": False, "backward": "compiled", "val_every": 50,
     "val_subjects": 2, "val_ids": [], "checkpoint_every": 10, "device": "cpu", "threads": None,
 }
