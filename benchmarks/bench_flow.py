@@ -12,9 +12,11 @@ voxels) by nearest neighbour. Printed: time per step (keypoints, features, Adam,
 interior (fine voxels = 2 mm), peak RSS. ``--compare KERNEL:LAM ...`` adds dense fields from the same keypoint
 displacements with other TPS kernels / regularisations, also from keypoint displacements with added noise
 (``--noise`` fine voxels, Gaussian, plus 5 % outliers of 8x that), which stands in for predicted supervoxels.
+``--previous`` also runs the flow with its previous algorithms (autograd Adam, TPS evaluated point by point and
+``interpolate``), alternating with the current ones, and prints both and their difference.
 
     .venv/bin/python benchmarks/bench_flow.py [--threads 2] [--iters 20] [--init zero|centres]
-        [--patience 10 --tol 3e-3]
+        [--patience 10 --tol 3e-3] [--previous]
         [--compare r:0 r:30 r:100 r2logr:1000 r2logr:10000] [--noise 2]
 """
 
@@ -118,13 +120,26 @@ def bench_flow(args) -> None:
     print(f"[flow] synthetic maps 16 x {SV_SHAPE} made in {time.perf_counter() - t:.1f} s; "
           f"map: sine amplitude {args.amp} + shift {tuple(args.shift)} sv voxels")
     fixed_t, moving_t = torch.from_numpy(fixed), torch.from_numpy(moving)
-    disp, info = flow.supervoxel_flow(fixed_t, moving_t, init=args.init, patience=args.patience, tol=args.tol,
-                                      device=args.device)
-    for key, what in [("timings_s", "wall"), ("cpu_s", "CPU (all threads)")]:
-        tim = info[key]
-        print(f"  {what:17s}: keypoints {tim['keypoints']:.2f} s, features (both) {tim['features']:.2f} s, Adam "
-              f"({info['iterations_run']} it, {info['params']['n_keypoints']} points) {tim['adam']:.2f} s, "
-              f"dense TPS {tim['dense']:.2f} s -> total {tim['total']:.2f} s")
+    variants = {"current": {}}
+    if args.previous:  # the previous algorithms, alternately in the same process
+        variants["previous"] = {"gradient": "autograd", "evaluation": "points"}
+    results = {}
+    for rep in range(2 if args.previous else 1):
+        for name, opts in variants.items():
+            results[name] = flow.supervoxel_flow(fixed_t, moving_t, init=args.init, patience=args.patience,
+                                                 tol=args.tol, device=args.device, **opts)
+    for name, (d, inf) in results.items():
+        for key, what in [("timings_s", "wall"), ("cpu_s", "CPU (all threads)")]:
+            tim = inf[key]
+            print(f"  {name:8s} {what:17s}: keypoints {tim['keypoints']:.2f} s, features (both) "
+                  f"{tim['features']:.2f} s, Adam ({inf['iterations_run']} it, {inf['params']['n_keypoints']} points) "
+                  f"{tim['adam']:.2f} s, dense TPS {tim['dense']:.2f} s -> total {tim['total']:.2f} s")
+    disp, info = results["current"]
+    if args.previous:
+        d_prev, i_prev = results["previous"]
+        print(f"  current vs previous: keypoint displacements max |difference| "
+              f"{float((info['disp_sv_vox'] - i_prev['disp_sv_vox']).abs().max()):.2e} sv voxels, dense field "
+              f"{float((disp - d_prev).abs().max()):.2e} fine voxels")
     pts = info["keypoints_sv_vox"].numpy().astype(float)
     truth = true_disp(pts, v)
     err = np.linalg.norm(info["disp_sv_vox"].numpy() - truth, axis=1)
@@ -180,6 +195,9 @@ def main() -> None:
     parser.add_argument("--compare", nargs="*", default=[], metavar="KERNEL:LAM",
                         help="also dense fields with these TPS settings, e.g. r:30 r2logr:3000")
     parser.add_argument("--noise", type=float, default=2.0, help="keypoint noise for --compare (fine voxels)")
+    parser.add_argument("--previous", action="store_true",
+                        help="also run the flow's previous algorithms (gradient='autograd', evaluation='points') "
+                             "in the same process (twice each, alternating; the second run is printed)")
     parser.add_argument("--skip-sampler", action="store_true")
     parser.add_argument("--skip-flow", action="store_true")
     args = parser.parse_args()

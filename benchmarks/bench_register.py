@@ -19,13 +19,20 @@ them (a fresh process per part). The maps the flow works on:
   runs on synthetic supervoxel maps (16 layers of 127 Voronoi cells; the moving maps are the fixed ones pulled
   through a known smooth map, as in ``bench_flow.py``) and the keypoint error against the known displacement
   is printed -- the check that speed changes leave the result alone;
-- ``--maps network``: the maps the network predicted (meaningful with trained ``--weights``).
+- ``--maps network``: the maps the network predicted (meaningful with trained ``--weights``); the whole
+  registration then runs as ``slicreg register`` runs it (``slicreg.register.register_preprocessed`` with the
+  model: network passes on the stride-2 grid, ``label_upsample=2``).
+
+``--compare`` (with ``--maps network``) also runs the previous algorithms -- ``network_labels(argmax="torch")``,
+4 mm maps, the flow's ``gradient="autograd", evaluation="points"`` -- alternately with the current
+ones in the same process (the same machine load), and prints both tables and the largest field difference.
+The machine is shared: compare CPU seconds and ratios from one run, not wall times across runs.
 
 Images: ``--fixed``/``--moving`` preprocessed CT files (e.g. two of the cohort's ``prep`` subjects), or a
 synthetic CT-like pair.
 
     .venv/bin/python benchmarks/bench_register.py [--part network pair] [--repeats 3] [--threads 2]
-        [--weights BUNDLE] [--fixed F --moving M] [--maps synthetic|network] [--refine]
+        [--weights BUNDLE] [--fixed F --moving M] [--maps synthetic|network] [--refine] [--compare]
         [--allocator command|default] [--json OUT]
 """
 
@@ -129,12 +136,40 @@ def _synthetic_maps(seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
     return fixed, pull(fixed, v), v
 
 
+PREVIOUS_FLOW = {"label_upsample": 1, "gradient": "autograd", "evaluation": "points"}
+"""The flow's previous algorithms (``--compare``): 4 mm maps, autograd Adam, TPS at points + interpolate."""
+
+
+def _register_previous(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarray, seed: int) -> Any:
+    """The registration as before the speed work, through the keyword switches that keep the old algorithms:
+    network labels with ``argmax="torch"`` (whole logits, ``torch.max``), upsampled to 4 mm maps, flow with
+    :data:`PREVIOUS_FLOW`. (Keypoints, features and the kNN graph use today's implementations on the 4 mm maps --
+    bitwise the same values, and already faster than the original code; see docs/register.md for its numbers.)"""
+    import torch
+
+    from slicreg.register import _predict_stride2, register_preprocessed, upsample_labels_stride2
+
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    maps = []
+    for side, hu in (("fixed", fixed_hu), ("moving", moving_hu)):
+        t, c = time.perf_counter(), time.process_time()
+        lab = _predict_stride2(model, hu, argmax="torch")
+        maps.append(upsample_labels_stride2(torch.from_numpy(lab)).numpy())
+        wall[f"network {side}"], cpu[f"network {side}"] = time.perf_counter() - t, time.process_time() - c
+    result = register_preprocessed(None, fixed_hu, moving_hu, fixed_sv=maps[0], moving_sv=maps[1], seed=seed,
+                                   **PREVIOUS_FLOW)
+    result.info["timings_s"] = {**wall, **result.info["timings_s"]}
+    result.info["cpu_s"] = {**cpu, **result.info["cpu_s"]}
+    return result
+
+
 def part_pair(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from slicreg.fields import warp_image, warp_labels
     from slicreg.io import load_image, save_field
-    from slicreg.register import predict_supervoxels, register_preprocessed
+    from slicreg.register import _predict_stride2, register_preprocessed
 
     torch.set_num_threads(args.threads)
     if args.fixed:
@@ -143,6 +178,8 @@ def part_pair(args: argparse.Namespace) -> dict[str, Any]:
     else:
         fixed_hu, moving_hu = synthetic_ct(SHAPE, seed=1), synthetic_ct(SHAPE, seed=1, shift=(6.0, -4.0, 8.0))
         affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fixed_hu = np.asarray(fixed_hu, dtype=np.float32)
+    moving_hu = np.asarray(moving_hu, dtype=np.float32)
     if fixed_hu.shape != moving_hu.shape or any(s % 8 for s in fixed_hu.shape):
         raise SystemExit(f"--fixed/--moving: expected preprocessed scans of one shape divisible by 8, got "
                          f"{fixed_hu.shape} and {moving_hu.shape}")
@@ -153,42 +190,69 @@ def part_pair(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         syn_fixed, syn_moving, v = _synthetic_maps(args.seed)
         print(f"  synthetic maps made in {time.perf_counter() - t:.1f} s", flush=True)
-    predict_supervoxels(model, fixed_hu)  # warm-up (first oneDNN calls)
-    runs = []
-    out_dir = Path(tempfile.mkdtemp(prefix="bench_register_"))
-    for rep in range(args.repeats):
+        if args.compare:
+            raise SystemExit("--compare needs --maps network")
+    _predict_stride2(model, fixed_hu)  # warm-up (first oneDNN calls)
+
+    def current() -> Any:
+        if maps == "network":  # as `slicreg register`: both network passes inside
+            return register_preprocessed(model, fixed_hu, moving_hu, refine=args.refine, seed=args.seed)
         wall: dict[str, float] = {}
         cpu: dict[str, float] = {}
-        f_sv, wall["network fixed"], cpu["network fixed"] = _timed(lambda: predict_supervoxels(model, fixed_hu))
-        m_sv, wall["network moving"], cpu["network moving"] = _timed(lambda: predict_supervoxels(model, moving_hu))
-        if maps == "synthetic":
-            f_sv, m_sv = syn_fixed, syn_moving
-        result = register_preprocessed(None, fixed_hu, moving_hu, fixed_sv=f_sv, moving_sv=m_sv, refine=args.refine,
-                                       seed=args.seed)
-        wall.update(result.info["timings_s"])
-        cpu.update(result.info["cpu_s"])
-        disp = result.disp_vox
+        for side, hu in (("fixed", fixed_hu), ("moving", moving_hu)):
+            _, wall[f"network {side}"], cpu[f"network {side}"] = _timed(lambda: _predict_stride2(model, hu))
+        result = register_preprocessed(None, fixed_hu, moving_hu, fixed_sv=syn_fixed, moving_sv=syn_moving,
+                                       refine=args.refine, seed=args.seed)
+        result.info["timings_s"] = {**wall, **result.info["timings_s"]}
+        result.info["cpu_s"] = {**cpu, **result.info["cpu_s"]}
+        return result
 
-        def warp() -> None:
-            warp_image(moving_hu, disp)
-            warp_labels(moving_labels, disp)
+    variants = {"current": current}
+    if args.compare:
+        variants["previous"] = lambda: _register_previous(model, fixed_hu, moving_hu, args.seed)
+    runs: dict[str, list] = {name: [] for name in variants}
+    fields: dict[str, np.ndarray] = {}
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_register_"))
+    for rep in range(args.repeats):
+        for name, fn in variants.items():  # alternating: the same machine load for both
+            result = fn()
+            wall = dict(result.info["timings_s"])
+            cpu = dict(result.info["cpu_s"])
+            disp = result.disp_vox
+            fields[name] = disp
 
-        _, wall["warp (image + labels)"], cpu["warp (image + labels)"] = _timed(warp)
-        _, wall["save field"], cpu["save field"] = _timed(lambda: save_field(disp, affine, out_dir / "u.nii.gz"))
-        runs.append((wall, cpu, result.info))
-        print(f"  run {rep + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in wall.items()), flush=True)
-    steps = list(runs[0][0])
-    table = []
-    for step in steps:
-        table.append({"step": step, "wall_s": round(float(np.median([r[0][step] for r in runs])), 3),
-                      "cpu_s": round(float(np.median([r[1][step] for r in runs])), 3)})
-    core = [k for k in steps if k not in ("save field",)]
-    totals = [sum(r[0][k] for k in core) for r in runs]
+            def warp() -> None:
+                warp_image(moving_hu, disp)
+                warp_labels(moving_labels, disp)
+
+            _, wall["warp (image + labels)"], cpu["warp (image + labels)"] = _timed(warp)
+            if name == "current":
+                _, wall["save field"], cpu["save field"] = _timed(lambda: save_field(disp, affine,
+                                                                                    out_dir / "u.nii.gz"))
+            runs[name].append((wall, cpu, result.info))
+            print(f"  run {rep + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in wall.items())
+                  + f" | CPU total {sum(cpu.values()):.2f}", flush=True)
+
+    def summary(name: str) -> dict[str, Any]:
+        rs = runs[name]
+        steps = list(rs[0][0])
+        table = [{"step": step, "wall_s": round(float(np.median([r[0][step] for r in rs])), 3),
+                  "cpu_s": round(float(np.median([r[1][step] for r in rs])), 3)} for step in steps]
+        core = [k for k in steps if k != "save field"]
+        totals = [sum(r[0][k] for k in core) for r in rs]
+        cpu_totals = [sum(r[1][k] for k in core) for r in rs]
+        return {"steps": table, "registration_wall_s_median": round(float(np.median(totals)), 3),
+                "registration_wall_s_all": [round(t, 3) for t in totals],
+                "registration_cpu_s_median": round(float(np.median(cpu_totals)), 3),
+                "adam_iterations_run": rs[-1][2].get("adam_iterations_run"),
+                "n_keypoints": rs[-1][2].get("n_keypoints")}
+
     out: dict[str, Any] = {"maps": maps, "refine": bool(args.refine), "threads": torch.get_num_threads(),
-                           "steps": table, "registration_wall_s_median": round(float(np.median(totals)), 3),
-                           "registration_wall_s_all": [round(t, 3) for t in totals],
-                           "adam_iterations_run": runs[-1][2].get("adam_iterations_run"),
-                           "n_keypoints": runs[-1][2].get("n_keypoints"), "peak_rss_gb": round(_rss_gb(), 3)}
+                           **summary("current"), "peak_rss_gb": round(_rss_gb(), 3)}
+    if args.compare:
+        out["previous"] = summary("previous")
+        diff = np.abs(fields["current"] - fields["previous"])
+        out["field_difference_vox"] = {"max": float(diff.max()), "mean": float(diff.mean())}
     if maps == "synthetic":
         from slicreg import flow
 
@@ -221,6 +285,9 @@ def main() -> None:
     parser.add_argument("--moving", default=None, help="preprocessed moving CT")
     parser.add_argument("--maps", choices=["synthetic", "network"], default=None)
     parser.add_argument("--refine", action="store_true", help="include the MIND-SSC refinement")
+    parser.add_argument("--compare", action="store_true",
+                        help="pair: also run the previous algorithms (keyword switches) alternately in the same "
+                             "process, and print both and the difference of the fields")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allocator", choices=["command", "default"], default="command",
                         help="command: the parts run with the `slicreg` command's allocator setting "
@@ -265,10 +332,26 @@ def main() -> None:
         pr = results["pair"]
         print(f"\npair ({pr['threads']} threads, maps: {pr['maps']}, refine: {pr['refine']}, {pr['n_keypoints']} "
               f"keypoints, {pr['adam_iterations_run']} Adam iterations), median of {args.repeats}:")
-        print("| step | wall s | CPU s |\n|---|---|---|")
-        for r in pr["steps"]:
-            print(f"| {r['step']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} |")
-        print(f"| **registration (all but saving)** | **{pr['registration_wall_s_median']:.2f}** | |")
+        prev = pr.get("previous")
+        if prev:
+            print("| step | wall s | CPU s | previous wall s | previous CPU s |\n|---|---|---|---|---|")
+            before = {r["step"]: r for r in prev["steps"]}
+            for r in pr["steps"]:
+                b = before.get(r["step"])
+                print(f"| {r['step']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
+                      + (f"{b['wall_s']:.2f} | {b['cpu_s']:.2f} |" if b else "- | - |"))
+            print(f"| **registration incl. warping (all but saving)** | **{pr['registration_wall_s_median']:.2f}** | "
+                  f"**{pr['registration_cpu_s_median']:.2f}** | **{prev['registration_wall_s_median']:.2f}** | "
+                  f"**{prev['registration_cpu_s_median']:.2f}** |")
+            d = pr["field_difference_vox"]
+            print(f"fields, current vs previous: max |difference| {d['max']:.2e}, mean {d['mean']:.2e} voxels")
+        else:
+            print("| step | wall s | CPU s |\n|---|---|---|")
+            for r in pr["steps"]:
+                print(f"| {r['step']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} |")
+            print(f"| **registration incl. warping (all but saving)** | **{pr['registration_wall_s_median']:.2f}** | "
+                  f"**{pr['registration_cpu_s_median']:.2f}** |")
+        print(f"all runs, wall s: {pr['registration_wall_s_all']}")
         print(f"peak RSS {pr['peak_rss_gb']:.2f} GB")
         if "keypoint_error_sv_vox" in pr:
             e = pr["keypoint_error_sv_vox"]

@@ -12,7 +12,10 @@ nearest upsampling to the 4 mm supervoxel grid. Output voxel ``q`` of the networ
 Argmax maps rather than softmax probabilities: the features are average-pooled to the same stride-2 grid
 anyway, the label path keeps memory at a few hundred MB (probabilities are 1 GB in float32) and it is the path
 tested against known displacements. The reference's rule (logits upsampled linearly, then argmax) is
-``upsample="linear"``.
+``upsample="linear"``. :func:`register_preprocessed` never builds the 4 mm maps: it keeps the argmax maps on the
+network's stride-2 grid and the flow computes keypoints and features from them as for their nearest upsampling
+(``label_upsample=2``, bitwise the same result); 4 mm maps passed in that are such an upsampling are recognised
+(:func:`stride2_labels`).
 
 Timings: every function here reports wall seconds per step in ``info["timings_s"]`` and process CPU seconds
 (all threads) in ``info["cpu_s"]``, with the same keys: ``network fixed``, ``network moving``, ``keypoints``,
@@ -31,7 +34,8 @@ import numpy as np
 from slicreg.errors import InputError
 
 __all__ = ["RegistrationResult", "network_labels", "predict_supervoxels", "upsample_labels_stride2",
-           "register_supervoxel_maps", "register_preprocessed", "refine_field", "FLOW_DEFAULTS", "REFINE_DEFAULTS"]
+           "stride2_labels", "register_supervoxel_maps", "register_preprocessed", "refine_field", "FLOW_DEFAULTS",
+           "REFINE_DEFAULTS"]
 
 FLOW_DEFAULTS: dict[str, Any] = {"init": "centres", "patience": 10, "tol": 3e-3}
 """Flow settings used by registration, on top of :data:`slicreg.flow.DEFAULTS`.
@@ -101,16 +105,84 @@ def upsample_labels_stride2(labels: Any) -> Any:
     return out
 
 
-def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu", dtype: Any = None) -> np.ndarray:
+def _argmax_rows(rows: Any, *, chunk: int = 4096) -> Any:
+    """First index of the maximum of every row of ``rows (M, K)`` (K <= 256) -> ``(M,)`` int64, as
+    ``rows.max(dim=-1).indices`` (ties to the lowest index).
+
+    For bfloat16 rows (the CPU network's logits), ``torch.max`` along the rows runs a scalar loop (~0.25 s CPU for
+    the 16 x 128 logits of 48 x 40 x 64 voxels). Instead, in chunks that stay in cache, every value's int16 bit
+    pattern ``v`` becomes the int32 key ``256 v + (K - 1 - index)`` and a vectorised ``amax`` picks the largest:
+    for rows whose maximum is positive the bit patterns of the non-negative values order like the values (the
+    negative ones are negative integers, below every positive pattern), equal values have equal patterns, and the
+    index part makes the lowest index win a tie -- the same answer. Rows whose maximum is zero or negative
+    (none in the cohort's logits) are redone with ``torch.max``. Other dtypes use ``torch.max`` directly."""
+    import torch
+
+    n_rows, width = rows.shape
+    if rows.dtype != torch.bfloat16 or width > 256 or rows.stride(-1) != 1:
+        return rows.max(dim=-1).indices
+    bits = rows.view(torch.int16)
+    rank = (width - 1) - torch.arange(width, dtype=torch.int32, device=rows.device)
+    best = torch.empty(n_rows, dtype=torch.int32, device=rows.device)
+    buf = torch.empty(min(chunk, n_rows), width, dtype=torch.int32, device=rows.device)
+    for start in range(0, n_rows, chunk):
+        part = bits[start: start + chunk]
+        key = buf[: part.shape[0]]
+        key.copy_(part)
+        key.mul_(256).add_(rank)
+        torch.amax(key, dim=1, out=best[start: start + part.shape[0]])
+    index = (width - 1) - torch.bitwise_and(best, 255).long()
+    redo = torch.nonzero(best < 256).reshape(-1)  # the row's largest bit pattern is not a positive value
+    if redo.numel():
+        index[redo] = rows[redo].max(dim=-1).indices
+    return index
+
+
+def _head_labels(head: Any, skip: Any, aspp_up: Any, *, slab: int = 2) -> Any:
+    """The dense :class:`slicreg.network.GroupedHead` and the per-layer argmax -> ``(16, X', Y', Z')`` int64.
+
+    The head's layers in its own order (concatenation, 1x1x1 conv + BN + ReLU, grouped 3x3x3 conv + BN + ReLU),
+    then the last 1x1x1 grouped convolution a few x-planes at a time, each slab's logits reduced to labels
+    (:func:`_argmax_rows`) while they are in cache: the 2048-channel logits (0.5 GB in bf16 for 48 x 40 x 64) are
+    never held at once. Each output voxel of a 1x1x1 convolution depends on its own input only, so the slabs'
+    logits are those of the whole volume (checked bitwise in tests/test_register.py through
+    :func:`network_labels` = ``bundle.predict``). Channels-last tensors only."""
+    import torch
+    import torch.nn.functional as F
+
+    from slicreg.network import N_CLASSES, N_LAYERS
+
+    x = torch.cat([skip, aspp_up.to(skip.dtype)], 1).contiguous(memory_format=torch.channels_last_3d)
+    h = F.relu(head.bn1(head.conv1(x)))
+    del x
+    h = F.relu(head.bn2(head.conv2(h)))
+    size = tuple(h.shape[2:])
+    labels = torch.empty(*size, N_LAYERS, dtype=torch.int64, device=h.device)
+    for x0 in range(0, size[0], slab):
+        logits = head.conv3(h[:, :, x0: x0 + slab])  # (1, 2048, n, Y', Z'), channels-last
+        rows = logits[0].permute(1, 2, 3, 0).reshape(-1, N_CLASSES)  # a view: channel = 128 * layer + class
+        labels[x0: x0 + slab] = _argmax_rows(rows).view(-1, size[1], size[2], N_LAYERS)
+    return labels.permute(3, 0, 1, 2)
+
+
+def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu", dtype: Any = None,
+                   argmax: str = "fast") -> np.ndarray:
     """Per-layer argmax labels on the network's output grid: ``(16, X/2, Y/2, Z/2)`` uint8 from a 4 mm image.
 
     The same result as ``slicreg.bundle.predict(model, image, output="labels", grid="output", dtype=dtype)``
     (eval mode; bf16 autocast on CPU, fp16 on CUDA unless ``dtype=torch.float32``; channels-last input when the
-    model is channels-last), with a cheaper argmax: for channels-last logits (the CPU default of
-    :func:`slicreg.bundle.load_bundle`) ``torch.max`` over the 128 contiguous classes of each (voxel, layer)
-    instead of a copy to class-major order and an argmax across a strided axis (on 2 cores, a whole pass at
-    96 x 80 x 128 in bf16: 1.36 s instead of 1.79 s; benchmarks/bench_register.py); for contiguous logits
-    ``torch.max`` along the class axis. Ties go to the lowest class in every path.
+    model is channels-last), computed more cheaply, under ``torch.inference_mode``:
+
+    - ``argmax="fast"`` (default) with a channels-last model (the CPU default of
+      :func:`slicreg.bundle.load_bundle`): the head's last convolution runs a few x-planes at a time and each
+      slab's logits are reduced at once (:func:`_head_labels`), the argmax over the 128 contiguous classes of
+      the bf16 logits by integer keys (:func:`_argmax_rows`); on 2 cores at 96 x 80 x 128 this saves ~0.3 s
+      CPU per pass against ``"torch"``;
+    - ``argmax="torch"``: the whole logits, then ``torch.max`` over the 128 contiguous classes of each (voxel,
+      layer) for channels-last logits (instead of a copy to class-major order and an argmax across a strided
+      axis: 1.36 s instead of 1.79 s per pass here) or along the class axis for contiguous ones.
+
+    Ties go to the lowest class in every path.
 
     Args:
         model: :class:`slicreg.network.SlicRegNet` or :class:`slicreg.bundle.Bundle`.
@@ -118,11 +190,14 @@ def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu",
             by 4.
         device: where the network runs (the model is moved there).
         dtype: ``None`` (autocast as above) or ``torch.float32``.
+        argmax: ``"fast"`` (default) or ``"torch"`` (the previous path; same labels).
     """
     import torch
 
-    from slicreg.network import HU_SCALE, N_CLASSES, N_LAYERS
+    from slicreg.network import HU_SCALE, N_CLASSES, N_LAYERS, GroupedHead
 
+    if argmax not in ("fast", "torch"):
+        raise InputError(f"network_labels: argmax must be 'fast' or 'torch', got {argmax!r}")
     net = getattr(model, "model", model)
     img = np.asarray(image_hu_4mm)
     if img.ndim != 3 or any(s % 4 for s in img.shape):
@@ -139,19 +214,20 @@ def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu",
         x = x.contiguous(memory_format=torch.channels_last_3d)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
-    with torch.no_grad():
-        if dtype == torch.float32:
+    slabs = argmax == "fast" and channels_last and type(getattr(net, "head", None)) is GroupedHead
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        if slabs:
+            skip, aspp_up = net.features(x)
+            labels = _head_labels(net.head, skip, aspp_up)
+        else:
             logits = net(x)
-        else:
-            with torch.autocast(dev.type, dtype=dtype):
-                logits = net(x)
-        spatial = tuple(logits.shape[2:])
-        if logits.is_contiguous(memory_format=torch.channels_last_3d) and not logits.is_contiguous():
-            # (X', Y', Z', 2048) view of channels-last memory; channel = 128 * layer + class
-            per_voxel = logits[0].permute(1, 2, 3, 0).reshape(*spatial, N_LAYERS, N_CLASSES)
-            labels = per_voxel.max(dim=-1).indices.permute(3, 0, 1, 2)  # (16, X', Y', Z')
-        else:
-            labels = logits[0].reshape(N_LAYERS, N_CLASSES, *spatial).max(dim=1).indices
+            spatial = tuple(logits.shape[2:])
+            if logits.is_contiguous(memory_format=torch.channels_last_3d) and not logits.is_contiguous():
+                # (X', Y', Z', 2048) view of channels-last memory; channel = 128 * layer + class
+                per_voxel = logits[0].permute(1, 2, 3, 0).reshape(*spatial, N_LAYERS, N_CLASSES)
+                labels = per_voxel.max(dim=-1).indices.permute(3, 0, 1, 2)  # (16, X', Y', Z')
+            else:
+                labels = logits[0].reshape(N_LAYERS, N_CLASSES, *spatial).max(dim=1).indices
     return labels.to(torch.uint8).contiguous().cpu().numpy()
 
 
@@ -178,26 +254,61 @@ def predict_supervoxels(model: Any, image_hu: np.ndarray, *, device: Any = "cpu"
     from slicreg.bundle import predict
     from slicreg.network import HU_SCALE, network_input
 
+    if upsample not in ("nearest", "linear"):
+        raise InputError(f"predict_supervoxels: upsample must be 'nearest' or 'linear', got {upsample!r}")
+    if upsample == "linear":
+        hu_4mm = network_input(_check_2mm(image_hu), from_2mm=True) * np.float32(HU_SCALE)
+        return predict(model, hu_4mm, output="labels", grid="input", device=device, dtype=dtype)
+    labels = _predict_stride2(model, image_hu, device=device, dtype=dtype)
+    return upsample_labels_stride2(torch.from_numpy(labels)).numpy()
+
+
+def _check_2mm(image_hu: Any) -> np.ndarray:
     image_hu = np.asarray(image_hu)
     if image_hu.ndim != 3 or any(s % 8 for s in image_hu.shape):
         raise InputError(f"predict_supervoxels: expected a 2 mm image (X, Y, Z) with sizes divisible by 8, "
                          f"got shape {image_hu.shape}")
-    if upsample not in ("nearest", "linear"):
-        raise InputError(f"predict_supervoxels: upsample must be 'nearest' or 'linear', got {upsample!r}")
-    hu_4mm = network_input(image_hu, from_2mm=True) * np.float32(HU_SCALE)
-    if upsample == "linear":
-        return predict(model, hu_4mm, output="labels", grid="input", device=device, dtype=dtype)
-    labels = network_labels(model, hu_4mm, device=device, dtype=dtype)
-    return upsample_labels_stride2(torch.from_numpy(labels)).numpy()
+    return image_hu
+
+
+def _predict_stride2(model: Any, image_hu: Any, *, device: Any = "cpu", dtype: Any = None,
+                     argmax: str = "fast") -> np.ndarray:
+    """The network's argmax maps of a preprocessed 2 mm scan on its stride-2 grid: ``(16, X/4, Y/4, Z/4)`` uint8
+    (:func:`predict_supervoxels` before the nearest upsampling)."""
+    from slicreg.network import HU_SCALE, network_input
+
+    hu_4mm = network_input(_check_2mm(image_hu), from_2mm=True) * np.float32(HU_SCALE)
+    return network_labels(model, hu_4mm, device=device, dtype=dtype, argmax=argmax)
+
+
+def stride2_labels(sv: Any) -> np.ndarray | None:
+    """The stride-2 maps ``(L, X/2, Y/2, Z/2)`` whose :func:`upsample_labels_stride2` is ``sv (L, X, Y, Z)``, or
+    None when ``sv`` is not such an upsampling (e.g. the template's own 4 mm supervoxels, or odd sizes).
+
+    Maps predicted by :func:`predict_supervoxels` (and the ``predict`` stage) are; passing their stride-2 version
+    to the flow with ``label_upsample=2`` gives bitwise the same keypoints and features with ~8x less work."""
+    import torch
+
+    sv = np.asarray(sv)
+    if sv.ndim != 4 or any(s % 2 for s in sv.shape[1:]) or not np.issubdtype(sv.dtype, np.integer):
+        return None
+    coarse = np.ascontiguousarray(sv[:, ::2, ::2, ::2])  # 4 mm voxel 2q takes output voxel q
+    if not np.array_equal(upsample_labels_stride2(torch.from_numpy(coarse)).numpy(), sv):
+        return None
+    return coarse
 
 
 def register_supervoxel_maps(fixed_sv: np.ndarray, moving_sv: np.ndarray, *, device: Any = "cpu",
                              seed: int = 0, **flow_options: Any) -> RegistrationResult:
     """Field between two scans from their supervoxel maps ``(16, 96, 80, 128)`` uint8 (4 mm grids).
 
-    ``flow_options`` go to :func:`slicreg.flow.supervoxel_flow` (on top of :data:`FLOW_DEFAULTS`). Returns the
-    field on the fixed 2 mm grid (twice the supervoxel grid); ``info["timings_s"]`` / ``info["cpu_s"]`` hold
-    ``keypoints``, ``features``, ``adam`` and ``dense field``."""
+    ``flow_options`` go to :func:`slicreg.flow.supervoxel_flow` (on top of :data:`FLOW_DEFAULTS`). Maps that are
+    the nearest upsampling of stride-2 maps (the network's, :func:`stride2_labels`) are handed to the flow on
+    their stride-2 grid with ``label_upsample=2`` (the same result, less work), unless ``label_upsample`` is
+    given; stride-2 maps ``(16, 48, 40, 64)`` may also be passed directly with ``label_upsample=2`` (or
+    ``(2, 1)`` etc. per side). Returns the field on the fixed 2 mm grid (twice the supervoxel grid);
+    ``info["timings_s"]`` / ``info["cpu_s"]`` hold ``keypoints``, ``features``, ``adam`` and ``dense field``
+    (the check for stride-2 maps counts to ``keypoints``)."""
     from slicreg.flow import supervoxel_flow
 
     for name, sv in (("fixed_sv", fixed_sv), ("moving_sv", moving_sv)):
@@ -205,8 +316,19 @@ def register_supervoxel_maps(fixed_sv: np.ndarray, moving_sv: np.ndarray, *, dev
             raise InputError(f"register_supervoxel_maps: {name} must be (L, X, Y, Z) label maps, got "
                              f"{np.shape(sv)}")
     options = {**FLOW_DEFAULTS, **flow_options}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if "label_upsample" not in options:
+        factors, maps = [], []
+        for sv in (fixed_sv, moving_sv):
+            coarse = stride2_labels(sv)
+            factors.append(1 if coarse is None else 2)
+            maps.append(sv if coarse is None else coarse)
+        fixed_sv, moving_sv = maps
+        options["label_upsample"] = tuple(factors)
+    detect_wall, detect_cpu = time.perf_counter() - t0, time.process_time() - c0
     disp, info = supervoxel_flow(fixed_sv, moving_sv, seed=seed, device=device, **options)
+    info["timings_s"]["keypoints"] += detect_wall
+    info["cpu_s"]["keypoints"] += detect_cpu
     rename = {"keypoints": "keypoints", "features": "features", "adam": "adam", "dense": "dense field"}
     keep: dict[str, Any] = {
         "timings_s": {rename[k]: round(float(v), 4) for k, v in info["timings_s"].items() if k in rename},
@@ -477,7 +599,8 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
         refine_options: keyword arguments of :func:`refine_field` (over :data:`REFINE_DEFAULTS`).
         fixed_mask, moving_mask: fields of view for the refinement (see :func:`refine_field`).
         network_dtype: precision of the network passes (see :func:`predict_supervoxels`).
-        device, seed, flow_options: see :func:`register_supervoxel_maps`.
+        device, seed, flow_options: see :func:`register_supervoxel_maps` (``label_upsample`` is set here: 2 for
+            maps predicted here or recognised as upsampled stride-2 maps, 1 for the template's own maps).
 
     Returns:
         :class:`RegistrationResult` on the fixed grid; ``info["timings_s"]`` / ``info["cpu_s"]`` per step
@@ -490,10 +613,17 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
         raise InputError(f"register_preprocessed: fixed {fixed_hu.shape} and moving {moving_hu.shape} must be "
                          f"preprocessed to the same shape")
     clock = _Clock()
+    # maps predicted here stay on the network's stride-2 grid (label_upsample 2: the flow gives the result of
+    # their nearest upsampling, predict_supervoxels' 4 mm maps, without building them); maps passed in that are
+    # such an upsampling are taken back to it (stride2_labels); the template's own maps are 4 mm maps
+    factors = [1, 1]
     if fixed_sv is None:
         started = clock.start()
-        fixed_sv = predict_supervoxels(model, fixed_hu, device=device, dtype=network_dtype)
+        fixed_sv = _predict_stride2(model, fixed_hu, device=device, dtype=network_dtype)
+        factors[0] = 2
         clock.stop("network fixed", started)
+    elif "label_upsample" not in flow_options and (coarse := stride2_labels(fixed_sv)) is not None:
+        fixed_sv, factors[0] = coarse, 2
     if moving_sv is None:
         if moving_is_template:
             if template_supervoxels is None:
@@ -501,12 +631,19 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
             moving_sv = np.asarray(template_supervoxels)
         else:
             started = clock.start()
-            moving_sv = predict_supervoxels(model, moving_hu, device=device, dtype=network_dtype)
+            moving_sv = _predict_stride2(model, moving_hu, device=device, dtype=network_dtype)
+            factors[1] = 2
             clock.stop("network moving", started)
-    if np.shape(moving_sv) != np.shape(fixed_sv):
-        raise InputError(f"register_preprocessed: supervoxel maps differ in shape: {np.shape(fixed_sv)} vs "
-                         f"{np.shape(moving_sv)}" + (" (the bundle's template supervoxels do not match the "
-                                                      "preprocessed grid)" if moving_is_template else ""))
+    elif "label_upsample" not in flow_options and (coarse := stride2_labels(moving_sv)) is not None:
+        moving_sv, factors[1] = coarse, 2
+    sizes = [tuple(np.shape(sv)[:1]) + tuple(f * s for s in np.shape(sv)[1:])
+             for f, sv in zip(factors, (fixed_sv, moving_sv))]
+    if sizes[0] != sizes[1]:
+        raise InputError(f"register_preprocessed: supervoxel maps differ in shape: {sizes[0]} vs {sizes[1]}"
+                         + (" (the bundle's template supervoxels do not match the preprocessed grid)"
+                            if moving_is_template else ""))
+    if "label_upsample" not in flow_options:
+        flow_options = {**flow_options, "label_upsample": tuple(factors)}
     result = register_supervoxel_maps(fixed_sv, moving_sv, device=device, seed=seed, **flow_options)
     wall = {**clock.wall, **result.info.get("timings_s", {})}
     cpu = {**clock.cpu, **result.info.get("cpu_s", {})}

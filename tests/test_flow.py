@@ -441,3 +441,146 @@ def test_adam_equals_torch_optim_adam():
         adam.step(ours.grad)
         opt.step()
         assert torch.equal(ours, ref), it
+
+
+# ---------------------------------------------------------------------------------------------- speed paths
+def coarse_maps(shape, n_layers, seed):
+    """Random label maps with background, a few absent labels and an empty layer (edge cases for the counts)."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 20, (n_layers, *shape)).astype(np.uint8)
+    lab[lab > 15] = 0  # background in ~25 % of the voxels
+    lab[:, :1] = 0  # an empty slab: the bounding box does not start at 0
+    lab[-1] = 0  # an empty layer
+    return lab
+
+
+def test_upsample_labels_takes_the_nearest_coarse_voxel():
+    from slicreg.register import upsample_labels_stride2
+
+    lab = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5).astype(np.uint8)
+    for f in (1, 2, 3):
+        up = flow.upsample_labels(lab, f)
+        assert up.shape == (2, 3 * f, 4 * f, 5 * f)
+        for p in range(3 * f):  # fine voxel p takes coarse voxel floor(p / f + 1/2), clamped
+            q = min(int(np.floor(p / f + 0.5)), 2)
+            np.testing.assert_array_equal(up[:, p, :: f, :: f], lab[:, q])
+    np.testing.assert_array_equal(flow.upsample_labels(lab, 2), upsample_labels_stride2(torch.from_numpy(lab)))
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_centres_from_coarse_labels_equal_those_of_the_upsampled_maps(factor):
+    lab = coarse_maps((7, 6, 9), 3, seed=factor)
+    up = flow.upsample_labels(lab, factor)
+    for min_voxels in (1, 20):
+        ref = flow.supervoxel_centres(up, min_voxels=min_voxels)
+        got = flow.supervoxel_centres(lab, min_voxels=min_voxels, upsample=factor)
+        for a, b in zip(ref, got):
+            np.testing.assert_array_equal(a, b)  # exact sums: bitwise equal
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3])
+@pytest.mark.parametrize("pools", [((3, 2), (5, 1)), ((3, 3), (3, 1)), ((5, 2),), ((3, 1), (3, 2)), ((1, 1),),
+                                   ((5, 4), (3, 1))])
+@pytest.mark.parametrize("include_background", [False, True])
+def test_features_from_coarse_labels_equal_onehot_avg_pool_of_the_upsampled_maps(factor, pools,
+                                                                                 include_background):
+    lab = coarse_maps((11, 12, 10) if factor == 1 else (5, 7, 6), 3, seed=factor + 10)
+    up = flow.upsample_labels(lab, factor)
+    got = flow.supervoxel_features(lab, pools=pools, upsample=factor, include_background=include_background)
+    # reference: one-hot of the channel map on the upsampled grid, then avg_pool3d (zero padding counted)
+    lut = flow.label_channel_map(3, include_background=include_background)
+    onehot = np.zeros((3, 16, *up.shape[1:]), np.float64)
+    for layer in range(3):
+        ch = lut[layer][up[layer]]
+        for c in range(16):
+            onehot[layer, c] = ch == c
+    x = torch.from_numpy(onehot.reshape(1, 48, *up.shape[1:]))
+    for k, s in pools:
+        x = F.avg_pool3d(x, k, s, padding=k // 2, count_include_pad=True)
+    assert got.shape == tuple(x.shape[1:])
+    np.testing.assert_allclose(got, x[0].numpy(), rtol=0, atol=2e-7)
+    # and bitwise the same as the features of the upsampled maps
+    np.testing.assert_array_equal(got, flow.supervoxel_features(up, pools=pools,
+                                                                include_background=include_background))
+
+
+def test_supervoxel_flow_on_coarse_maps_equals_the_flow_on_upsampled_maps():
+    coarse_f = voronoi_maps((12, 10, 14), 4, 20, seed=5)
+    coarse_m = np.roll(coarse_f, 1, axis=1)
+    up_f, up_m = flow.upsample_labels(coarse_f, 2), flow.upsample_labels(coarse_m, 2)
+    opts = dict(init="centres", iterations=15, lam=5.0)
+    ref, ref_info = flow.supervoxel_flow(up_f, up_m, **opts)
+    for fixed, moving, factors in ((coarse_f, coarse_m, 2), (coarse_f, up_m, (2, 1)), (up_f, coarse_m, (1, 2))):
+        got, info = flow.supervoxel_flow(fixed, moving, label_upsample=factors, **opts)
+        np.testing.assert_array_equal(info["keypoints_sv_vox"], ref_info["keypoints_sv_vox"])
+        np.testing.assert_array_equal(info["init_disp_sv_vox"], ref_info["init_disp_sv_vox"])
+        np.testing.assert_array_equal(got, ref)
+    with pytest.raises(InputError, match="label_upsample"):
+        flow.supervoxel_flow(coarse_f, up_m, label_upsample=(2, 1, 1))
+    with pytest.raises(InputError, match="same layers and supervoxel grid"):
+        flow.supervoxel_flow(coarse_f, up_m, label_upsample=2)
+
+
+def test_gram_sampler_equals_the_gather_sampler_and_autograd():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(5, 6, 7, 32, generator=g)  # channels-last (X, Y, Z, C)
+    target = torch.rand(40, 32, generator=g, dtype=torch.float64)
+    pts = torch.rand(40, 3, generator=g) * torch.tensor([6.0, 7.0, 8.0]) - 0.5  # a few outside the grid
+    pts[0] = torch.tensor([4.0, 5.0, 6.0])  # the last voxel
+    sampler = flow._GramSampler(feats, target)
+    np.testing.assert_allclose(sampler.sample(pts), flow.sample_channels_last(feats, pts).double(), atol=1e-6)
+    mse, grad = sampler(pts)
+    p = pts.clone().requires_grad_(True)
+    ref = ((flow.sample_channels_last(feats, p).double() - target) ** 2).mean()
+    ref.backward()
+    assert abs(float(mse) - float(ref.detach())) < 1e-6 * float(ref.detach())
+    torch.testing.assert_close(grad, p.grad.double(), rtol=1e-4, atol=1e-7)
+    assert sampler.updated == 40
+    sampler(pts + 1e-3)  # no point changes cell ...
+    assert sampler.updated == 40 + int((torch.floor(pts.clamp(0) + 1e-3) != torch.floor(pts.clamp(0))).any(1).sum())
+    # ... and where the moving features equal the target, the gradient is exactly zero (as the float32 path's)
+    same = flow._GramSampler(feats, sampler.sample(pts))
+    assert float(same(pts)[1].abs().max()) == 0.0
+
+
+def test_adam_gram_and_autograd_gradients_give_the_same_flow(pair):
+    fixed, moving, _ = pair
+    pts, _ = flow.supervoxel_centres(fixed)
+    ff, mf = flow.supervoxel_features(fixed), flow.supervoxel_features(moving)
+    for kwargs in ({}, {"patience": 10, "tol": 3e-3}):
+        a, ia = flow.adam_keypoint_flow(ff, mf, pts, gradient="autograd", **kwargs)
+        b, ib = flow.adam_keypoint_flow(ff, mf, pts, **kwargs)
+        assert ia["iterations_run"] == ib["iterations_run"] and ib["gram_updates"] > 0
+        assert np.abs(a - b).max() < 1e-3, np.abs(a - b).max()  # measured: 1.3e-5
+        np.testing.assert_allclose(ib["loss"], ia["loss"], rtol=1e-5)
+    with pytest.raises(InputError, match="gradient"):
+        flow.adam_keypoint_flow(ff, mf, pts, gradient="numeric")
+
+
+def test_knn_graph_equals_the_full_distance_matrix():
+    rng = np.random.default_rng(4)
+    for pts in (torch.from_numpy(rng.uniform(0, 50, (600, 3))).float(),
+                torch.from_numpy(rng.integers(0, 4, (300, 3)) * 0.37).float()):  # many ties
+        p = pts.double()
+        d2 = ((p[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+        d2.fill_diagonal_(float("inf"))
+        ref = torch.topk(d2, 5, dim=1, largest=False, sorted=True).indices
+        assert torch.equal(flow.knn_graph(pts, 5), ref)
+
+
+@pytest.mark.parametrize("step", [1, 3, 5])
+def test_tps_grid_evaluation_matches_evaluation_at_points(step):
+    rng = np.random.default_rng(step)
+    shape = (23, 17, 30)
+    pts = torch.from_numpy(rng.uniform(-2, 28, (150, 3)))
+    disp = torch.from_numpy(rng.normal(scale=3.0, size=(150, 3)))
+    ref = flow.tps_dense_field(pts, disp, shape, lam=5.0, step=step, evaluation="points")
+    got = flow.tps_dense_field(pts, disp, shape, lam=5.0, step=step)
+    assert got.shape == (3, *shape) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)  # measured ~1e-5
+    assert float((got - ref).abs().max()) > 0 or step == 1  # (the grid path was taken)
+    r2 = flow.tps_dense_field(pts, disp, shape, kernel="r2logr", lam=50.0, step=step)  # always at points
+    torch.testing.assert_close(r2, flow.tps_dense_field(pts, disp, shape, kernel="r2logr", lam=50.0, step=step,
+                                                        evaluation="points"), atol=0, rtol=0)
+    with pytest.raises(InputError, match="evaluation"):
+        flow.tps_dense_field(pts, disp, shape, evaluation="fft")

@@ -424,3 +424,87 @@ def test_predict_command_output_grid_equals_bundle_predict(bundle_dir, tmp_path)
     hu = network_input(img, from_2mm=True) * np.float32(HU_SCALE)
     ref = predict(load_bundle(bundle_dir), hu, output="labels", grid="output")
     np.testing.assert_array_equal(got, ref)
+
+
+# ------------------------------------------------------------------------------------------------ speed paths
+def test_fast_argmax_equals_torch_max_with_ties_and_negative_rows():
+    from slicreg.register import _argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(3000, 128, generator=g) * 4).to(torch.bfloat16)  # bf16: many exact ties
+    rows[::7, 5] = rows[::7].max(dim=1).values  # a tie with the maximum at a lower index
+    rows[::11] = -rows[::11].abs() - 0.25  # all negative: redone by torch.max
+    rows[::13] = 0.0
+    rows[::13, 40] = -0.0  # -0 ties with +0
+    rows[::17] = -0.0
+    rows[1::19] = -1.0
+    rows[1::19, 9] = -0.0
+    rows[1::19, 3] = 0.0
+    rows[2::23, 127] = 1e30  # the last class
+    ref = rows.max(dim=-1).indices
+    for chunk in (4096, 100, 7):
+        assert torch.equal(_argmax_rows(rows, chunk=chunk), ref)
+    narrow = rows[:, :60].contiguous()
+    assert torch.equal(_argmax_rows(narrow), narrow.max(dim=-1).indices)
+    as_float = rows.float()
+    assert torch.equal(_argmax_rows(as_float), ref)  # other dtypes: torch.max itself
+
+
+def test_network_labels_fast_path_equals_the_whole_logits_path():
+    from slicreg.network import build_model
+    from slicreg.register import network_labels
+
+    model = build_model(seed=2, backward="eager", channels_last=True)
+    model.train()
+    model(torch.randn(1, 1, 12, 8, 16, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last_3d))
+    model.eval()
+    image = ct_like((12, 8, 16), seed=5, spacing=4.0)  # 6 output planes along x: 3 slabs of 2
+    for dtype in (None, torch.float32):
+        np.testing.assert_array_equal(network_labels(model, image, dtype=dtype),
+                                      network_labels(model, image, dtype=dtype, argmax="torch"))
+    with pytest.raises(InputError, match="argmax"):
+        network_labels(model, image, argmax="numpy")
+
+
+def test_stride2_labels_recognises_upsampled_network_maps():
+    from slicreg.register import stride2_labels
+
+    coarse = np.random.default_rng(1).integers(0, 128, (16, 5, 4, 6)).astype(np.uint8)
+    up = upsample_labels_stride2(torch.from_numpy(coarse)).numpy()
+    np.testing.assert_array_equal(stride2_labels(up), coarse)
+    other = up.copy()
+    other[3, 1, 2, 3] = (other[3, 1, 2, 3] + 1) % 128
+    assert stride2_labels(other) is None
+    assert stride2_labels(up[:, :9]) is None  # odd size
+    assert stride2_labels(up.astype(np.float32)) is None
+
+
+def test_registration_on_stride2_maps_equals_the_registration_on_4mm_maps():
+    from slicreg.network import build_model
+    from slicreg.register import _predict_stride2
+
+    sv_f = blocks((24, 20, 28), 6)
+    sv_m = blocks((24, 20, 28), 6, offset=(1, 0, 2))
+    coarse_f, coarse_m = sv_f[:, ::2, ::2, ::2], sv_m[:, ::2, ::2, ::2]
+    up_f = upsample_labels_stride2(torch.from_numpy(np.ascontiguousarray(coarse_f))).numpy()
+    up_m = upsample_labels_stride2(torch.from_numpy(np.ascontiguousarray(coarse_m))).numpy()
+    opts = dict(iterations=15, init="zero", patience=0)
+    ref = register_supervoxel_maps(up_f, up_m, label_upsample=1, **opts)
+    auto = register_supervoxel_maps(up_f, up_m, **opts)  # recognised as stride-2 maps
+    assert auto.info["params"]["label_upsample"] == [2, 2] and ref.info["params"]["label_upsample"] == [1, 1]
+    explicit = register_supervoxel_maps(coarse_f, coarse_m, label_upsample=2, **opts)
+    np.testing.assert_array_equal(auto.disp_vox, ref.disp_vox)
+    np.testing.assert_array_equal(explicit.disp_vox, ref.disp_vox)
+    # with the network inside: the same field as from predict_supervoxels' 4 mm maps
+    model = build_model(seed=4, backward="eager", channels_last=True).eval()
+    fixed, moving = ct_like((32, 24, 40), seed=1), ct_like((32, 24, 40), seed=2)
+    result = register_preprocessed(model, fixed, moving, **opts)
+    assert result.info["params"]["label_upsample"] == [2, 2]
+    maps = [predict_supervoxels(model, img) for img in (fixed, moving)]
+    np.testing.assert_array_equal(maps[0], upsample_labels_stride2(torch.from_numpy(_predict_stride2(model, fixed))))
+    previous = register_preprocessed(None, fixed, moving, fixed_sv=maps[0], moving_sv=maps[1], label_upsample=1,
+                                     **opts)
+    np.testing.assert_array_equal(result.disp_vox, previous.disp_vox)
+    assert set(result.info["timings_s"]) >= {"network fixed", "network moving", "keypoints", "features", "adam",
+                                             "dense field"}
