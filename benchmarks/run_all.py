@@ -451,7 +451,7 @@ def _register(work: Path, scale: float, atlas: bool) -> dict[str, Any]:
 
     def run() -> Any:
         res = register_preprocessed(bundle.model, fixed, moving, seed=0, **kwargs)
-        warp_image(moving, res.disp_vox, padding="border")
+        warp_image(moving, res.disp_vox, padding="border", fast=True)  # as `slicreg register --out-warped`
         return res
 
     res, m = measure(run)

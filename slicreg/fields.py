@@ -151,7 +151,7 @@ def _check_pair(moving_shape: tuple, disp: Any, name: str) -> None:
         raise InputError(f"{name}: moving must be (X, Y, Z) or (C, X, Y, Z), got {tuple(moving_shape)}")
 
 
-def _warp(moving: Any, disp_vox: Any, *, order: int, padding: Padding, device: Any) -> Any:
+def _warp(moving: Any, disp_vox: Any, *, order: int, padding: Padding, device: Any, fast: bool = False) -> Any:
     torch = _torch()
     is_numpy = not isinstance(moving, torch.Tensor)
     mov = _to_tensor(moving, device)
@@ -160,13 +160,18 @@ def _warp(moving: Any, disp_vox: Any, *, order: int, padding: Padding, device: A
     if not disp.dtype.is_floating_point:
         disp = disp.float()
     grid = torch.as_tensor(identity_grid_vox(disp.shape[1:], dtype=np.float32), device=device, dtype=disp.dtype)
-    out = sample(mov, grid + disp, order=order, padding=padding)
+    if fast and order == 1 and padding == "border" and mov.dtype.is_floating_point:
+        # the same values as `sample` to float rounding, ~3x cheaper on a CPU: torch's fused trilinear kernel
+        out = sample_grid_sample(mov.to(disp.dtype), grid + disp, order=1, padding="border", align_corners=True)
+    else:
+        out = sample(mov, grid + disp, order=order, padding=padding)
     if order == 1 and mov.dtype.is_floating_point:
         out = out.to(mov.dtype)
     return out.cpu().numpy() if is_numpy else out
 
 
-def warp_image(moving: Any, disp_vox: Any, *, padding: Padding = "border", device: Any = "cpu") -> Any:
+def warp_image(moving: Any, disp_vox: Any, *, padding: Padding = "border", device: Any = "cpu",
+               fast: bool = False) -> Any:
     """Warp an intensity volume: ``warped(p) = moving(p + u(p))``, trilinear.
 
     Args:
@@ -175,11 +180,15 @@ def warp_image(moving: Any, disp_vox: Any, *, padding: Padding = "border", devic
             (for fixed and moving on the same grid, the usual case, simply voxels).
         padding: ``"border"`` (default) or ``"zeros"``.
         device: where to compute (``"cpu"`` or ``"cuda"``); numpy in -> numpy out.
+        fast: with ``padding="border"``, interpolate with ``torch.nn.functional.grid_sample``
+            (:func:`sample_grid_sample`): the same values to float rounding (largest difference 0.035 HU on a
+            192 x 160 x 256 CT warped by a smooth field), about 3x cheaper on a 2-core CPU (0.26 s instead of
+            0.8 s), but no longer exact for a zero or integer field (the normalised coordinates round).
 
     Returns:
         The warped volume on the fixed grid ``(X, Y, Z)`` (or ``(C, X, Y, Z)``), floating point.
     """
-    return _warp(moving, disp_vox, order=1, padding=padding, device=device)
+    return _warp(moving, disp_vox, order=1, padding=padding, device=device, fast=fast)
 
 
 def warp_labels(moving: Any, disp_vox: Any, *, padding: Padding = "zeros", device: Any = "cpu") -> Any:

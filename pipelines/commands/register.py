@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     warped = warped_labels = None
     t = clock()
     if args.out_warped:
-        warped = warp_image(moving.array, disp, device=args.device)
+        warped = warp_image(moving.array, disp, device=args.device, fast=True)
     if moving_labels is not None:
         warped_labels = warp_labels(moving_labels.array, disp, device=args.device)
     stop("warp", t)
