@@ -51,8 +51,9 @@ voxels for 96 x 80 x 128 -- an anisotropic unit):
   reference code's ``k = 5, alpha = 0.15`` becomes ``alpha = 6.5e-5``; the README's ``k = 8, alpha = 0.015``
   becomes ``6.5e-6``.
 
-The defaults (:data:`DEFAULTS`) were chosen on synthetic supervoxel maps (docs/flow.md); they are to be tuned
-on the cohort's training pairs only.
+The defaults (:data:`DEFAULTS`) were chosen on synthetic supervoxel maps (docs/flow.md). Registration uses
+:data:`slicreg.register.FLOW_DEFAULTS` on top of them, tuned on the cohort's training pairs only with the shipped
+weights (``benchmarks/tune_flow.py``, docs/flow_tuning.md: random keypoints, ``alpha = 6.5e-6``, ``lam = 10``).
 """
 
 from __future__ import annotations
