@@ -283,6 +283,24 @@ def upsampled_argmax_x2(z: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def network_pass_input(model: SlicRegNet, image_hu_4mm: np.ndarray, *, device: Any, dtype: Any
+                       ) -> tuple[SlicRegNet, torch.Tensor, Any, bool]:
+    """What an inference pass needs, from a checked 4 mm image in HU: the model on ``device`` in eval mode, the
+    input ``(1, 1, X, Y, Z)`` (HU / HU_SCALE; channels-last when the model's weights are), the compute dtype
+    (``None`` -> bf16 on CPU, fp16 on CUDA) and whether the model is channels-last."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    channels_last = any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)
+                        and not p.is_contiguous() for p in model.parameters())
+    x = torch.from_numpy(np.ascontiguousarray(image_hu_4mm, dtype=np.float32) / np.float32(HU_SCALE))[None, None]
+    x = x.to(dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    return model, x, dtype, channels_last
+
+
 @torch.no_grad()
 def predict(model_or_bundle: SlicRegNet | Bundle, image_hu_4mm: Any, *, output: str = "labels",
             grid: str = "input", device: Any = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -319,19 +337,11 @@ def predict(model_or_bundle: SlicRegNet | Bundle, image_hu_4mm: Any, *, output: 
         raise InputError(f"predict: image sizes must be divisible by 4 (4 mm grid, e.g. 96 x 80 x 128), got {img.shape}")
     if not np.all(np.isfinite(img)):
         raise InputError("predict: the image contains NaN or Inf values")
-    dev = torch.device(device)
-    model = model.to(dev).eval()
-    channels_last = any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)
-                        and not p.is_contiguous() for p in model.parameters())
-    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32) / np.float32(HU_SCALE))[None, None].to(dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    model, x, dtype, _ = network_pass_input(model, img, device=device, dtype=dtype)
     if dtype == torch.float32:
         logits = model(x)
     else:
-        with torch.autocast(dev.type, dtype=dtype):
+        with torch.autocast(x.device.type, dtype=dtype):
             logits = model(x)
     z = logits[0].reshape(N_LAYERS, N_CLASSES, *logits.shape[2:])  # layout: channel 128 * layer + class
     if output == "logits":

@@ -198,7 +198,7 @@ def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu",
     """
     import torch
 
-    from slicreg.network import HU_SCALE, N_CLASSES, N_LAYERS, GroupedHead
+    from slicreg.network import N_CLASSES, N_LAYERS, GroupedHead
 
     if argmax not in ("fast", "torch"):
         raise InputError(f"network_labels: argmax must be 'fast' or 'torch', got {argmax!r}")
@@ -209,15 +209,10 @@ def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu",
                          f"{img.shape}")
     if not np.all(np.isfinite(img)):
         raise InputError("network_labels: the image contains NaN or Inf values")
-    dev = torch.device(device)
-    net = net.to(dev).eval()
-    channels_last = any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)
-                        and not p.is_contiguous() for p in net.parameters())
-    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32) / np.float32(HU_SCALE))[None, None].to(dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    from slicreg.bundle import network_pass_input
+
+    net, x, dtype, channels_last = network_pass_input(net, img, device=device, dtype=dtype)
+    dev = x.device
     slabs = argmax == "fast" and channels_last and type(getattr(net, "head", None)) is GroupedHead
     with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         if slabs:
