@@ -207,20 +207,20 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
     return card
 
 
-def load_bundle(directory: str | os.PathLike, *, device: Any = "cpu", channels_last: bool | None = None) -> Bundle:
-    """Load and verify a bundle (see :func:`verify_bundle`); the model is returned in eval mode on ``device``.
+def load_weights(directory: str | os.PathLike, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The verified network weights of a bundle (a state_dict of :class:`SlicRegNet`, float32 on the CPU).
 
-    ``channels_last`` (default: on for the CPU) converts the model to channels-last 3-D memory format."""
-    from slicreg.io import load_volume
-
+    Checks the bundle (:func:`verify_bundle`), that every key and shape fits the network and that all values are
+    finite; raises one :class:`InputError` naming the file otherwise. Used by :func:`load_bundle` and to start a
+    training run from a bundle (``TrainConfig.init_weights``)."""
     directory = Path(directory)
-    card = verify_bundle(directory)
+    if verify:
+        verify_bundle(directory)
     try:
         state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{directory / MODEL_FILE}: not a readable state_dict ({type(exc).__name__}: {exc})") from None
-    model = SlicRegNet(backward="native")
-    want = model.state_dict()
+    want = SlicRegNet(backward="native").state_dict()
     if not isinstance(state, dict):
         raise InputError(f"{directory / MODEL_FILE}: expected a state_dict, got {type(state).__name__}")
     missing = sorted(set(want) - set(state))
@@ -239,6 +239,19 @@ def load_bundle(directory: str | os.PathLike, *, device: Any = "cpu", channels_l
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise InputError(f"{directory / MODEL_FILE}: non-finite values in {bad[:5]}")
+    return state
+
+
+def load_bundle(directory: str | os.PathLike, *, device: Any = "cpu", channels_last: bool | None = None) -> Bundle:
+    """Load and verify a bundle (see :func:`verify_bundle`); the model is returned in eval mode on ``device``.
+
+    ``channels_last`` (default: on for the CPU) converts the model to channels-last 3-D memory format."""
+    from slicreg.io import load_volume
+
+    directory = Path(directory)
+    card = verify_bundle(directory)
+    state = load_weights(directory, verify=False)
+    model = SlicRegNet(backward="native")
     model.load_state_dict(state)
     dev = torch.device(device)
     model = model.to(dev).eval()

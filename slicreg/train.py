@@ -109,6 +109,8 @@ class TrainConfig:
         val_ids: explicit validation subject ids (excluded from training).
         checkpoint_every: write the resumable checkpoint every this many steps (and after the last).
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``); under torchrun on CUDA each process uses its local rank.
+        init_weights: a weights bundle folder to start from instead of the seeded initialisation (fine-tuning,
+            e.g. the shipped weights on your own cohort); the optimiser starts afresh. ``None``: from scratch.
     """
 
     iterations: int = 400
@@ -129,6 +131,7 @@ class TrainConfig:
     val_ids: tuple[str, ...] = ()
     checkpoint_every: int = 10
     device: str = "cpu"
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -153,6 +156,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"training config: {message}")
         object.__setattr__(self, "val_ids", tuple(str(v) for v in self.val_ids))
+        if self.init_weights is not None:
+            object.__setattr__(self, "init_weights", str(self.init_weights))
         object.__setattr__(self, "fov_crop_mm", tuple(float(v) for v in self.fov_crop_mm))
 
     @classmethod
@@ -472,6 +477,10 @@ class Trainer:
         self.model: SlicRegNet = build_model(seed=config.seed, backward=config.backward,
                                              checkpointing=config.checkpointing, device=device,
                                              channels_last=config.channels_last)
+        if config.init_weights is not None:
+            from slicreg.bundle import load_weights
+
+            self.model.load_state_dict(load_weights(config.init_weights))
         self.model.train()
         self.ddp: Any = None
         if world_size > 1:
@@ -916,7 +925,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
             ``resume`` an existing checkpoint is an error, so a finished or running run is never overwritten.
         provenance: extra facts for the model card (e.g. the cohort's seed and generator version).
     """
-    from slicreg.bundle import save_bundle
+    from slicreg.bundle import MODEL_FILE, save_bundle, verify_bundle
     from slicreg.io import atomic_write_json, sha256_file
 
     out_dir = Path(out_dir)
@@ -926,6 +935,8 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another output folder")
     if not Path(template_supervoxels).is_file():
         raise InputError(f"{template_supervoxels}: template supervoxels file not found")
+    if config.init_weights is not None:
+        verify_bundle(config.init_weights)  # a bad bundle fails here, before the data are loaded
     data = load_training_data(dataset, transferred, progress=not quiet and rank == 0)
     train_data, val_data = split_validation(data, config)
     trainer = Trainer(config, rank=rank, world_size=world)
@@ -941,6 +952,9 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
         "dataset_json_sha256": sha256_file(dataset_dir / "dataset.json"),
         "world_size": world,
     }
+    if config.init_weights is not None:
+        info["init_weights"] = {"bundle": str(Path(config.init_weights).resolve()),
+                                "model_sha256": sha256_file(Path(config.init_weights) / MODEL_FILE)}
     if rank == 0:
         atomic_write_json(out_dir / "config.json", info)
 

@@ -299,6 +299,33 @@ def test_run_training_writes_bundle_logs_and_resumes(tmp_path):
     assert [int(r["iteration"]) for r in csv.DictReader(open(out / "log.csv"))] == [1, 2, 3, 4, 5]
 
 
+def test_init_weights_starts_from_a_bundle(tmp_path):
+    """Fine-tuning: the first step starts from the bundle's weights (not the seeded init); a bad bundle is one
+    clear error before any data are loaded; the model card records where the weights came from."""
+    from slicreg.bundle import load_weights
+
+    paths = make_dataset(tmp_path)
+    kwargs = dict(dataset=paths["dataset"], transferred=paths["transferred"],
+                  template_supervoxels=paths["supervoxels"], quiet=True)
+    base = run_training(TrainConfig(iterations=2, **{**TINY, "val_subjects": 0}), out_dir=tmp_path / "base",
+                        **kwargs)
+    start = load_weights(base.bundle)
+    scratch = Trainer(TrainConfig(**{**TINY, "seed": 5}))
+    tuned = Trainer(TrainConfig(**{**TINY, "seed": 5, "init_weights": str(base.bundle)}))
+    for key, value in start.items():
+        assert torch.equal(tuned.model.state_dict()[key].cpu(), value), key
+    assert any(not torch.equal(scratch.model.state_dict()[k].cpu(), v) for k, v in start.items()
+               if v.is_floating_point())
+    r = run_training(TrainConfig(iterations=1, **{**TINY, "val_subjects": 0, "init_weights": str(base.bundle)}),
+                     out_dir=tmp_path / "tuned", **kwargs)
+    card = read_json(r.bundle / "model_card.json")
+    assert card["training"]["init_weights"]["bundle"] == str(base.bundle.resolve())
+    assert len(card["training"]["init_weights"]["model_sha256"]) == 64
+    with pytest.raises(InputError, match="nowhere"):
+        run_training(TrainConfig(iterations=1, **{**TINY, "init_weights": str(tmp_path / "nowhere")}),
+                     out_dir=tmp_path / "bad", **kwargs)
+
+
 def test_train_command_under_torchrun_two_processes(tmp_path):
     """DDP smoke test: `torchrun --nproc_per_node 2 -m pipelines.cli train` for 2 steps on gloo."""
     paths = make_dataset(tmp_path, n=4)

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (overrides [output] dir)")
     p.add_argument("--bundle", default=None, help="bundle folder (overrides [output] bundle)")
     p.add_argument("--iterations", type=int, default=None, help="override [train] iterations")
+    p.add_argument("--init-weights", default=None, metavar="BUNDLE",
+                   help="start from this weights bundle (fine-tuning; overrides [train] init_weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (overrides [run] threads)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     values = dict(doc.get("train", {}))
     if args.iterations is not None:
         values["iterations"] = args.iterations
+    if args.init_weights is not None:
+        values["init_weights"] = args.init_weights
     config = TrainConfig.from_dict(values, where=f"{args.config}: [train]")
     threads = args.threads if args.threads is not None else doc.get("run", {}).get("threads")
     if threads is not None:

@@ -12,12 +12,13 @@ TRAIN_PARAMS = {
     "iterations": 400, "batch_size": 4, "lr": 0.004, "seed": None, "augment_sigma": 0.07, "head_voxels": 2048,
     "foreground_fraction": 0.0, "fov_crop_probability": 0.0, "fov_crop_mm": [32.0, 120.0],
     "precision": "auto", "channels_last": True, "checkpointing": False, "backward": "compiled", "val_every": 50,
-    "val_subjects": 2, "val_ids": [], "checkpoint_every": 10, "device": "cpu", "threads": None,
+    "val_subjects": 2, "val_ids": [], "checkpoint_every": 10, "device": "cpu", "init_weights": None, "threads": None,
 }
 
 
 @stage("train", version="1", params=TRAIN_PARAMS,
-       inputs={"dataset": True, "transferred": True, "supervoxels": True, "cohort": False})
+       inputs={"dataset": True, "transferred": True, "supervoxels": True, "cohort": False},
+       path_params=("init_weights",))
 def train_stage(ctx: StageContext) -> None:
     """Train the network on the transferred supervoxels; writes bundle/ (weights + card) and training/ (logs)."""
     import torch
