@@ -68,9 +68,11 @@ def score_arm(dataset: Any, predicted_dir: Path, template_layers: np.ndarray,
 
     per_subject = {}
     for sid in dataset.test:
-        path = predicted_dir / "predicted" / f"{sid}.nii.gz"
-        if not path.is_file():
-            raise SystemExit(f"{path}: missing (run the predict stage with subjects = \"test\" on this dataset)")
+        candidates = [predicted_dir / sub / f"{sid}.nii.gz" for sub in ("predicted", "supervoxels")]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise SystemExit(f"{candidates[0]}: missing (run the predict stage with subjects = \"test\" on this "
+                             f"dataset, or give a register stage's folder with supervoxels/<id>.nii.gz)")
         if sid not in truth:
             truth[sid] = true_supervoxels(dataset, sid, template_layers)
         pred = np.asarray(load_volume(path, kind="labels", channels=True).array)
@@ -92,6 +94,31 @@ def registration_dice(metrics_path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def pair_scores(metrics_path: Path) -> dict[str, dict[tuple[str, str], dict[str, float]]]:
+    """Method -> (fixed, moving) -> Dice 13 (Learn2Reg) and mean field error (mm, nan without a true field)."""
+    doc = json.loads(metrics_path.read_text())
+    out: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
+    for r in doc["results"]:
+        dice = (r.get("summary") or {}).get("dice_learn2reg", {}).get("all13")
+        err = (r.get("field_error") or {}).get("mean_mm")
+        out.setdefault(r["method"], {})[(r["fixed"], r["moving"])] = {
+            "dice13": float("nan") if dice is None else float(dice),
+            "field_error_mm": float("nan") if err is None else float(err)}
+    return out
+
+
+def paired(base: dict[Any, float], other: dict[Any, float]) -> dict[str, float]:
+    """Paired difference ``other - base`` over the keys both have: mean, sample SD, standard error, n and the
+    number of keys where ``other`` is higher / lower."""
+    keys = sorted(k for k in base if k in other and np.isfinite(base[k]) and np.isfinite(other[k]))
+    d = np.array([other[k] - base[k] for k in keys], dtype=float)
+    if len(d) == 0:
+        return {"n": 0, "mean": float("nan"), "sd": float("nan"), "se": float("nan"), "higher": 0, "lower": 0}
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    return {"n": int(len(d)), "mean": float(d.mean()), "sd": sd, "se": sd / np.sqrt(len(d)),
+            "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,9 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="the preprocessed dataset whose test subjects were predicted (a prep stage's output)")
     ap.add_argument("--supervoxels", type=Path, required=True, help="the template's supervoxels.nii.gz")
     ap.add_argument("--arm", action="append", default=[], metavar="NAME=FOLDER", required=True,
-                    help="a predict stage's output folder (with predicted/<id>.nii.gz); repeat per arm")
+                    help="a predict stage's output folder (predicted/<id>.nii.gz) or a register stage's "
+                    "(supervoxels/<id>.nii.gz); repeat per arm")
     ap.add_argument("--metrics", type=Path, help="an evaluate stage's report/metrics.json scoring the arms' "
                     "registrations")
+    ap.add_argument("--baseline", help="arm (and registration method, --baseline-method) the others are compared "
+                    "with pair by pair (default: the first --arm / the first registration method after initial)")
+    ap.add_argument("--baseline-method", help="registration method name of the baseline in metrics.json")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -126,6 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {100 * r['accuracy']:.1f} | {100 * r['foreground']:.1f} |")
     doc: dict[str, Any] = {"dataset": str(args.dataset), "arms": {k: str(v) for k, v in arms.items()},
                            "supervoxel_prediction": results}
+    base = args.baseline or next(iter(arms))
+    if base not in results:
+        ap.error(f"--baseline {base!r}: not one of the arms {list(results)}")
+    doc["paired_prediction"] = {}
+    print(f"\npaired by test subject, each arm minus {base!r} (points of foreground accuracy):")
+    print("| arm | mean difference | SD | subjects higher / lower |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        if name == base:
+            continue
+        q = paired({k: v["foreground"] for k, v in results[base]["per_subject"].items()},
+                   {k: v["foreground"] for k, v in r["per_subject"].items()})
+        doc["paired_prediction"][name] = q
+        print(f"| {name} | {100 * q['mean']:+.1f} | {100 * q['sd']:.1f} | {q['higher']} / {q['lower']} of {q['n']} |")
     if args.metrics:
         dice = registration_dice(args.metrics)
         doc["registration_dice13"] = dice
@@ -135,6 +180,26 @@ def main(argv: list[str] | None = None) -> int:
         for name, d in dice.items():
             std = "" if d["std"] is None else f" ± {100 * d['std']:.1f}"
             print(f"| {name} | {100 * d['mean']:.1f}{std} | {d['pairs']} |")
+        scores = pair_scores(args.metrics)
+        methods = [m for m in scores if m != "initial"]
+        base_method = args.baseline_method or (methods[0] if methods else None)
+        if base_method is not None:
+            if base_method not in scores:
+                ap.error(f"--baseline-method {base_method!r}: not one of {list(scores)}")
+            doc["paired_registration"] = {}
+            print(f"\npaired by registration pair, each method minus {base_method!r}:")
+            print("| method | Dice 13 difference (points) | SD | pairs higher / lower | field error difference mm |")
+            print("|---|---|---|---|---|")
+            for m in methods:
+                if m == base_method:
+                    continue
+                q = paired({k: v["dice13"] for k, v in scores[base_method].items()},
+                           {k: v["dice13"] for k, v in scores[m].items()})
+                e = paired({k: v["field_error_mm"] for k, v in scores[base_method].items()},
+                           {k: v["field_error_mm"] for k, v in scores[m].items()})
+                doc["paired_registration"][m] = {"dice13": q, "field_error_mm": e}
+                print(f"| {m} | {100 * q['mean']:+.1f} | {100 * q['sd']:.1f} | {q['higher']} / {q['lower']} of "
+                      f"{q['n']} | {e['mean']:+.2f} |")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1))
     return 0
