@@ -422,6 +422,9 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"- hardware: {hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} cores, {hw.get('torch_threads', '?')} torch "
         f"threads, {hw.get('processes', 1)} process(es), device {hw.get('device', '?')}, torch {hw.get('torch', '?')}",
         f"- precision: {tr.get('precision', '?')}",
+        *([f"- started from the weights of `{tr['init_weights'].get('bundle')}` (model.pt sha256 "
+           f"`{tr['init_weights'].get('model_sha256')}`), not from a random initialisation; the iterations above "
+           f"are those of this run only"] if tr.get("init_weights") else []),
         f"- training scans: {len(tr.get('train_ids', []))}; validation scans: {tr.get('val_ids', [])}",
         f"- final training loss (mean of the last 25 steps): {_fmt(tr.get('final_train_loss_mean_last_25'))}",
         f"- validation: loss {_fmt(val.get('val_loss'))}, accuracy {_fmt(val.get('val_accuracy'))}, "

@@ -321,6 +321,7 @@ def test_init_weights_starts_from_a_bundle(tmp_path):
     card = read_json(r.bundle / "model_card.json")
     assert card["training"]["init_weights"]["bundle"] == str(base.bundle.resolve())
     assert len(card["training"]["init_weights"]["model_sha256"]) == 64
+    assert "started from the weights of" in (r.bundle / "MODEL_CARD.md").read_text()
     with pytest.raises(InputError, match="nowhere"):
         run_training(TrainConfig(iterations=1, **{**TINY, "init_weights": str(tmp_path / "nowhere")}),
                      out_dir=tmp_path / "bad", **kwargs)
