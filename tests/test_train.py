@@ -327,6 +327,29 @@ def test_init_weights_starts_from_a_bundle(tmp_path):
                      out_dir=tmp_path / "bad", **kwargs)
 
 
+def test_train_stage_fine_tunes_from_another_train_stage(tmp_path):
+    """The train stage's input ``init`` (an earlier train stage) starts the run from that stage's bundle; giving
+    both ``init`` and ``init_weights`` is a ConfigError."""
+    from pipelines.runner import StageContext
+    from pipelines.stages.train import TRAIN_PARAMS, train_stage
+
+    paths = make_dataset(tmp_path)
+    params = {**TRAIN_PARAMS, **TINY, "iterations": 1, "val_subjects": 0, "fov_crop_mm": [32.0, 120.0]}
+    inputs = {"dataset": paths["dataset"], "transferred": paths["transferred"],
+              "supervoxels": paths["supervoxels"].parent, "cohort": None, "init": None}
+    first = StageContext("train", dict(params), dict(inputs), tmp_path / "first", tmp_path, quiet=True)
+    train_stage(first)
+    second = StageContext("finetune", dict(params), {**inputs, "init": first.out_dir}, tmp_path / "second", tmp_path,
+                          quiet=True)
+    train_stage(second)
+    card = read_json(second.out_dir / "bundle" / "model_card.json")
+    assert card["training"]["init_weights"]["bundle"] == str((first.out_dir / "bundle").resolve())
+    both = StageContext("both", {**params, "init_weights": str(first.out_dir / "bundle")},
+                        {**inputs, "init": first.out_dir}, tmp_path / "both", tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match="not both"):
+        train_stage(both)
+
+
 def test_train_command_under_torchrun_two_processes(tmp_path):
     """DDP smoke test: `torchrun --nproc_per_node 2 -m pipelines.cli train` for 2 steps on gloo."""
     paths = make_dataset(tmp_path, n=4)

@@ -17,12 +17,16 @@ TRAIN_PARAMS = {
 
 
 @stage("train", version="1", params=TRAIN_PARAMS,
-       inputs={"dataset": True, "transferred": True, "supervoxels": True, "cohort": False},
+       inputs={"dataset": True, "transferred": True, "supervoxels": True, "cohort": False, "init": False},
        path_params=("init_weights",))
 def train_stage(ctx: StageContext) -> None:
-    """Train the network on the transferred supervoxels; writes bundle/ (weights + card) and training/ (logs)."""
+    """Train the network on the transferred supervoxels; writes bundle/ (weights + card) and training/ (logs).
+
+    Starts from a weights bundle (fine-tuning) when given one: ``init_weights`` (a path), or the input ``init``
+    (another train stage of the pipeline, whose ``bundle/`` is used)."""
     import torch
 
+    from slicreg.errors import ConfigError
     from slicreg.io import read_json
     from slicreg.train import TrainConfig, run_training
 
@@ -30,6 +34,11 @@ def train_stage(ctx: StageContext) -> None:
     threads = p.pop("threads")
     if p["seed"] is None:
         p["seed"] = ctx.seed
+    if ctx.inputs.get("init") is not None:
+        if p["init_weights"] is not None:
+            raise ConfigError(f"[stages.{ctx.stage_id}]: give the starting weights once: init_weights = "
+                              f"{p['init_weights']!r} or the input init, not both")
+        p["init_weights"] = str(Path(ctx.inputs["init"]) / "bundle")
     config = TrainConfig.from_dict(p, where=f"[stages.{ctx.stage_id}]")
     if threads is not None:
         torch.set_num_threads(int(threads))
