@@ -6,7 +6,7 @@ large temporaries are mapped and zero-filled anew on every call; ``slicreg`` re-
 (the variable is read at start-up): one warm-up and ``--repeat`` timed bf16 predictions of a random 96 x 80 x 128
 input with the given bundle (or random weights), then user and system CPU time of the process.
 
-    python benchmarks/bench_allocator.py [--weights weights/slicreg-cohort-v2] [--repeat 2]
+    python benchmarks/bench_allocator.py [--weights weights/slicreg-cohort-v3] [--repeat 2]
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ option), ``train-step-faithful`` (fp32, dense head, torch's own backward, batch 
 (the :class:`slicreg.train.TrainConfig` defaults -- bf16, channels-last, compiled depthwise backward, head on
 2048 voxels -- at batch 1; its first, compiling step is reported apart), ``register-pair`` / ``register-atlas``
 (what ``slicreg register`` computes for two new scans / a scan and the template with the shipped weights
-``weights/slicreg-cohort-v2``: network pass(es), flow, dense field, warping the moving image).
+``weights/slicreg-cohort-v3``: network pass(es), flow, dense field, warping the moving image).
 
 Scaling (``--scales``, default 0.5, 1, 1.5 per axis): ``slic-layer`` (one SLIC layer), ``deeds-import``,
 ``align``, ``flow``, ``warp``, ``evaluate`` and ``inference-bf16`` at each scale (align at 1.5x only with
@@ -430,7 +430,7 @@ def case_train_step_optimised(work: Path, scale: float, opts: dict[str, Any]) ->
     return _train_step(work, faithful=False)
 
 
-SHIPPED_WEIGHTS = REPO / "weights" / "slicreg-cohort-v2"
+SHIPPED_WEIGHTS = REPO / "weights" / "slicreg-cohort-v3"
 
 
 def _register(work: Path, scale: float, atlas: bool) -> dict[str, Any]:

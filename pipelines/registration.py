@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-DEFAULT_BUNDLE = "slicreg-cohort-v2"
+DEFAULT_BUNDLE = "slicreg-cohort-v3"
 
 
 def default_weights() -> Path:
-    """The shipped bundle: ``weights/slicreg-cohort-v2`` of the source tree."""
+    """The shipped bundle: ``weights/slicreg-cohort-v3`` of the source tree."""
     return WEIGHTS_DIR / DEFAULT_BUNDLE
 
 

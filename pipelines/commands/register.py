@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", required=True, help="fixed CT (NIfTI, HU); raw or preprocessed (2 mm, 192x160x256)")
     p.add_argument("--moving", required=True, help="moving CT (NIfTI, HU); with --atlas: the bundle's template")
     p.add_argument("--weights", default=None, help="weights bundle folder (default: the shipped weights/"
-                                                   "slicreg-cohort-v2)")
+                                                   "slicreg-cohort-v3)")
     p.add_argument("--out-field", required=True,
                    help="field (X, Y, Z, 3) on the fixed scan's grid, voxels of the moving scan, fixed -> moving")
     p.add_argument("--out-warped", default=None, help="warped moving image on the fixed grid (linear)")

@@ -10,7 +10,7 @@ The config is a TOML file (example: ``pipelines/train.toml``)::
 
     [output]
     dir = "runs/train"                                    # checkpoints, logs, curves
-    bundle = "weights/slicreg-cohort-v2"                  # the weights bundle (default: <dir>/bundle)
+    bundle = "weights/slicreg-cohort-v3"                  # the weights bundle (default: <dir>/bundle)
 
     [run]
     threads = 2                                           # torch threads per process (default: torch's)

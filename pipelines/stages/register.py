@@ -4,7 +4,7 @@ Inputs:
 
 - ``dataset`` (required): a preprocessed dataset folder (docs/CONTRACTS.md);
 - ``bundle`` (optional): a weights bundle folder made by an earlier stage (e.g. ``"train/bundle"``); otherwise
-  the ``weights`` parameter (default: the shipped ``weights/slicreg-cohort-v2``);
+  the ``weights`` parameter (default: the shipped ``weights/slicreg-cohort-v3``);
 - ``predicted`` (optional): the output of a ``predict`` stage (``predicted/<id>.nii.gz`` on the 4 mm grid and
   ``predict.json`` with the network time per subject). Subjects it lacks are predicted here.
 
