@@ -114,10 +114,11 @@ def _pairs(dataset: Any, source: str) -> list[tuple[str, str]]:
        inputs={"dataset": True})
 def align_pairs_stage(ctx: StageContext) -> None:
     """Register dataset pairs with the built-in toolkit; fields + registrations.json (docs/CONTRACTS.md)."""
+    from pipelines.registration import run_pair_jobs
     from preprocessing.datasets import load_dataset
     from slicreg.align import resolve_preset
     from slicreg.errors import ConfigError
-    from slicreg.io import atomic_write_json, read_json
+    from slicreg.io import atomic_write_json
 
     preset = str(ctx.params["preset"])
     resolve_preset(preset)  # fail before any work on an unknown preset
@@ -135,24 +136,11 @@ def align_pairs_stage(ctx: StageContext) -> None:
         if missing:
             ctx.log(f"fov_mask: no crop record for {len(missing)} subject(s) ({', '.join(missing[:5])}"
                     f"{', ...' if len(missing) > 5 else ''}): their whole grids count as field of view")
-    jobs, records = [], {}
-    for fixed, moving in pairs:
-        field = f"fields/disp_{fixed}_{moving}.nii.gz"
-        record = f"runs/{fixed}_{moving}.json"
-        if ctx.done(field) and ctx.done(record):
-            records[(fixed, moving)] = read_json(ctx.out_dir / record)
-            continue
-        jobs.append({"fixed": fixed, "moving": moving, "field": field,
-                     "fixed_image": str(dataset.path(dataset.subject(fixed).image)),
-                     "moving_image": str(dataset.path(dataset.subject(moving).image)),
-                     "field_path": str(ctx.path(field)), "record_path": str(ctx.path(record)),
-                     "preset": preset, "device": str(ctx.params["device"]), "seed": int(ctx.seed),
-                     "fixed_crop": crops.get(fixed), "moving_crop": crops.get(moving)})
-    if len(records):
-        ctx.log(f"{len(records)} of {len(pairs)} pairs already registered by an earlier attempt")
-    for rec in ctx.map(align_one, jobs, desc="align"):
-        records[(rec["fixed"], rec["moving"])] = rec
-    ordered = [records[p] for p in pairs]
+    ordered = run_pair_jobs(ctx, pairs, lambda fixed, moving: {
+        "fixed_image": str(dataset.path(dataset.subject(fixed).image)),
+        "moving_image": str(dataset.path(dataset.subject(moving).image)),
+        "preset": preset, "device": str(ctx.params["device"]), "seed": int(ctx.seed),
+        "fixed_crop": crops.get(fixed), "moving_crop": crops.get(moving)}, align_one, desc="align")
     atomic_write_json(ctx.path("registrations.json"), {
         "method": f"slicreg-align/{preset}", "preset": preset, "fov_mask": use_fov,
         "pairs": [{"fixed": r["fixed"], "moving": r["moving"], "field": r["field"], "runtime_s": r["runtime_s"]}

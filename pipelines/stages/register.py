@@ -108,7 +108,7 @@ def register_stage(ctx: StageContext) -> None:
     """Predict supervoxels of every scan once, then register each pair by the keypoint flow (CONTRACTS.md)."""
     import numpy as np
 
-    from pipelines.registration import default_weights, load_weights
+    from pipelines.registration import default_weights, load_weights, run_pair_jobs
     from preprocessing.datasets import load_dataset
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.errors import ConfigError
@@ -199,25 +199,12 @@ def register_stage(ctx: StageContext) -> None:
         found = dataset.subject(sid).files.get("crop")
         return str(dataset.path(found)) if (p["fov_mask"] and p["refine"] and found) else None
 
-    jobs, records = [], {}
-    for fixed, moving in pairs:
-        field = f"fields/disp_{fixed}_{moving}.nii.gz"
-        record = f"runs/{fixed}_{moving}.json"
-        if ctx.done(field) and ctx.done(record):
-            records[(fixed, moving)] = read_json(ctx.out_dir / record)
-            continue
-        jobs.append({"fixed": fixed, "moving": moving, "field": field, "field_path": str(ctx.path(field)),
-                     "record_path": str(ctx.path(record)), "fixed_sv": str(maps[fixed]),
-                     "moving_sv": str(maps[moving]), "fixed_image": str(image_path(fixed)),
-                     "moving_image": str(image_path(moving)), "network_fixed_s": network_s.get(fixed),
-                     "network_moving_s": network_s.get(moving), "device": str(p["device"]), "seed": int(p["seed"]),
-                     "flow": flow, "refine": bool(p["refine"]), "refine_options": refine_options,
-                     "fixed_crop": crop(fixed), "moving_crop": crop(moving)})
-    if records:
-        ctx.log(f"{len(records)} of {len(pairs)} pairs already registered by an earlier attempt")
-    for rec in ctx.map(register_one, jobs, desc="register"):
-        records[(rec["fixed"], rec["moving"])] = rec
-    ordered = [records[q] for q in pairs]
+    ordered = run_pair_jobs(ctx, pairs, lambda fixed, moving: {
+        "fixed_sv": str(maps[fixed]), "moving_sv": str(maps[moving]), "fixed_image": str(image_path(fixed)),
+        "moving_image": str(image_path(moving)), "network_fixed_s": network_s.get(fixed),
+        "network_moving_s": network_s.get(moving), "device": str(p["device"]), "seed": int(p["seed"]),
+        "flow": flow, "refine": bool(p["refine"]), "refine_options": refine_options,
+        "fixed_crop": crop(fixed), "moving_crop": crop(moving)}, register_one, desc="register")
     atomic_write_json(ctx.path("registrations.json"), {
         "method": method, "weights": str(Path(str(source)).resolve()), "atlas": bool(p["atlas"]),
         "refine": bool(p["refine"]), "flow": flow, "refine_options": refine_options, "fov_mask": bool(p["fov_mask"]),
