@@ -107,9 +107,12 @@ def pair_scores(metrics_path: Path) -> dict[str, dict[tuple[str, str], dict[str,
     return out
 
 
-def paired(base: dict[Any, float], other: dict[Any, float]) -> dict[str, float]:
+def paired(base: dict[Any, Any], other: dict[Any, Any], key: str | None = None) -> dict[str, float]:
     """Paired difference ``other - base`` over the keys both have: mean, sample SD, standard error, n and the
-    number of keys where ``other`` is higher / lower."""
+    number of keys where ``other`` is higher / lower. With ``key`` the values are mappings and ``value[key]`` is
+    compared."""
+    if key is not None:
+        base, other = {k: v[key] for k, v in base.items()}, {k: v[key] for k, v in other.items()}
     keys = sorted(k for k in base if k in other and np.isfinite(base[k]) and np.isfinite(other[k]))
     d = np.array([other[k] - base[k] for k in keys], dtype=float)
     if len(d) == 0:
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name:
             ap.error(f"--arm: expected NAME=FOLDER, got {text!r}")
         arms[name] = Path(folder)
+    base = args.baseline or next(iter(arms))
+    if base not in arms:
+        ap.error(f"--baseline {base!r}: not one of the arms {list(arms)}")
     dataset = load_dataset(args.dataset)
     template_layers = np.asarray(load_volume(args.supervoxels, kind="labels", channels=True).array)
     truth: dict[str, np.ndarray] = {}
@@ -157,9 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {100 * r['accuracy']:.1f} | {100 * r['foreground']:.1f} |")
     doc: dict[str, Any] = {"dataset": str(args.dataset), "arms": {k: str(v) for k, v in arms.items()},
                            "supervoxel_prediction": results}
-    base = args.baseline or next(iter(arms))
-    if base not in results:
-        ap.error(f"--baseline {base!r}: not one of the arms {list(results)}")
     doc["paired_prediction"] = {}
     print(f"\npaired by test subject, each arm minus {base!r} (points of foreground accuracy):")
     print("| arm | mean difference | SD | subjects higher / lower |")
@@ -167,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         if name == base:
             continue
-        q = paired({k: v["foreground"] for k, v in results[base]["per_subject"].items()},
-                   {k: v["foreground"] for k, v in r["per_subject"].items()})
+        q = paired(results[base]["per_subject"], r["per_subject"], "foreground")
         doc["paired_prediction"][name] = q
         print(f"| {name} | {100 * q['mean']:+.1f} | {100 * q['sd']:.1f} | {q['higher']} / {q['lower']} of {q['n']} |")
     if args.metrics:
@@ -193,10 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             for m in methods:
                 if m == base_method:
                     continue
-                q = paired({k: v["dice13"] for k, v in scores[base_method].items()},
-                           {k: v["dice13"] for k, v in scores[m].items()})
-                e = paired({k: v["field_error_mm"] for k, v in scores[base_method].items()},
-                           {k: v["field_error_mm"] for k, v in scores[m].items()})
+                q = paired(scores[base_method], scores[m], "dice13")
+                e = paired(scores[base_method], scores[m], "field_error_mm")
                 doc["paired_registration"][m] = {"dice13": q, "field_error_mm": e}
                 print(f"| {m} | {100 * q['mean']:+.1f} | {100 * q['sd']:.1f} | {q['higher']} / {q['lower']} of "
                       f"{q['n']} | {e['mean']:+.2f} |")

@@ -925,7 +925,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
             ``resume`` an existing checkpoint is an error, so a finished or running run is never overwritten.
         provenance: extra facts for the model card (e.g. the cohort's seed and generator version).
     """
-    from slicreg.bundle import MODEL_FILE, save_bundle, verify_bundle
+    from slicreg.bundle import MODEL_FILE, save_bundle
     from slicreg.io import atomic_write_json, sha256_file
 
     out_dir = Path(out_dir)
@@ -935,11 +935,9 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another output folder")
     if not Path(template_supervoxels).is_file():
         raise InputError(f"{template_supervoxels}: template supervoxels file not found")
-    if config.init_weights is not None:
-        verify_bundle(config.init_weights)  # a bad bundle fails here, before the data are loaded
+    trainer = Trainer(config, rank=rank, world_size=world)  # before the data: a bad init_weights bundle fails fast
     data = load_training_data(dataset, transferred, progress=not quiet and rank == 0)
     train_data, val_data = split_validation(data, config)
-    trainer = Trainer(config, rank=rank, world_size=world)
     if resume and ckpt_path.exists():
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         if rank == 0 and not quiet:
