@@ -72,7 +72,8 @@ def is_preprocessed(volume: Any, crop_shape: tuple[int, int, int]) -> bool:
 
 
 def preprocess_for_registration(volume: Any, *, name: str, force: bool = False,
-                                crop_shape: tuple[int, int, int] | None = None) -> Prepared:
+                                crop_shape: tuple[int, int, int] | None = None, keep_preprocessed: bool = True
+                                ) -> Prepared:
     """Preprocess a CT as the paper did, unless it already is (2 mm RAS, ``crop_shape``): then use it as is.
 
     Args:
@@ -80,6 +81,8 @@ def preprocess_for_registration(volume: Any, *, name: str, force: bool = False,
         name: how to call it in messages (its file name).
         force: accept an image that does not look like CT.
         crop_shape: the preprocessed grid (default 192 x 160 x 256; use :func:`bundle_crop_shape`).
+        keep_preprocessed: use a scan already on such a grid as it is (False: preprocess every scan, as the
+            ``preprocess`` stage does, so that one scan stored in any orientation gives the same grid).
 
     Raises:
         InputError: not CT-like (without force), no soft tissue to centre on, not 3-D.
@@ -87,7 +90,7 @@ def preprocess_for_registration(volume: Any, *, name: str, force: bool = False,
     from preprocessing.geometry import CROP_SHAPE, CropRecord, check_ct_like, preprocess_volume
 
     crop_shape = tuple(crop_shape or CROP_SHAPE)  # type: ignore[assignment]
-    if not is_preprocessed(volume, crop_shape):
+    if not keep_preprocessed or not is_preprocessed(volume, crop_shape):
         prep = preprocess_volume(volume, force=force, name=name, crop_shape=crop_shape)
         return Prepared(prep.image, prep.record, False)
     check = check_ct_like(volume.array, name=name, force=force)
@@ -100,16 +103,82 @@ def preprocess_for_registration(volume: Any, *, name: str, force: bool = False,
     return Prepared(volume, record, True)
 
 
+def to_original_grid(disp_vox: np.ndarray, fixed: Prepared, moving: Prepared) -> np.ndarray:
+    """A field between two prepared scans as the correspondence of the scans as given: ``(3, *fixed original
+    shape)``, original fixed voxel -> original moving voxel (:func:`preprocessing.geometry.field_to_original_grid`;
+    unchanged when neither scan needed preprocessing)."""
+    from preprocessing.geometry import field_to_original_grid
+
+    if fixed.identity and moving.identity:
+        return disp_vox
+    return field_to_original_grid(disp_vox, fixed.record, moving.record)
+
+
+def atlas_advice(pairwise: str) -> str:
+    """What to do instead of atlas mode with a foreign template; ``pairwise`` says how to switch it off."""
+    return (f"register pairwise instead ({pairwise}: the template then gets its own network pass), or train a "
+            f"bundle on this template (pipelines/btcv.toml) and use atlas mode with that bundle")
+
+
+def read_template_supervoxels(path: str | Path) -> tuple[np.ndarray, str | None, Path]:
+    """Template supervoxels given explicitly: a ``supervoxels.nii.gz`` or a folder holding one (a ``supervoxels``
+    stage's output). Returns ``(maps (16, X, Y, Z) uint8, sha256 of the image they were made on or None, file)``;
+    the image's sha256 comes from the sidecar ``supervoxels.json`` beside the file."""
+    from slicreg.bundle import _check_supervoxels
+    from slicreg.errors import InputError
+    from slicreg.io import load_volume, read_json
+
+    path = Path(path).expanduser()
+    file = path / "supervoxels.nii.gz" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{path}: template supervoxels not found (expected supervoxels.nii.gz, the output of "
+                         f"`slicreg supervoxels` or of a supervoxels stage)")
+    maps = load_volume(file, kind="labels", channels=True).array
+    _check_supervoxels(maps, file)
+    sidecar = file.with_name("supervoxels.json")
+    sha = None
+    if sidecar.is_file():
+        meta = read_json(sidecar)
+        template = meta.get("template") if isinstance(meta, dict) else None
+        sha = template.get("sha256") if isinstance(template, dict) else None
+    return np.asarray(maps, dtype=np.uint8), sha if isinstance(sha, str) else None, file
+
+
+def atlas_template(bundle: Any, template_image: str | Path, supervoxels: str | Path | None = None
+                   ) -> tuple[np.ndarray | None, str | None]:
+    """The template supervoxels atlas mode uses for ``template_image`` -- always the bundle's own (the labels its
+    network predicts) -- or why atlas mode would be wrong there.
+
+    ``supervoxels`` (optional) are template supervoxels given explicitly: they can prove that ``template_image``
+    is the bundle's template (rule 2 of :func:`slicreg.bundle.atlas_template_problem`). Returns ``(maps, None)``
+    or ``(None, reason)``."""
+    from slicreg.bundle import atlas_template_problem
+    from slicreg.io import sha256_file
+
+    given = given_sha = None
+    if supervoxels is not None:
+        given, given_sha, _ = read_template_supervoxels(supervoxels)
+    problem = atlas_template_problem(bundle, template_sha256=sha256_file(template_image), supervoxels=given,
+                                     supervoxels_template_sha256=given_sha)
+    if problem is not None:
+        return None, problem
+    return np.asarray(bundle.template_supervoxels.array), None
+
+
 def register_preprocessed(bundle: Any, fixed_hu: np.ndarray, moving_hu: np.ndarray, *, device: str = "cpu",
                           seed: int = 0, moving_is_template: bool = False, refine: bool = False,
                           refine_options: dict[str, Any] | None = None, network_dtype: Any = None,
-                          **flow_options: Any) -> Any:
-    """One registration with a loaded bundle (atlas mode uses the bundle's template supervoxels).
+                          template_supervoxels: np.ndarray | None = None, **flow_options: Any) -> Any:
+    """One registration with a loaded bundle (atlas mode: ``template_supervoxels``, default the bundle's own; the
+    caller checks with :func:`atlas_template` that the moving scan is that template).
 
     See :func:`slicreg.register.register_preprocessed`; returns its :class:`~slicreg.register.RegistrationResult`."""
     from slicreg.register import register_preprocessed as register
 
-    template = np.asarray(bundle.template_supervoxels.array) if moving_is_template else None
+    template = None
+    if moving_is_template:
+        template = np.asarray(bundle.template_supervoxels.array if template_supervoxels is None
+                              else template_supervoxels)
     return register(bundle, np.asarray(fixed_hu, dtype=np.float32), np.asarray(moving_hu, dtype=np.float32),
                     template_supervoxels=template, moving_is_template=moving_is_template, device=device, seed=seed,
                     refine=refine, refine_options=refine_options, network_dtype=network_dtype, **flow_options)

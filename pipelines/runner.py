@@ -64,6 +64,7 @@ class StageType:
     inputs: dict[str, bool]  # input name -> required
     path_params: tuple[str, ...]  # parameters naming files/folders whose content is hashed
     description: str
+    param_types: dict[str, tuple[type, ...]] = field(default_factory=dict)  # allowed types beyond the default's
 
     @property
     def code_hash(self) -> str:
@@ -84,6 +85,7 @@ def stage(
     params: dict[str, Any] | None = None,
     inputs: dict[str, bool] | Sequence[str] = (),
     path_params: Sequence[str] = (),
+    param_types: dict[str, tuple[type, ...]] | None = None,
 ) -> Callable[[Callable[["StageContext"], None]], Callable[["StageContext"], None]]:
     """Register a stage type.
 
@@ -96,6 +98,8 @@ def stage(
         inputs: input names; a dict maps each to whether it is required (a sequence means all required).
         path_params: parameters that name files or folders: checked for existence before anything runs and
             hashed by content into the cache key.
+        param_types: parameter -> the types a value may have, where the default's type does not say it (e.g. an
+            int default that also takes the string ``"auto"``); checked before any stage runs.
     """
     if not isinstance(inputs, dict):
         inputs = {n: True for n in inputs}
@@ -106,6 +110,7 @@ def stage(
         REGISTRY[name] = StageType(
             name=name, run=fn, version=version, params=dict(params or {}), inputs=dict(inputs),
             path_params=tuple(path_params), description=(inspect.getdoc(fn) or "").split("\n")[0],
+            param_types=dict(param_types or {}),
         )
         return fn
 
@@ -141,6 +146,7 @@ class StageContext:
     quiet: bool = False
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    executor: Any = None  # a pipelines.executors.Executor; None: the process pool of ``jobs``
 
     def path(self, relative: str | os.PathLike) -> Path:
         """``out_dir / relative`` with its parent folders created."""
@@ -166,34 +172,17 @@ class StageContext:
         return tqdm(iterable, desc=f"[{self.stage_id}] {desc}", total=total, disable=self.quiet, leave=False)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str) -> list[Any]:
-        """``[fn(x) for x in items]`` on ``jobs`` processes (in order, with progress).
+        """``[fn(x) for x in items]`` on the run's executor (in order, with progress).
 
-        ``fn`` must be a module-level function (it is pickled). Worker processes are started with ``spawn`` and
-        share the cores: each gets ``max(1, cores // jobs)`` torch threads."""
-        items = list(items)
-        if self.jobs <= 1 or len(items) <= 1:
-            return [fn(x) for x in self.progress(items, desc)]
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        The executor is ``--jobs`` processes (started with ``spawn``, each with ``max(1, cores // jobs)`` torch
+        threads) or, with ``--scheduler``, a Dask cluster (:mod:`pipelines.executors`). ``fn`` must be a
+        module-level function of an importable module (it is pickled by reference), and its result must depend on
+        the item only, never on where it ran. Per-case files go into :attr:`out_dir` (the workers write them
+        there: on a cluster it must be on a shared file system)."""
+        from pipelines.executors import ProcessExecutor
 
-        threads = max(1, (os.cpu_count() or 1) // self.jobs)
-        with ProcessPoolExecutor(
-            max_workers=min(self.jobs, len(items)), mp_context=mp.get_context("spawn"),
-            initializer=_init_worker, initargs=(threads,),
-        ) as pool:
-            futures = [pool.submit(fn, x) for x in items]
-            from concurrent.futures import as_completed
-
-            for _ in self.progress(as_completed(futures), desc, total=len(futures)):
-                pass
-            return [f.result() for f in futures]
-
-
-def _init_worker(threads: int) -> None:
-    with contextlib.suppress(ImportError):
-        import torch
-
-        torch.set_num_threads(threads)
+        executor = self.executor if self.executor is not None else ProcessExecutor(self.jobs)
+        return executor.map(fn, list(items), desc=desc, progress=self.progress, shared_dir=self.out_dir)
 
 
 @dataclass
@@ -213,13 +202,44 @@ class Pipeline:
     work_dir: Path
     seed: int
     stages: list[StageInstance]
+    scheduler: str | None = None  # [pipeline] scheduler: where per-case work runs (pipelines.executors)
 
 
-PIPELINE_KEYS = {"name", "work_dir", "seed", "description", "plugins"}
+PIPELINE_KEYS = {"name", "work_dir", "seed", "description", "plugins", "scheduler"}
 
 
-def load_pipeline(path: str | os.PathLike, *, work_dir: str | os.PathLike | None = None) -> Pipeline:
-    """Read and validate a pipeline TOML file; every problem is a :class:`ConfigError` naming the key."""
+def apply_overrides(doc: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
+    """Set stage parameters from ``STAGE.KEY=VALUE`` strings (``slicreg run --set``), in place.
+
+    ``VALUE`` is read as a TOML value (``3``, ``true``, ``[16, 16, 24]``, ``"text"``); anything else is taken as a
+    string (``data.folder=/data/btcv``). ``KEY`` may name a key inside a table parameter (``register.flow.iterations``)
+    or an input (``register.inputs.bundle``). Unknown stages are a :class:`ConfigError`; unknown keys are reported by
+    the validation that follows, like a typo in the file."""
+    stages = doc.setdefault("stages", {})
+    for item in overrides:
+        target, sep, raw = str(item).partition("=")
+        keys = target.strip().split(".")
+        if not sep or len(keys) < 2 or not all(keys):
+            raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. data.folder=/data/btcv")
+        if keys[0] not in stages or not isinstance(stages[keys[0]], dict):
+            raise ConfigError(f"--set {item!r}: {path} has no stage {keys[0]!r}; stages: {', '.join(stages)}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        table = stages[keys[0]]
+        for key in keys[1:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:-1])} is not a table")
+        table[keys[-1]] = value
+
+
+def load_pipeline(path: str | os.PathLike, *, work_dir: str | os.PathLike | None = None,
+                  overrides: Sequence[str] = ()) -> Pipeline:
+    """Read and validate a pipeline TOML file; every problem is a :class:`ConfigError` naming the key.
+
+    ``overrides``: ``STAGE.KEY=VALUE`` strings applied before validation (:func:`apply_overrides`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
@@ -227,9 +247,12 @@ def load_pipeline(path: str | os.PathLike, *, work_dir: str | os.PathLike | None
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected a TOML file in UTF-8)") from None
     unknown = set(doc) - {"pipeline", "stages"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level table(s) {sorted(unknown)}; expected [pipeline] and [stages.*]")
+    apply_overrides(doc, overrides, path)
     head = doc.get("pipeline", {})
     bad = set(head) - PIPELINE_KEYS
     if bad:
@@ -271,6 +294,10 @@ def load_pipeline(path: str | os.PathLike, *, work_dir: str | os.PathLike | None
         if unknown:
             raise ConfigError(f"{where}: unknown parameter(s) {sorted(unknown)} for stage type {type_name!r}; "
                               f"allowed: {sorted(st.params)}")
+        for name, value in entry.items():
+            problem = _type_problem(st, name, value)
+            if problem:
+                raise ConfigError(f"{where}: {name} = {value!r}: expected {problem}, got {type(value).__name__}")
         params = {**st.params, **entry}
         for p in st.path_params:
             if params.get(p) is not None and not Path(str(params[p])).expanduser().exists():
@@ -280,7 +307,49 @@ def load_pipeline(path: str | os.PathLike, *, work_dir: str | os.PathLike | None
     if not stages:
         raise ConfigError(f"{path}: no stages defined (add [stages.<id>] tables)")
     wd = Path(work_dir) if work_dir is not None else Path(head.get("work_dir", f"runs/{head.get('name', path.stem)}"))
-    return Pipeline(head.get("name", path.stem), path, wd.expanduser(), int(head.get("seed", 0)), stages)
+    seed = head.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{path}: [pipeline] seed = {seed!r}: expected an integer, got {type(seed).__name__}")
+    for key in ("name", "work_dir", "description"):
+        if key in head and not isinstance(head[key], str):
+            raise ConfigError(f"{path}: [pipeline] {key} = {head[key]!r}: expected a string, got "
+                              f"{type(head[key]).__name__}")
+    scheduler = head.get("scheduler")
+    if scheduler is not None:
+        from pipelines.executors import parse_scheduler
+
+        parse_scheduler(scheduler, where=f"{path}: [pipeline] scheduler")
+    return Pipeline(head.get("name", path.stem), path, wd.expanduser(), seed, stages, scheduler)
+
+
+def _type_problem(st: StageType, name: str, value: Any) -> str | None:
+    """What a parameter value should have been, from the type of its declared default (``None``: fine).
+
+    A default of ``None`` (optional or path parameters) and path parameters accept anything TOML gives; an int
+    default takes integers, a float default integers or floats, a bool default booleans, a string default
+    strings, a list or table default the same. A stage declares other allowed types in ``param_types``."""
+    allowed = st.param_types.get(name)
+    if allowed is None:
+        default = st.params.get(name)
+        if default is None or name in st.path_params:
+            return None
+        if isinstance(default, bool):
+            allowed = (bool,)
+        elif isinstance(default, int):
+            allowed = (int,)
+        elif isinstance(default, float):
+            allowed = (int, float)
+        else:
+            allowed = (type(default),)
+    if isinstance(value, bool) and bool not in allowed:
+        return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed)
+    if isinstance(value, allowed):
+        return None
+    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+               dict: "a table", type(None): "nothing"}
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -350,12 +419,23 @@ class Plan:
 class Runner:
     """Runs a :class:`Pipeline` with caching. See the module docstring for the rules."""
 
-    def __init__(self, pipeline: Pipeline, *, jobs: int = 1, quiet: bool = False) -> None:
+    def __init__(self, pipeline: Pipeline, *, jobs: int = 1, quiet: bool = False, scheduler: str | None = None
+                 ) -> None:
+        """``scheduler`` (see :func:`pipelines.executors.parse_scheduler`) overrides the pipeline file's
+        ``[pipeline] scheduler``; neither given: per-case work runs on ``jobs`` local processes. The executor is
+        chosen here (a bad value or a missing ``dask`` is a ConfigError before any work) and started lazily."""
+        from pipelines.executors import make_executor
+
         self.pipeline = pipeline
         self.work_dir = pipeline.work_dir
         self.jobs = max(1, int(jobs))
         self.quiet = quiet
         self.hashes = _HashCache(self.work_dir / ".hash-cache.json")
+        if scheduler is not None:
+            self.executor = make_executor(jobs=self.jobs, scheduler=scheduler, where="--scheduler")
+        else:
+            self.executor = make_executor(jobs=self.jobs, scheduler=pipeline.scheduler,
+                                          where=f"{pipeline.path}: [pipeline] scheduler")
 
     # ---- paths
     def stage_dir(self, stage_id: str) -> Path:
@@ -428,7 +508,7 @@ class Runner:
             force: Sequence[str] = (), dry_run: bool = False) -> list[Plan]:
         """Run the selected stages in order (skipping cached ones). Returns the final plan."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock():
+        with self._lock(), contextlib.closing(self.executor):
             plans = self.plan(only=only, start=start, until=until, force=force)
             self._check_selection(plans)
             if dry_run:
@@ -482,8 +562,8 @@ class Runner:
                 up, _, sub = ref.partition("/")
                 paths.append(self.output_dir(up, keys[up]) / sub if sub else self.output_dir(up, keys[up]))
             inputs[name] = paths if isinstance(refs, list) else paths[0]
-        ctx = StageContext(inst.stage_id, dict(inst.params), inputs, partial, self.work_dir, self.jobs, self.quiet,
-                           self.pipeline.seed)
+        ctx = StageContext(inst.stage_id, dict(inst.params), inputs, partial, self.work_dir, self.executor.jobs,
+                           self.quiet, self.pipeline.seed, executor=self.executor)
         self._say(f"{inst.stage_id}: running ({inst.type.name}) -> {final}")
         started = time.time()
         cpu0 = time.process_time()
@@ -500,6 +580,7 @@ class Runner:
             "outputs": outputs, "notes": ctx.notes,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_s": round(wall, 3), "cpu_s_main_process": round(time.process_time() - cpu0, 3), "jobs": self.jobs,
+            "executor": self.executor.describe(),
             "environment": environment(),
         })
         os.replace(partial, final)

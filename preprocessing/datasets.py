@@ -13,14 +13,22 @@ layouts are read (docs/CONTRACTS.md describes the first):
     template, the other 9 test scans registered to it (fixed = test scan, moving = template). Subject ids are
     ``btcv_NNNN``; scans outside the split get the role ``unused``.
 ``learn2reg``
-    ``imagesTr/<name>_NNNN_0000.nii.gz``, ``labelsTr/<name>_NNNN.nii.gz`` and ``<name>_dataset.json`` with its
-    ``training`` and ``registration_val`` lists. Scans in a validation pair are test scans, the others
-    training scans; the pairs are ``registration_val`` as given. Learn2Reg names no template: the first test
-    scan is used unless one is chosen.
+    ``imagesTr/<name>_NNNN_0000.nii.gz``, label maps ``labelsTr/<name>_NNNN_0000.nii.gz`` (the current release:
+    the image path with ``images`` replaced by ``labels``, the rule of Learn2Reg's evaluation) or
+    ``labelsTr/<name>_NNNN.nii.gz`` (older releases), and ``<name>_dataset.json`` with its ``training``,
+    ``test``, ``registration_val`` and ``registration_test`` lists. Scans in a pair (or in the ``test`` list)
+    are test scans, the others training scans; the pairs are ``registration_val`` then ``registration_test``
+    (when its images are present) as given, each tagged with its list (``Pair.extra["learn2reg"]``). Each
+    subject keeps its Learn2Reg case number and modality (``Subject.extra["learn2reg"]``), from which a
+    submission's file names are made (:mod:`preprocessing.learn2reg`). Learn2Reg names no template: the first
+    scan of the validation pairs is used unless one is chosen. Subject ids are ``<name>_NNNN`` (modality
+    ``0000``) or ``<name>_NNNN_MMMM`` (another modality, e.g. the second scan of a paired task).
 
 Everything is validated before any work starts: missing files, image / label grids that differ, duplicate
 ids, unknown ids in lists or pairs. All problems come back together in one
-:class:`~slicreg.errors.InputError`.
+:class:`~slicreg.errors.InputError`. With ``partial=True`` a BTCV or Learn2Reg folder may hold only some of the
+scans its split or json lists (inference on the scans a user has): the absent ones are left out and listed in
+:attr:`Dataset.notes`, and so are the pairs they were part of.
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ __all__ = [
     "field_relpath",
     "btcv_id",
     "subjects_with_role",
+    "LEARN2REG_SETS",
+    "learn2reg_name_parts",
+    "learn2reg_label_candidates",
 ]
 
 DATASET_FORMAT = "slicreg-dataset/1"
@@ -231,7 +242,7 @@ def detect_layout(folder: str | os.PathLike) -> str:
 
 
 def load_dataset(folder: str | os.PathLike, *, layout: str = "auto", template: str | None = None,
-                 check: bool = True, check_grids: bool = True) -> Dataset:
+                 check: bool = True, check_grids: bool = True, partial: bool = False) -> Dataset:
     """Read a dataset folder and validate it.
 
     Args:
@@ -240,6 +251,8 @@ def load_dataset(folder: str | os.PathLike, *, layout: str = "auto", template: s
         template: choose another template subject (an id, or for BTCV also the scan number such as ``"38"``).
         check: validate files (existence, grids); problems raise one :class:`InputError` listing them all.
         check_grids: compare image and label headers (shape and affine).
+        partial: BTCV / Learn2Reg: accept a folder with only some of the listed scans (the absent ones and their
+            pairs are left out and listed in :attr:`Dataset.notes`); otherwise every absent scan is a problem.
 
     Returns:
         The :class:`Dataset` with absolute paths.
@@ -251,11 +264,16 @@ def load_dataset(folder: str | os.PathLike, *, layout: str = "auto", template: s
         layout = detect_layout(folder)
     if layout not in LAYOUTS:
         raise InputError(f"layout: expected one of {', '.join(LAYOUTS)} or auto, got {layout!r}")
-    reader = {"slicreg": _read_slicreg, "btcv": _read_btcv, "learn2reg": _read_learn2reg}[layout]
     problems = _Problems(str(folder))
-    dataset = reader(folder, problems)
+    if layout == "slicreg":
+        dataset = _read_slicreg(folder, problems)
+    else:
+        dataset = (_read_btcv if layout == "btcv" else _read_learn2reg)(folder, problems, partial=partial)
     if template is not None:
         dataset = _with_template(dataset, template)
+    elif layout == "btcv" and dataset.template is None and partial:
+        problems.add(f"the template, scan #{BTCV_TEMPLATE} (img{BTCV_TEMPLATE:04d}.nii.gz), is not in the folder: "
+                     f"choose another scan as the template (template = \"<scan number>\" in the dataset stage)")
     problems.items += dataset_problems(dataset, check_files=check, check_grids=check and check_grids)
     problems.raise_if_any()
     return dataset
@@ -414,7 +432,7 @@ def btcv_id(number: int) -> str:
     return f"btcv_{number:04d}"
 
 
-def _read_btcv(folder: Path, problems: _Problems) -> Dataset:
+def _read_btcv(folder: Path, problems: _Problems, *, partial: bool = False) -> Dataset:
     base = _btcv_base(folder)
     if base is None:
         raise InputError(f"{folder}: expected the BTCV layout img/imgNNNN.nii.gz and label/labelNNNN.nii.gz "
@@ -426,12 +444,24 @@ def _read_btcv(folder: Path, problems: _Problems) -> Dataset:
     for n in sorted(set(labels) - set(images)):
         problems.add(f"{labels[n]}: label map without an image (expected {base / 'img'}/img{n:04d}.nii.gz)")
     split = {**{n: "train" for n in BTCV_TRAIN}, **{n: "test" for n in BTCV_TEST}, BTCV_TEMPLATE: "template"}
+    notes: list[str] = []
+    absent_scans, absent_labels = [], []
     for n in sorted(split):
         if n not in images:
-            problems.add(f"missing file: {base / 'img'}/img{n:04d}.nii.gz (scan #{n} of the paper's split, "
-                         f"role {split[n]})")
+            absent_scans.append(n)
+            if not partial:
+                problems.add(f"missing file: {base / 'img'}/img{n:04d}.nii.gz (scan #{n} of the paper's split, "
+                             f"role {split[n]})")
         elif n not in labels:
-            problems.add(f"missing file: {base / 'label'}/label{n:04d}.nii.gz (labels of scan #{n})")
+            absent_labels.append(n)
+            if not partial:
+                problems.add(f"missing file: {base / 'label'}/label{n:04d}.nii.gz (labels of scan #{n})")
+    if partial and absent_scans:
+        notes.append(f"{len(absent_scans)} scan(s) of the paper's split are not in {base / 'img'} and are left out: "
+                     + ", ".join(f"#{n} ({split[n]})" for n in absent_scans))
+    if partial and absent_labels:
+        notes.append(f"no label map for scan(s) {', '.join(f'#{n}' for n in absent_labels)}: they are registered "
+                     f"but not scored")
     if not images:
         problems.raise_if_any()
     subjects = {btcv_id(n): Subject(btcv_id(n), images[n], labels.get(n), split.get(n, "unused"))
@@ -443,16 +473,70 @@ def _read_btcv(folder: Path, problems: _Problems) -> Dataset:
         training=[btcv_id(n) for n in BTCV_TRAIN if n in images], test=test,
         pairs=[Pair(t, template) for t in test] if template else [],
         description="BTCV abdominal CT with the SLIC-Reg split (20 training scans, #38 template, 9 test scans "
-                    "registered to it)", layout="btcv")
+                    "registered to it)", layout="btcv", notes=notes)
+
+
+LEARN2REG_SETS = ("registration_val", "registration_test")
+"""The pair lists of a Learn2Reg dataset json (``registration_test`` pairs need their images on disk)."""
+
+_L2R_NAME_RE = re.compile(rf"^(?P<task>.+)_(?P<case>\d{{4}})_(?P<modality>\d{{4}}){_NIFTI_RE}$")
+
+
+def learn2reg_name_parts(image: str | os.PathLike) -> tuple[str, str, str] | None:
+    """``.../AbdomenCTCT_0001_0000.nii.gz`` -> ``("AbdomenCTCT", "0001", "0000")`` (task, case, modality); ``None``
+    for a name that is not ``<task>_NNNN_MMMM.nii[.gz]``."""
+    m = _L2R_NAME_RE.match(Path(image).name)
+    return (m.group("task"), m.group("case"), m.group("modality")) if m else None
 
 
 def _learn2reg_id(image: Path) -> str:
-    """``AbdomenCTCT_0001_0000.nii.gz`` -> ``AbdomenCTCT_0001`` (the trailing ``_0000`` is the channel)."""
+    """``AbdomenCTCT_0001_0000.nii.gz`` -> ``AbdomenCTCT_0001``: the modality ``_0000`` is dropped; another
+    modality is kept (``ThoraxCBCT_0001_0001``), so the two scans of a paired task get two ids."""
+    parts = learn2reg_name_parts(image)
+    if parts is not None:
+        task, case, modality = parts
+        return f"{task}_{case}" if modality == "0000" else f"{task}_{case}_{modality}"
     stem = re.sub(rf"{_NIFTI_RE}$", "", image.name)
     return re.sub(r"_\d{4}$", "", stem)
 
 
-def _read_learn2reg(folder: Path, problems: _Problems) -> Dataset:
+def learn2reg_label_candidates(image: str | os.PathLike) -> list[Path]:
+    """Where a Learn2Reg release keeps an image's label map, in the order they are tried.
+
+    First the image path with the folder ``images*`` renamed ``labels*`` (the rule of Learn2Reg's evaluation
+    script, which gives ``labelsTr/AbdomenCTCT_0001_0000.nii.gz`` in the current release), then the same without
+    the modality suffix (older releases: ``labelsTr/AbdomenCTCT_0001.nii.gz``)."""
+    image = Path(image)
+    folder = image.parent
+    if folder.name.startswith("images"):
+        folder = folder.with_name("labels" + folder.name[len("images"):])
+    found = [folder / image.name]
+    parts = learn2reg_name_parts(image)
+    if parts is not None:
+        suffix = ".nii.gz" if image.name.endswith(".gz") else ".nii"
+        found.append(folder / f"{parts[0]}_{parts[1]}{suffix}")
+    return found
+
+
+def _learn2reg_label(image: Path, listed: Path | None) -> Path | None:
+    """The label map of ``image``: the json's entry when it exists on disk, else the first existing candidate of
+    :func:`learn2reg_label_candidates`; the json's entry (reported missing later) when none exists."""
+    if listed is not None and listed.is_file():
+        return listed
+    for candidate in learn2reg_label_candidates(image):
+        if candidate.is_file():
+            return candidate
+    return listed
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _read_learn2reg(folder: Path, problems: _Problems, *, partial: bool = False) -> Dataset:
     if folder.is_file():
         json_path: Path | None = folder
         root = folder.parent
@@ -469,14 +553,19 @@ def _read_learn2reg(folder: Path, problems: _Problems) -> Dataset:
     name = root.name
     labels_map: dict[int, str] = dict(BTCV_LABELS)
     notes: list[str] = []
+    absent: set[Path] = set()  # listed images not on disk (left out with partial, or test images not shipped)
+    listed_test: list[str] = []
 
-    def add(image: Path, label: Path | None, what: str) -> None:
+    def add(image: Path, label: Path | None, what: str) -> str | None:
         sid = _learn2reg_id(image)
         if sid in subjects:
             problems.add(f"duplicate id {sid!r}: {what} lists {image.name} again")
-            return
-        subjects[sid] = Subject(sid, image, label)
+            return None
+        parts = learn2reg_name_parts(image)
+        extra = {"learn2reg": {"task": parts[0], "case": parts[1], "modality": parts[2]}} if parts else {}
+        subjects[sid] = Subject(sid, image, _learn2reg_label(image, label), extra=extra)
         image_to_id[image.resolve()] = sid
+        return sid
 
     if json_path is not None:
         doc = _load_json_strict(json_path, problems)
@@ -488,59 +577,88 @@ def _read_learn2reg(folder: Path, problems: _Problems) -> Dataset:
         if not isinstance(training, list):
             problems.add(f"{json_path.name}: 'training' must be a list of {{image, label}}")
             training = []
+        left_out = []
         for i, entry in enumerate(training):
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 problems.add(f"{json_path.name}: training[{i}] has no 'image' path: {entry!r}")
                 continue
             image = _as_path(entry["image"], root, f"training[{i}].image", problems)
             label = _as_path(entry.get("label"), root, f"training[{i}].label", problems)
-            if image is not None:
-                add(image, label, f"{json_path.name} training[{i}]")
+            if image is None:
+                continue
+            if partial and not image.is_file():
+                absent.add(image.resolve())
+                left_out.append(_relative(image, root))
+                continue
+            add(image, label, f"{json_path.name} training[{i}]")
+        if left_out:
+            notes.append(f"{len(left_out)} training image(s) listed in {json_path.name} are not on disk and are left "
+                         f"out: {', '.join(left_out[:10])}{' ...' if len(left_out) > 10 else ''}")
+        not_shipped = []
         for i, entry in enumerate(doc.get("test", []) or []):
             image = _as_path(entry.get("image") if isinstance(entry, dict) else None, root, f"test[{i}].image",
                              problems)
             if image is None:
                 continue
             if image.is_file():
-                add(image, None, f"{json_path.name} test[{i}]")
+                sid = add(image, None, f"{json_path.name} test[{i}]")
+                if sid is not None:
+                    listed_test.append(sid)
             else:
-                notes.append(f"test image {image} listed in {json_path.name} is not present (skipped)")
-        raw_pairs = doc.get("registration_val", []) or []
-        for i, entry in enumerate(raw_pairs):
-            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("fixed", "moving")):
-                problems.add(f"{json_path.name}: registration_val[{i}] must be {{fixed, moving}}: {entry!r}")
+                absent.add(image.resolve())
+                not_shipped.append(_relative(image, root))
+        if not_shipped:
+            notes.append(f"{len(not_shipped)} test image(s) listed in {json_path.name} are not on disk (skipped; "
+                         f"registration_test pairs need them): {', '.join(not_shipped[:10])}"
+                         f"{' ...' if len(not_shipped) > 10 else ''}")
+        for set_name in LEARN2REG_SETS:
+            raw_pairs = doc.get(set_name, []) or []
+            if not isinstance(raw_pairs, list):
+                problems.add(f"{json_path.name}: {set_name!r} must be a list of {{fixed, moving}}")
                 continue
-            ids = []
-            for key in ("fixed", "moving"):
-                p = (root / entry[key]).resolve() if not Path(entry[key]).is_absolute() else Path(entry[key])
-                sid = image_to_id.get(p)
-                if sid is None:
-                    problems.add(f"{json_path.name}: registration_val[{i}].{key} = {entry[key]!r} is not an image "
-                                 f"of the training list")
-                ids.append(sid)
-            if None not in ids:
-                pairs.append(Pair(ids[0], ids[1]))
+            dropped = 0
+            for i, entry in enumerate(raw_pairs):
+                if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("fixed", "moving")):
+                    problems.add(f"{json_path.name}: {set_name}[{i}] must be {{fixed, moving}}: {entry!r}")
+                    continue
+                ids: list[str | None] = []
+                for key in ("fixed", "moving"):
+                    p = (root / entry[key]).resolve() if not Path(entry[key]).is_absolute() else Path(entry[key])
+                    sid = image_to_id.get(p)
+                    if sid is None and p not in absent:
+                        listed = "training list" if set_name == "registration_val" else "training or test list"
+                        problems.add(f"{json_path.name}: {set_name}[{i}].{key} = {entry[key]!r} is not an image "
+                                     f"of the {listed}")
+                    ids.append(sid)
+                if None in ids:
+                    dropped += 1
+                    continue
+                pairs.append(Pair(str(ids[0]), str(ids[1]), extra={"learn2reg": set_name}))
+            if dropped:
+                notes.append(f"{dropped} of the {len(raw_pairs)} {set_name} pair(s) are left out: a scan of theirs is "
+                             f"not on disk")
     else:
         notes.append("no *_dataset.json found: subjects taken from imagesTr/, no registration pairs")
         for image in sorted((root / "imagesTr").glob("*.nii*")):
             if re.search(rf"{_NIFTI_RE}$", image.name):
-                sid = _learn2reg_id(image)
-                label = root / "labelsTr" / f"{sid}.nii.gz"
-                add(image, label if label.is_file() else None, "imagesTr/")
+                add(image, None, "imagesTr/")
     if not subjects:
         problems.add("no subjects found (expected a training list in *_dataset.json or images in imagesTr/)")
         problems.raise_if_any()
 
-    in_pairs = sorted({sid for p in pairs for sid in (p.fixed, p.moving)})
-    template = in_pairs[0] if in_pairs else sorted(subjects)[0]
-    training = [sid for sid in subjects if sid not in in_pairs and sid != template]
-    test = [sid for sid in in_pairs if sid != template]
+    val_ids = sorted({sid for p in pairs if p.extra.get("learn2reg") == "registration_val"
+                      for sid in (p.fixed, p.moving)})
+    in_pairs = {sid for p in pairs for sid in (p.fixed, p.moving)}
+    template = val_ids[0] if val_ids else (sorted(in_pairs)[0] if in_pairs else sorted(subjects)[0])
+    test = [sid for sid in sorted(in_pairs | set(listed_test)) if sid != template]
+    training = [sid for sid in subjects if sid not in test and sid != template]
     roles = {sid: "template" if sid == template else "test" if sid in test else "train" for sid in subjects}
     subjects = {sid: replace(s, role=roles[sid]) for sid, s in subjects.items()}
     return Dataset(root=root, name=name, subjects=subjects, template=template, training=training, test=test,
                    pairs=pairs, labels=labels_map, layout="learn2reg",
-                   description=f"Learn2Reg dataset {name}: scans of registration_val are test scans, the others "
-                               f"training scans; template {template} (Learn2Reg names none)", notes=notes)
+                   description=f"Learn2Reg dataset {name}: scans of registration_val / registration_test are test "
+                               f"scans, the others training scans; template {template} (Learn2Reg names none)",
+                   notes=notes)
 
 
 def _with_template(dataset: Dataset, template: str) -> Dataset:

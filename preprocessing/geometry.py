@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from slicreg.checks import check_ct_like
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
 
@@ -71,45 +72,8 @@ CROP_FORMAT = "slicreg-crop/1"
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check_ct_like(hu: np.ndarray, *, name: str = "image", force: bool = False) -> str | None:
-    """Reject an array that does not look like CT in Hounsfield units.
-
-    Two signs of a non-CT input: every value in 0..255 (an 8-bit picture, or a normalised image), and no value
-    below -500 HU (every CT of the body has air around it; a scan stored without its rescale intercept, i.e.
-    shifted by +1024, has none). A constant image is rejected as well.
-
-    Args:
-        hu: intensities, any shape.
-        name: what to call the input in the message (e.g. its file name).
-        force: accept the input anyway; the reason it looked wrong is returned instead of raised.
-
-    Returns:
-        ``None`` if the input looks like CT; with ``force=True`` and a suspicious input, the reason (a string).
-
-    Raises:
-        InputError: the input does not look like CT and ``force`` is False.
-    """
-    hu = np.asarray(hu)
-    if hu.size == 0:
-        raise InputError(f"{name}: empty image")
-    lo, hi = float(np.min(hu)), float(np.max(hu))
-    reason = None
-    if lo == hi:
-        reason = f"all voxels have the same value ({lo:g})"
-    elif lo >= 0 and hi <= 255:
-        reason = (f"all intensities lie in 0..255 (min {lo:g}, max {hi:g}): this looks like an 8-bit or "
-                  f"normalised image, not CT in Hounsfield units")
-    elif lo >= -500:
-        reason = (f"no voxel is below -500 HU (min {lo:g}, max {hi:g}): a body CT in Hounsfield units has air "
-                  f"(about -1000 HU) around the body; the image may be stored without its rescale intercept "
-                  f"(shifted by +1024) or not be a CT")
-    if reason is None:
-        return None
-    if force:
-        log.warning("%s: %s; continuing because force=True", name, reason)
-        return reason
-    raise InputError(f"{name}: expected a CT image in Hounsfield units; {reason}. "
-                     f"Convert it to HU, or pass force=True (--force) to preprocess it anyway")
+# check_ct_like lives in the core (slicreg.checks, shared by every command that assumes CT); it is re-exported
+# here so that `from preprocessing.geometry import check_ct_like` keeps working.
 
 
 def _check_labels_grid(image: Volume, labels: Volume | None, name: str) -> None:

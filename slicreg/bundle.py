@@ -44,7 +44,7 @@ from slicreg.network import (
 )
 
 __all__ = ["BUNDLE_FORMAT", "Bundle", "save_bundle", "load_bundle", "verify_bundle", "predict",
-           "upsample_logits_x2", "upsampled_argmax_x2", "model_card_markdown"]
+           "upsample_logits_x2", "upsampled_argmax_x2", "model_card_markdown", "atlas_template_problem"]
 
 BUNDLE_FORMAT = "slicreg-bundle/1"
 MODEL_FILE = "model.pt"
@@ -189,6 +189,7 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
         got = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise InputError(f"{directory / CARD_JSON}: format {got!r}, expected {BUNDLE_FORMAT!r}")
+    _check_card_types(card, directory / CARD_JSON)
     for name, entry in card.get("files", {}).items():
         p = directory / name
         if not p.is_file():
@@ -205,6 +206,36 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{directory / CARD_JSON}: logit layout {card.get('logit_layout')!r} differs from the "
                          f"network's {LOGIT_LAYOUT!r}")
     return card
+
+
+CARD_TYPES: dict[str, type] = {
+    "created": str, "architecture": dict, "parameters": dict, "logit_layout": str, "input": dict, "output": dict,
+    "template": dict, "training_data": dict, "training": dict, "files": dict,
+}
+"""Top-level entries of ``model_card.json`` and their JSON types (an entry may be absent)."""
+CARD_TEMPLATE_TYPES: dict[str, tuple[type, ...]] = {
+    "supervoxels_shape": (list,), "supervoxels_affine": (list,), "supervoxels_sha256": (str,),
+    "image_sha256": (str, type(None)), "supervoxels_json": (dict, str, type(None)),
+}
+
+
+def _check_card_types(card: dict[str, Any], where: Path) -> None:
+    """One :class:`InputError` for a card entry of the wrong JSON type (an edited or foreign card)."""
+    def kind(v: Any) -> str:
+        return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(v), type(v).__name__)
+
+    for key, want in CARD_TYPES.items():
+        if key in card and not isinstance(card[key], want):
+            raise InputError(f"{where}: entry {key!r} must be {kind(want())}, got {kind(card[key])} "
+                             f"({card[key]!r:.60})")
+    for key, wants in CARD_TEMPLATE_TYPES.items():
+        value = card.get("template", {}).get(key)
+        if key in card.get("template", {}) and not isinstance(value, wants):
+            raise InputError(f"{where}: entry template.{key} must be {' or '.join(kind(w()) for w in wants)}, got "
+                             f"{kind(value)} ({value!r:.60})")
+    for name, entry in card.get("files", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise InputError(f"{where}: entry files.{name} must be an object with a 'sha256' string, got {entry!r:.60}")
 
 
 def load_weights(directory: str | os.PathLike, *, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -261,6 +292,54 @@ def load_bundle(directory: str | os.PathLike, *, device: Any = "cpu", channels_l
     _check_supervoxels(sv.array, directory / SUPERVOXELS_FILE)
     sv = Volume(sv.array.astype(np.uint8, copy=False), sv.affine, sv.meta)
     return Bundle(directory, model, sv, card)
+
+
+def atlas_template_problem(bundle: Bundle, *, template_sha256: str, supervoxels: np.ndarray | None = None,
+                           supervoxels_template_sha256: str | None = None) -> str | None:
+    """Why atlas mode would be wrong for a template scan; ``None`` when it is valid.
+
+    Atlas mode registers a scan to the template without a network pass for the template: the template side is
+    the template's own supervoxels. That is right only for the template the bundle was trained on: the network
+    predicts the labels of the bundle's supervoxels, so a flow between a scan's predicted maps and another
+    template's supervoxels follows labels that mean different places, and gives a wrong field without any error.
+    Atlas mode is valid when
+
+    1. the template image is the image the bundle's supervoxels were made on (``template_sha256`` equals the
+       card's ``template.image_sha256``), or
+    2. template supervoxels are passed explicitly, the bundle was trained on them (their labels equal the
+       bundle's, voxel for voxel) and they were made on this template image (``supervoxels_template_sha256``,
+       from their sidecar ``supervoxels.json``, equals ``template_sha256``).
+
+    Args:
+        bundle: the loaded bundle.
+        template_sha256: sha256 of the template image file (the preprocessed scan registration uses).
+        supervoxels: template supervoxels passed explicitly ``(16, X, Y, Z)``, or ``None``.
+        supervoxels_template_sha256: sha256 of the image those supervoxels were made on, or ``None`` (unknown).
+
+    Returns:
+        ``None``, or one sentence saying what does not match (the caller adds what to do instead).
+    """
+    recorded = bundle.card.get("template", {}).get("image_sha256")
+    if recorded is not None and recorded == template_sha256:
+        return None
+    if supervoxels is not None:
+        own = np.asarray(bundle.template_supervoxels.array)
+        given = np.asarray(supervoxels)
+        if given.shape != own.shape or not np.array_equal(given, own):
+            return ("the template supervoxels given are not the ones the bundle was trained on (they differ from "
+                    f"the bundle's {SUPERVOXELS_FILE})")
+        if supervoxels_template_sha256 is None:
+            return ("the template supervoxels given do not record the image they were made on (no template sha256 "
+                    "in their supervoxels.json)")
+        if supervoxels_template_sha256 != template_sha256:
+            return (f"the template supervoxels given were made on another image (sha256 "
+                    f"{supervoxels_template_sha256[:12]}...) than this template (sha256 {template_sha256[:12]}...)")
+        return None
+    if recorded is None:
+        return ("the bundle does not record the image its template supervoxels were made on, so this template "
+                "cannot be shown to be it (pass the template supervoxels it was trained on)")
+    return (f"the template image (sha256 {template_sha256[:12]}...) is not the image the bundle's template "
+            f"supervoxels were made on (sha256 {recorded[:12]}...)")
 
 
 # ------------------------------------------------------------------------------------------------ predict

@@ -14,14 +14,18 @@ written here bit-faithfully; the facts below were verified by running deeds (see
 ``*_matrix.txt``
     Four lines of four numbers ``F`` in the row-vector convention ``[y, 1] = [x, 1] F``: the usual
     column-vector matrix is ``A = F.T`` and the translation sits in the *last row* of the file. Axis order
-    (0, 1, 2), no swap. Voxel units, fixed voxel -> moving voxel.
+    (0, 1, 2), no swap. Voxel units, fixed voxel -> moving voxel. ``linearBCV`` writes each line as four numbers
+    in C++ stream notation (6 significant digits, e.g. ``1.00037`` or ``-7.53e-07``) separated by two spaces, and
+    fits all 16 numbers by least squares, so the last column is only approximately ``0 0 0 1``; deeds' warping
+    never reads it (only the first 12 numbers of ``A``), and neither does :func:`parse_matrix`.
 
 How deeds turns them into a dense map (its upsampling rule)
     Full-resolution voxel ``i`` samples the control grid at ``i / (m / m1)`` (computed in float32), trilinear
     with indices clamped to the grid, so control node ``q`` sits at voxel ``q * m / m1`` -- *not* at a cell
     centre. The moving position of fixed voxel ``x`` is ``A x + d(x)`` (additive: ``d`` is not passed through
     ``A``), evaluated in float32. Images are then sampled trilinearly and label maps by rounding to the nearest
-    voxel (C ``round``: halves away from zero), both with coordinates clamped to the grid.
+    voxel (C ``round``: halves away from zero), both with coordinates clamped to the grid
+    (:func:`sample_image_deeds`, :func:`sample_labels_deeds`; Learn2Reg's label rule differs: background outside).
 
 In memory a control grid is ``ctrl_vox`` of shape ``(3, m1, n1, o1)`` float32 in the project's component order
 (``ctrl_vox[a]`` = displacement along array axis ``a``); the dense field follows :mod:`slicreg.conventions`
@@ -31,6 +35,7 @@ helpers at the end (:func:`read_deeds`, :func:`write_deeds`) are the only ones t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,14 +63,21 @@ __all__ = [
     "field_from_deeds",
     "fit_affine_vox",
     "deeds_from_field",
+    "sample_image_deeds",
+    "sample_labels_deeds",
     "warp_image_deeds",
     "warp_labels_deeds",
+    "warp_image_field_deeds",
+    "warp_labels_field_deeds",
     "read_deeds",
     "write_deeds",
 ]
 
 DEFAULT_GRID_SPACING = 4  # deedsBCV's default last level (-G 8x7x6x5x4)
-_MATRIX_TOL = 1e-4  # tolerance for the fixed last column (0, 0, 0, 1) of a matrix file
+_MATRIX_TOL = 1e-4  # tolerance for the last row (0, 0, 0, 1) of the project's own column-vector matrices
+_MATRIX_NOTE_TOL = 1e-3  # a file's (ignored) last column further than this from (0, 0, 0, 1) is worth a note
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ grid geometry
@@ -232,35 +244,46 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 def parse_matrix(text: str, *, name: str = "matrix") -> np.ndarray:
     """Parse a deeds ``*_matrix.txt`` (row-vector convention) into the column-vector matrix ``A = F.T``.
 
+    The file's last column (``A``'s last row) is ignored, as deeds ignores it: ``linearBCV`` fits all 16 numbers
+    by least squares, so it is only approximately ``0 0 0 1`` (e.g. ``-7.5e-07 -2.5e-06 -1.3e-06 1.00037``), and
+    deeds' warping reads only the first 12 numbers of ``A``. When it is more than 1e-3 from ``0 0 0 1`` a note is
+    logged (``logging`` at WARNING level): such a file is not linearBCV output, and may be a column-vector matrix
+    that needs transposing.
+
     Args:
         text: the file content: four lines of four numbers (blank lines are ignored).
-        name: the file named in error messages.
+        name: the file named in error messages and notes.
 
     Returns:
         ``(4, 4)`` float64 ``A`` with ``moving = A @ [i, j, k, 1]`` in voxels (fixed -> moving); the translation is
-        ``A[:3, 3]`` (the file's last row).
+        ``A[:3, 3]`` (the file's last row); ``A[3]`` is always ``0 0 0 1``.
 
     Raises:
-        InputError: not exactly 4 x 4 numbers, non-finite values, a last column other than ``0 0 0 1`` (which
-            would mean a column-vector matrix or another format), or a singular linear part.
+        InputError: not exactly 4 x 4 numbers, a token that is not a number, NaN or Inf (in any of the 16
+            numbers), or a singular linear part.
     """
     lines = [ln.split() for ln in text.splitlines() if ln.strip()]
     counts = [len(ln) for ln in lines]
     if len(lines) != 4 or counts != [4, 4, 4, 4]:
         raise InputError(f"{name}: expected 4 lines of 4 numbers (deeds' affine matrix), got {len(lines)} non-empty "
                          f"line(s) with {counts} values")
-    bad = [tok for ln in lines for tok in ln if not _NUMBER.match(tok) and tok.lower() not in ("nan", "inf", "-inf")]
+    bad = [tok for ln in lines for tok in ln
+           if not _NUMBER.match(tok) and tok.lower().lstrip("+-") not in ("nan", "inf", "infinity")]
     if bad:
         raise InputError(f"{name}: expected numbers, got {bad[0]!r}")
     f = np.array([[float(tok) for tok in ln] for ln in lines], dtype=np.float64)
     if not np.all(np.isfinite(f)):
-        raise InputError(f"{name}: the matrix contains NaN or Inf")
-    if not np.allclose(f[:, 3], [0, 0, 0, 1], atol=_MATRIX_TOL):
-        raise InputError(
-            f"{name}: expected deeds' row-vector layout with the last column 0 0 0 1 (translation in the last row), "
-            f"got last column {f[:, 3].tolist()}; a column-vector matrix (translation in the last column) must be "
-            "transposed first")
-    a = f.T
+        raise InputError(f"{name}: expected finite numbers, the matrix contains NaN or Inf")
+    last = f[:, 3]
+    off = float(np.abs(last - (0.0, 0.0, 0.0, 1.0)).max())
+    if off > _MATRIX_NOTE_TOL:
+        log.warning("%s: note: the last column is %s, %.3g away from 0 0 0 1; deeds never reads it, so it is ignored "
+                    "here too (linearBCV's least-squares fit leaves it within about 1e-3). If the file holds a "
+                    "column-vector matrix (translation in the last column), transpose it first: as read, the "
+                    "translation is %s voxels",
+                    name, " ".join(f"{v:g}" for v in last), off, " ".join(f"{v:g}" for v in f[3, :3]))
+    a = f.T.copy()
+    a[3] = (0.0, 0.0, 0.0, 1.0)
     if abs(np.linalg.det(a[:3, :3])) < 1e-6:
         raise InputError(f"{name}: the linear part of the matrix is singular (det {np.linalg.det(a[:3, :3]):.3g})")
     return a
@@ -474,22 +497,29 @@ def _gather(moving: np.ndarray, idx: list[np.ndarray]) -> np.ndarray:
     return moving[idx[0], idx[1], idx[2]]
 
 
-def warp_labels_deeds(moving: np.ndarray, ctrl_vox: np.ndarray, *, matrix: np.ndarray | None = None,
-                      shape: Sequence[int] | None = None) -> np.ndarray:
-    """Warp a label map as deeds does (``_deformed_seg.nii.gz``, ``applyBCV``): nearest by C rounding, clamped.
-
-    Args:
-        moving: ``(X', Y', Z')`` integer label map (deeds requires the fixed shape; any shape works here).
-        ctrl_vox: ``(3, m1, n1, o1)`` control displacements; ``matrix``: ``A`` or ``None``.
-        shape: the fixed grid ``(m, n, o)``; default: the moving shape (deeds' case).
-
-    Returns:
-        ``(m, n, o)`` label map, dtype of ``moving``.
-    """
+def _check_positions(moving: Any, pos_vox: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     moving = np.asarray(moving)
     if moving.ndim != 3:
-        raise InputError(f"moving: expected a 3-D label map, got shape {moving.shape}")
-    pos = deeds_positions(ctrl_vox, shape if shape is not None else moving.shape, matrix=matrix)
+        raise InputError(f"moving: expected a 3-D {what}, got shape {moving.shape}")
+    pos = np.asarray(pos_vox)
+    if pos.ndim != 4 or pos.shape[0] != 3 or pos.dtype.kind != "f":
+        raise InputError(f"pos_vox: expected floating voxel positions of shape (3, X, Y, Z), got {pos.shape} "
+                         f"{pos.dtype}")
+    return moving, pos
+
+
+def sample_labels_deeds(moving: np.ndarray, pos_vox: np.ndarray) -> np.ndarray:
+    """deeds' label sampling: the voxel nearest to each position by C ``round`` (halves away from zero), with the
+    rounded index clamped to the grid (a position outside takes the edge label, never background).
+
+    Args:
+        moving: ``(X', Y', Z')`` label map (any dtype, kept).
+        pos_vox: ``(3, X, Y, Z)`` positions in voxels of ``moving`` (float32 as deeds computes them, or float64).
+
+    Returns:
+        ``(X, Y, Z)`` label map, dtype of ``moving``.
+    """
+    moving, pos = _check_positions(moving, pos_vox, "label map")
     idx = []
     for ax in range(3):
         t = np.trunc(pos[ax])
@@ -498,16 +528,18 @@ def warp_labels_deeds(moving: np.ndarray, ctrl_vox: np.ndarray, *, matrix: np.nd
     return _gather(moving, idx)
 
 
-def warp_image_deeds(moving: np.ndarray, ctrl_vox: np.ndarray, *, matrix: np.ndarray | None = None,
-                     shape: Sequence[int] | None = None) -> np.ndarray:
-    """Warp an image as deeds does (``_deformed.nii.gz``): trilinear with indices clamped to the grid.
+def sample_image_deeds(moving: np.ndarray, pos_vox: np.ndarray) -> np.ndarray:
+    """deeds' image sampling: trilinear, each of the 8 neighbour indices clamped to the grid (the edge value
+    continues outside), weights and sums in float64 as in deeds.
 
-    Same arguments as :func:`warp_labels_deeds`; returns float32 ``(m, n, o)``. Weights and sums in float64
-    as in deeds, so values agree with deeds' output to float32 precision."""
-    moving = np.asarray(moving)
-    if moving.ndim != 3:
-        raise InputError(f"moving: expected a 3-D image, got shape {moving.shape}")
-    pos = deeds_positions(ctrl_vox, shape if shape is not None else moving.shape, matrix=matrix)
+    Args:
+        moving: ``(X', Y', Z')`` image (HU or any unit).
+        pos_vox: ``(3, X, Y, Z)`` positions in voxels of ``moving``.
+
+    Returns:
+        ``(X, Y, Z)`` float32.
+    """
+    moving, pos = _check_positions(moving, pos_vox, "image")
     values = moving.astype(np.float64, copy=False)
     out = np.empty(pos.shape[1:], dtype=np.float32)
     rows = max(1, (1 << 20) // max(1, pos.shape[2] * pos.shape[3]))  # about 1M voxels per slab bounds memory
@@ -527,6 +559,80 @@ def warp_image_deeds(moving: np.ndarray, ctrl_vox: np.ndarray, *, matrix: np.nda
             acc += w * _gather(values, idx)
         out[start:start + rows] = acc
     return out
+
+
+def warp_labels_deeds(moving: np.ndarray, ctrl_vox: np.ndarray, *, matrix: np.ndarray | None = None,
+                      shape: Sequence[int] | None = None) -> np.ndarray:
+    """Warp a label map as deeds does (``_deformed_seg.nii.gz``, ``applyBCV``): nearest by C rounding, clamped.
+
+    Args:
+        moving: ``(X', Y', Z')`` integer label map (deeds requires the fixed shape; any shape works here).
+        ctrl_vox: ``(3, m1, n1, o1)`` control displacements; ``matrix``: ``A`` or ``None``.
+        shape: the fixed grid ``(m, n, o)``; default: the moving shape (deeds' case).
+
+    Returns:
+        ``(m, n, o)`` label map, dtype of ``moving``.
+    """
+    moving = np.asarray(moving)
+    if moving.ndim != 3:
+        raise InputError(f"moving: expected a 3-D label map, got shape {moving.shape}")
+    pos = deeds_positions(ctrl_vox, shape if shape is not None else moving.shape, matrix=matrix)
+    return sample_labels_deeds(moving, pos)
+
+
+def warp_image_deeds(moving: np.ndarray, ctrl_vox: np.ndarray, *, matrix: np.ndarray | None = None,
+                     shape: Sequence[int] | None = None) -> np.ndarray:
+    """Warp an image as deeds does (``_deformed.nii.gz``): trilinear with indices clamped to the grid.
+
+    Same arguments as :func:`warp_labels_deeds`; returns float32 ``(m, n, o)``. Weights and sums in float64
+    as in deeds, so values agree with deeds' output to float32 precision."""
+    moving = np.asarray(moving)
+    if moving.ndim != 3:
+        raise InputError(f"moving: expected a 3-D image, got shape {moving.shape}")
+    pos = deeds_positions(ctrl_vox, shape if shape is not None else moving.shape, matrix=matrix)
+    return sample_image_deeds(moving, pos)
+
+
+def _field_positions(disp_vox: Any) -> np.ndarray:
+    """``x + u(x)`` in float32 (deeds computes positions in float32) for a project field ``(3, X, Y, Z)``."""
+    u = np.asarray(disp_vox)
+    if u.ndim != 4 or u.shape[0] != 3:
+        raise InputError(f"disp_vox: expected a field (3, X, Y, Z), got {u.shape}")
+    if u.dtype.kind != "f":
+        raise InputError(f"disp_vox: expected floating displacements, got dtype {u.dtype}")
+    if not np.all(np.isfinite(u)):
+        raise InputError("disp_vox: the field contains NaN or Inf")
+    pos = u.astype(np.float32)  # a copy
+    for ax, s in enumerate(u.shape[1:]):
+        pos[ax] += np.arange(s, dtype=np.float32).reshape([-1 if d == ax else 1 for d in range(3)])
+    return pos
+
+
+def warp_labels_field_deeds(moving: np.ndarray, disp_vox: np.ndarray) -> np.ndarray:
+    """Warp a label map with a project field by deeds' rule (:func:`sample_labels_deeds`: C rounding, clamped).
+
+    Args:
+        moving: ``(X', Y', Z')`` label map.
+        disp_vox: ``(3, X, Y, Z)`` field in voxels, fixed -> moving (e.g. from :func:`field_from_deeds`).
+
+    Returns:
+        ``(X, Y, Z)`` label map, dtype of ``moving``. Outside the moving grid the edge label continues, where
+        :func:`slicreg.fields.warp_labels` (default) and Learn2Reg give background.
+    """
+    return sample_labels_deeds(moving, _field_positions(disp_vox))
+
+
+def warp_image_field_deeds(moving: np.ndarray, disp_vox: np.ndarray) -> np.ndarray:
+    """Warp an image with a project field by deeds' rule (:func:`sample_image_deeds`: trilinear, clamped).
+
+    Args:
+        moving: ``(X', Y', Z')`` image.
+        disp_vox: ``(3, X, Y, Z)`` field in voxels, fixed -> moving.
+
+    Returns:
+        ``(X, Y, Z)`` float32.
+    """
+    return sample_image_deeds(moving, _field_positions(disp_vox))
 
 
 # -------------------------------------------------------------------------------------------- file edge
@@ -582,17 +688,25 @@ def read_deeds(dat_path: str | os.PathLike, shape: Sequence[int], *, matrix_path
     return DeedsTransform(ctrl, matrix, _shape3(shape), g, inferred, sources)
 
 
-def write_deeds(stem: str | os.PathLike, ctrl_vox: np.ndarray, matrix: np.ndarray | None = None) -> tuple[Path, Path]:
-    """Write ``{stem}_displacements.dat`` and ``{stem}_matrix.txt`` atomically (identity matrix if ``None``).
+def write_deeds(stem: str | os.PathLike, ctrl_vox: np.ndarray, matrix: np.ndarray | None = None, *,
+                outputs: Any = None) -> tuple[Path, Path]:
+    """Write ``{stem}_displacements.dat`` and ``{stem}_matrix.txt`` (identity matrix if ``None``), both or neither.
 
+    ``outputs``: an :class:`slicreg.io.OutputSet` of a larger set of outputs that is published together (e.g. a
+    command's field, warped images and these two files); by default the pair is published on its own.
     Returns the two paths."""
-    from slicreg.io import atomic_write_bytes, atomic_write_text
+    from slicreg.io import atomic_outputs, atomic_write_bytes, atomic_write_text
 
     stem = str(stem)
     dat = Path(f"{stem}_displacements.dat")
     mat = Path(f"{stem}_matrix.txt")
     data = encode_displacements(ctrl_vox)
     text = format_matrix(np.eye(4) if matrix is None else matrix)
-    atomic_write_bytes(dat, data)
-    atomic_write_text(mat, text)
+    if outputs is None:
+        with atomic_outputs() as pair:
+            atomic_write_bytes(pair.path(dat), data)
+            atomic_write_text(pair.path(mat), text)
+    else:
+        atomic_write_bytes(outputs.path(dat), data)
+        atomic_write_text(outputs.path(mat), text)
     return dat, mat

@@ -34,6 +34,8 @@ __all__ = [
     "csv_text",
     "aggregate_results",
     "render_index",
+    "paper_table",
+    "PAPER_TABLE1",
     "figure_png",
     "dice_boxplot",
     "overlay_panel",
@@ -240,6 +242,37 @@ def _stats_cell(stats: Mapping[str, Any] | None, *, digits: int = 1, scale: floa
     return text
 
 
+PAPER_TABLE1: tuple[tuple[str, tuple[float, ...]], ...] = (
+    ("initial (no registration)", (18.0, 12.5, 9.0, 26.2, 16.4, 8.8)),
+    ("PDD-Net", (48.8, 49.0, 42.3, 60.2, 50.1, 29.1)),
+    ("3D DeepLab + regression", (31.1, 45.6, 43.2, 57.7, 44.4, 25.1)),
+    ("3D UNet + supervoxels + Adam", (57.1, 38.4, 41.8, 71.8, 52.3, 30.0)),
+    ("SLIC-Reg (DeepLab + supervoxels + Adam)", (62.4, 50.8, 49.1, 74.1, 59.1, 31.8)),
+)
+"""Heinrich & Hansen, MIDL 2021, Table 1: BTCV, 9 validation scans -> template #38, Dice % (spleen, right kidney,
+left kidney, liver, mean of these 4, mean of 13 organs; the reference definition, absent labels = 0)."""
+
+
+def paper_table(doc: Mapping[str, Any]) -> str:
+    """The SLIC-Reg paper's Table 1 layout for this run's methods, with the published rows beneath (Markdown).
+
+    Cells: Dice in % by the reference definition (absent label = 0), per organ the mean over pairs, then the
+    means over the 4 large organs and over the 13 organs; ``n/a`` where the run did not score those labels."""
+    agg = doc["aggregates"]
+    rows = []
+    for m in doc["methods"]:
+        a = agg[m]
+        if not a["n_pairs"]:
+            continue
+        per = a["per_label"].get("dice_reference", {})
+        groups = a["summary"].get("dice_reference", {})
+        cells = [per.get(str(lab), {}).get("mean") for lab in (1, 2, 3, 6)]
+        cells += [groups.get("large4", {}).get("mean"), groups.get("all13", {}).get("mean")]
+        rows.append([f"{m} (this run, {a['n_pairs']} pairs)"] + [fmt(c, scale=100) for c in cells])
+    rows += [[f"paper: {name}"] + [f"{v:.1f}" for v in values] for name, values in PAPER_TABLE1]
+    return markdown_table(["method", "spleen", "right kidney", "left kidney", "liver", "mean 4", "mean 13"], rows)
+
+
 def render_index(doc: Mapping[str, Any], *, figures: Mapping[str, str] | None = None) -> str:
     """The report page (Markdown) from a metrics document.
 
@@ -287,6 +320,13 @@ def render_index(doc: Mapping[str, Any], *, figures: Mapping[str, str] | None = 
     rows.append(["runtime per pair (s)"] + [_stats_cell(agg[m]["runtime_s"], digits=2) for m in methods])
     rows.append(["pairs"] + [str(agg[m]["n_pairs"]) for m in methods])
     out.append(markdown_table(["metric"] + methods, rows))
+
+    if doc.get("paper_table"):
+        out.append("\n## The SLIC-Reg paper's Table 1 layout\n")
+        out.append("Dice %, reference definition (absent label = 0), mean over pairs; the paper's rows are its "
+                   "published BTCV results (9 validation scans -> template #38). Comparable only for that split "
+                   "and data.\n")
+        out.append(paper_table(doc))
 
     # --- per organ
     if first:

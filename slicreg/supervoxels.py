@@ -48,7 +48,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -565,6 +565,8 @@ def build_supervoxel_layers(
     seed: int = 0,
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
+    done_layers: Mapping[int, tuple[np.ndarray, dict[str, Any]]] | None = None,
+    on_layer: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
 ) -> SupervoxelLayers:
     """Build the template supervoxel layers (see the module docstring for the steps) and report on them.
 
@@ -584,6 +586,10 @@ def build_supervoxel_layers(
         seed: seed of the layers' random affines; layer ``l`` uses child ``l`` of ``SeedSequence(seed)``.
         jobs: worker processes (``spawn``); the output is bit-identical for any ``jobs``.
         progress: called with the number of finished layers after each layer.
+        done_layers: layers finished by an earlier, interrupted call with the same inputs and parameters (layer
+            index -> ``(labels (X // 2, Y // 2, Z // 2) uint8, info)``, as given to ``on_layer``); only the others
+            are computed. Each layer depends only on its own seed, so the result is bit-identical.
+        on_layer: called with ``(index, labels, info)`` as each layer finishes (e.g. to store it for a resume).
 
     Returns:
         :class:`SupervoxelLayers` with ``layers`` of shape ``(L, X // 2, Y // 2, Z // 2)`` uint8.
@@ -637,22 +643,35 @@ def build_supervoxel_layers(
                           float(min_size_factor), float(affine_sigma), tuple(2.0 * s for s in spacing), (lo, hi))
     seeds = np.random.SeedSequence(int(seed)).spawn(int(n_layers))
     results: list[tuple[np.ndarray, dict[str, Any]] | None] = [None] * n_layers
-    if jobs <= 1 or n_layers == 1:
-        for i, s in enumerate(seeds):
-            results[i] = _layer(image4, mask4, s, params)
-            if progress is not None:
-                progress(i + 1)
+    for i, result in (done_layers or {}).items():
+        if 0 <= int(i) < n_layers and tuple(result[0].shape) == mask4.shape:
+            results[int(i)] = (np.asarray(result[0], dtype=np.uint8), dict(result[1]))
+    todo = [i for i in range(n_layers) if results[i] is None]
+    done = n_layers - len(todo)
+    if progress is not None and done:
+        progress(done)
+
+    def finished(i: int, result: tuple[np.ndarray, dict[str, Any]]) -> None:
+        nonlocal done
+        results[i] = result
+        done += 1
+        if on_layer is not None:
+            on_layer(i, result[0], result[1])
+        if progress is not None:
+            progress(done)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            finished(i, _layer(image4, mask4, seeds[i], params))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=min(int(jobs), n_layers), mp_context=mp.get_context("spawn"),
+        with ProcessPoolExecutor(max_workers=min(int(jobs), len(todo)), mp_context=mp.get_context("spawn"),
                                  initializer=_init_worker, initargs=(image4, mask4, params)) as pool:
-            futures = {pool.submit(_worker_layer, s): i for i, s in enumerate(seeds)}
-            for done, fut in enumerate(as_completed(futures), start=1):
-                results[futures[fut]] = fut.result()
-                if progress is not None:
-                    progress(done)
+            futures = {pool.submit(_worker_layer, seeds[i]): i for i in todo}
+            for fut in as_completed(futures):
+                finished(futures[fut], fut.result())
     layers = np.stack([r[0] for r in results])  # type: ignore[index]
     info = [r[1] for r in results]  # type: ignore[index]
     resolved = {

@@ -16,8 +16,9 @@ The pure part works on in-memory tensors:
 The edges (files) are :func:`load_training_data` (the contract layout of docs/CONTRACTS.md), checkpoints
 (:func:`save_checkpoint`, :func:`load_checkpoint`, written atomically), logs and curves, and
 :func:`run_training`, the one-call entry used by ``slicreg train`` and the ``train`` stage. It runs unchanged under
-``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on CPU, nccl on CUDA): the configured batch is split
-over the processes.
+``torchrun`` on one node or several (DistributedDataParallel; gloo on CPU, nccl on CUDA): the configured batch is
+split over the processes, and each process loads only its shard of the training scans (:func:`shard_ids`), so no
+node needs every scan in memory (docs/scaling.md).
 
 CPU cost (``benchmarks/bench_train_step.py``): the head and the loss are evaluated at ``head_voxels`` random output
 voxels per scan (the backbone and the ASPP stay dense); the depthwise and dilated convolutions use the faster
@@ -57,6 +58,9 @@ __all__ = [
     "train_loop",
     "load_training_data",
     "split_validation",
+    "split_validation_ids",
+    "shard_ids",
+    "training_subject_ids",
     "save_checkpoint",
     "load_checkpoint",
     "write_logs",
@@ -236,9 +240,10 @@ class SupervoxelData:
                               [self.affines[i] for i in idx] if self.affines else [])
 
 
-def split_validation(data: SupervoxelData, config: TrainConfig) -> tuple[SupervoxelData, SupervoxelData | None]:
-    """``(training, validation)``: ``config.val_ids`` if given, else the last ``val_subjects`` ids in sorted order."""
-    ids = sorted(data.ids)
+def split_validation_ids(ids: Sequence[str], config: TrainConfig) -> tuple[list[str], list[str]]:
+    """``(training ids, validation ids)``: ``config.val_ids`` if given, else the last ``val_subjects`` ids in sorted
+    order; the training ids are the rest, sorted."""
+    ids = sorted(ids)
     if config.val_ids:
         missing = [v for v in config.val_ids if v not in ids]
         if missing:
@@ -250,7 +255,35 @@ def split_validation(data: SupervoxelData, config: TrainConfig) -> tuple[Supervo
     if not train:
         raise ConfigError(f"training config: no training subjects left after holding out {val} for validation "
                           f"({len(ids)} subjects loaded)")
+    return train, val
+
+
+def split_validation(data: SupervoxelData, config: TrainConfig) -> tuple[SupervoxelData, SupervoxelData | None]:
+    """``(training, validation)`` data: see :func:`split_validation_ids`."""
+    train, val = split_validation_ids(data.ids, config)
     return data.subset(train), (data.subset(val) if val else None)
+
+
+def shard_ids(ids: Sequence[str], rank: int, world_size: int, *, seed: int) -> list[str]:
+    """The training scans process ``rank`` of ``world_size`` holds (DistributedDataParallel over processes/nodes).
+
+    One process (``world_size`` 1) holds ``ids`` unchanged. Otherwise the ids are put in a random order drawn from
+    ``seed`` and dealt out in turn, so the shards are disjoint, cover every id, differ in size by at most one and
+    depend only on ``(ids, world_size, seed)``; each shard keeps the order of ``ids``. Every process then draws its
+    part of each batch from its own shard (uniformly, with replacement), so no process needs every scan in memory.
+
+    Raises:
+        ConfigError: fewer scans than processes (a process would have nothing to train on).
+    """
+    ids = list(ids)
+    if world_size <= 1:
+        return ids
+    if len(ids) < world_size:
+        raise ConfigError(f"training: {len(ids)} training scan(s) for {world_size} processes; each process needs at "
+                          f"least one (use fewer processes or more scans)")
+    order = np.random.default_rng([int(seed), 3]).permutation(len(ids))
+    mine = sorted(int(i) for i in order[rank::world_size])
+    return [ids[i] for i in mine]
 
 
 # ---------------------------------------------------------------------------------------- augmentation
@@ -645,11 +678,17 @@ def train_loop(trainer: Trainer, data: SupervoxelData, *, validation: Supervoxel
 
     Every ``val_every`` steps and after the last, validation metrics are appended to ``trainer.history`` (rank 0)
     and ``on_validation`` is called; every ``checkpoint_every`` steps and after the last, ``on_checkpoint`` is
-    called (on every rank: it may gather state). Losses are averaged over processes under torchrun."""
+    called (on every rank: it may gather state). Losses are averaged over processes under torchrun. Under torchrun
+    only rank 0 needs ``validation`` (the others may pass ``None``: they wait while rank 0 validates)."""
     from tqdm.auto import tqdm
 
     cfg = trainer.config
     dist = _distributed()
+    validating = validation is not None
+    if dist is not None:  # every rank must take part in the same barriers: validating if rank 0 validates
+        flag = torch.tensor([int(validating)], dtype=torch.int64)
+        dist.broadcast(flag, src=0)
+        validating = bool(flag.item())
     bar = tqdm(total=cfg.iterations, initial=trainer.iteration, desc="train", disable=not progress or trainer.rank != 0,
                dynamic_ncols=True)
     last_val: float | None = None
@@ -666,8 +705,8 @@ def train_loop(trainer: Trainer, data: SupervoxelData, *, validation: Supervoxel
             trainer.history.append({"iteration": trainer.iteration, "loss": loss,
                                     "elapsed_s": round(trainer.elapsed_s, 3)})
             last = trainer.iteration == cfg.iterations
-            if validation is not None and (trainer.iteration % cfg.val_every == 0 or last):
-                if trainer.rank == 0:
+            if validating and (trainer.iteration % cfg.val_every == 0 or last):
+                if trainer.rank == 0 and validation is not None:
                     metrics = trainer.validate(validation)
                     trainer.history.append({"iteration": trainer.iteration, **metrics,
                                             "elapsed_s": round(time.perf_counter() - started, 3)})
@@ -710,6 +749,23 @@ def _dataset_images(dataset_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]
     return doc, images
 
 
+def training_subject_ids(dataset_dir: str | os.PathLike, transferred_dir: str | os.PathLike) -> list[str]:
+    """The subjects :func:`load_training_data` loads by default: the dataset's ``training`` list (subjects with role
+    ``train`` if it has none) that have a transferred file, in the listed order. Reads no image."""
+    dataset_dir, tdir = Path(dataset_dir), _resolve_transferred(Path(transferred_dir))
+    doc, _ = _dataset_images(dataset_dir)
+    if not tdir.is_dir():
+        raise InputError(f"{transferred_dir}: not a folder (expected the transfer output with transferred/<id>.nii.gz)")
+    listed = doc.get("training")
+    if listed is None:
+        listed = [s for s, e in doc["subjects"].items() if isinstance(e, dict) and e.get("role") == "train"]
+    ids = [s for s in listed if (tdir / f"{s}.nii.gz").is_file()]
+    if not ids:
+        raise InputError(f"{tdir}: no transferred/<id>.nii.gz for any training subject of "
+                         f"{dataset_dir / 'dataset.json'} ({len(listed)} listed)")
+    return ids
+
+
 def load_training_data(dataset_dir: str | os.PathLike, transferred_dir: str | os.PathLike, *,
                        ids: Sequence[str] | None = None, progress: bool = False) -> SupervoxelData:
     """Load scans and their transferred supervoxels (docs/CONTRACTS.md layouts).
@@ -732,17 +788,11 @@ def load_training_data(dataset_dir: str | os.PathLike, transferred_dir: str | os
     from slicreg.io import load_image, load_volume
 
     dataset_dir, tdir = Path(dataset_dir), _resolve_transferred(Path(transferred_dir))
-    doc, images = _dataset_images(dataset_dir)
+    _, images = _dataset_images(dataset_dir)
     if not tdir.is_dir():
         raise InputError(f"{transferred_dir}: not a folder (expected the transfer output with transferred/<id>.nii.gz)")
     if ids is None:
-        listed = doc.get("training")
-        if listed is None:
-            listed = [s for s, e in doc["subjects"].items() if isinstance(e, dict) and e.get("role") == "train"]
-        ids = [s for s in listed if (tdir / f"{s}.nii.gz").is_file()]
-        if not ids:
-            raise InputError(f"{tdir}: no transferred/<id>.nii.gz for any training subject of "
-                             f"{dataset_dir / 'dataset.json'} ({len(listed)} listed)")
+        ids = training_subject_ids(dataset_dir, transferred_dir)
     imgs, tgts, affs = [], [], []
     iterator: Any = ids
     if progress:
@@ -915,7 +965,8 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
 
     Writes into ``out_dir``: ``checkpoints/last.pt`` (resumable, every ``checkpoint_every`` steps), ``log.csv``,
     ``log.json``, ``curves.png``, ``config.json``; and the bundle (:mod:`slicreg.bundle`) into ``bundle_dir``
-    (default ``out_dir/bundle``). Under torchrun only rank 0 writes.
+    (default ``out_dir/bundle``). Under torchrun only rank 0 writes; each process loads its shard of the training
+    scans (:func:`shard_ids`) and rank 0 also the validation scans.
 
     Args:
         config: the settings.
@@ -936,8 +987,16 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
     if not Path(template_supervoxels).is_file():
         raise InputError(f"{template_supervoxels}: template supervoxels file not found")
     trainer = Trainer(config, rank=rank, world_size=world)  # before the data: a bad init_weights bundle fails fast
-    data = load_training_data(dataset, transferred, progress=not quiet and rank == 0)
-    train_data, val_data = split_validation(data, config)
+    # each process loads only its shard of the training scans (all of them when alone), and rank 0 the validation
+    train_ids, val_ids = split_validation_ids(training_subject_ids(dataset, transferred), config)
+    shards = [shard_ids(train_ids, r, world, seed=config.seed) for r in range(world)]
+    train_data = load_training_data(dataset, transferred, ids=shards[rank], progress=not quiet and rank == 0)
+    val_data = load_training_data(dataset, transferred, ids=val_ids) if val_ids and rank == 0 else None
+    data_bytes = [int(train_data.images.nbytes + train_data.targets.nbytes)]
+    dist = _distributed()
+    if dist is not None:
+        data_bytes = [0] * world
+        dist.all_gather_object(data_bytes, int(train_data.images.nbytes + train_data.targets.nbytes))
     if resume and ckpt_path.exists():
         trainer.load_state_dict(load_checkpoint(ckpt_path))
         if rank == 0 and not quiet:
@@ -945,11 +1004,13 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
     dataset_dir = Path(dataset)
     info = {
         "config": config.to_dict(),
-        "train_ids": train_data.ids, "val_ids": val_data.ids if val_data else [],
+        "train_ids": train_ids, "val_ids": val_ids,
         "dataset": str(dataset_dir.resolve()), "transferred": str(Path(transferred).resolve()),
         "dataset_json_sha256": sha256_file(dataset_dir / "dataset.json"),
         "world_size": world,
     }
+    if world > 1:  # which scans each process held, and their memory (images + targets)
+        info.update(data_shards=shards, training_data_bytes_per_process=data_bytes)
     if config.init_weights is not None:
         info["init_weights"] = {"bundle": str(Path(config.init_weights).resolve()),
                                 "model_sha256": sha256_file(Path(config.init_weights) / MODEL_FILE)}
@@ -969,7 +1030,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
 
     def validated(tr: Trainer) -> None:
         write_logs(out_dir, tr.history, extra=info)
-        plot_curves(tr.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_data)} scans)")
+        plot_curves(tr.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_ids)} scans)")
 
     train_loop(trainer, train_data, validation=val_data, on_checkpoint=checkpoint, on_validation=validated,
                progress=not quiet)
@@ -979,7 +1040,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
     bundle = None
     if rank == 0:
         write_logs(out_dir, trainer.history, extra=info)
-        plot_curves(trainer.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_data)} scans)")
+        plot_curves(trainer.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_ids)} scans)")
         tail = losses[-min(len(losses), 25):]
         training = {
             **info,
@@ -995,7 +1056,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
         bundle = save_bundle(
             Path(bundle_dir) if bundle_dir is not None else out_dir / "bundle", trainer.model,
             template_supervoxels=template_supervoxels, training=training,
-            data_provenance=_data_provenance(dataset_dir, provenance, train_data.ids, val_data),
+            data_provenance=_data_provenance(dataset_dir, provenance, train_ids, val_ids),
             curves_png=out_dir / "curves.png")
     dist = _distributed()
     if dist is not None:
@@ -1005,7 +1066,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
 
 
 def _data_provenance(dataset_dir: Path, extra: dict[str, Any] | None, train_ids: list[str],
-                     val: SupervoxelData | None) -> dict[str, Any]:
+                     val_ids: list[str]) -> dict[str, Any]:
     from slicreg.io import read_json
 
     doc = read_json(dataset_dir / "dataset.json")
@@ -1022,7 +1083,7 @@ def _data_provenance(dataset_dir: Path, extra: dict[str, Any] | None, train_ids:
             if p.is_file():
                 facts["template_image_sha256"] = sha256_file(p)
     facts["n_training_scans"] = len(train_ids)
-    facts["n_validation_scans"] = len(val) if val else 0
+    facts["n_validation_scans"] = len(val_ids)
     if extra:
         facts.update(extra)
     return facts

@@ -457,7 +457,7 @@ def test_align_command_writes_field_warped_outputs_and_deeds_files(tmp_path):
                "--out-field", str(tmp_path / "u.nii.gz"), "--preset", "affine", "--moving-labels",
                str(tmp_path / "ml.nii.gz"), "--out-warped-labels", str(tmp_path / "wl.nii.gz"),
                "--out-warped", str(tmp_path / "w.nii.gz"), "--deeds-out", str(tmp_path / "F1"),
-               "--out-json", str(tmp_path / "info.json"), "--quiet", "--threads", "1"])
+               "--out-json", str(tmp_path / "info.json"), "--quiet", "--threads", "1", "--force"])
     assert rc == 0
     field = load_field(tmp_path / "u.nii.gz")
     assert field.shape == shape and np.allclose(field.affine, affine)

@@ -17,7 +17,7 @@ from slicreg import deeds
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
 from slicreg.fields import sample, warp_image, warp_labels
-from slicreg.io import load_field, save_volume
+from slicreg.io import load_field, save_field, save_volume
 
 
 # ------------------------------------------------------------------------------------ naive reference
@@ -309,14 +309,18 @@ def test_nan_entries_are_a_clear_error():
     ("1 0 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", "4 lines of 4 numbers"),
     ("1 0 0 0\n0 1 0 0\n0 0 one 0\n0 0 0 1\n", "expected numbers"),
     ("1 0 0 0\n0 1 0 nan\n0 0 1 0\n0 0 0 1\n", "NaN or Inf"),
-    ("1 0 0 2\n0 1 0 3\n0 0 1 -4\n0 0 0 1\n", "must be transposed"),
+    ("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 -nan\n", "NaN or Inf"),  # C++ streams write NaN as -nan
+    ("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 inf\n", "NaN or Inf"),  # even in the ignored last column
+    ("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n0 0 0 1\n", "4 lines of 4 numbers"),
+    ("1, 0, 0, 0\n0, 1, 0, 0\n0, 0, 1, 0\n0, 0, 0, 1\n", "expected numbers, got '1,'"),
     ("0 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", "singular"),
 ])
 def test_bad_matrix_is_a_clear_error(tmp_path, text, match):
     (tmp_path / "F_matrix.txt").write_text(text)
     (tmp_path / "F_displacements.dat").write_bytes(np.zeros(24, "<f4").tobytes())
-    with pytest.raises(InputError, match=match):
+    with pytest.raises(InputError, match=match) as exc:
         deeds.read_deeds(tmp_path / "F_displacements.dat", (8, 8, 8), matrix_path=tmp_path / "F_matrix.txt")
+    assert str(tmp_path / "F_matrix.txt") in str(exc.value)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -350,3 +354,190 @@ def test_import_and_export_commands(tmp_path, capsys):
                  str(tmp_path / "fixed.nii.gz"), "--grid-spacing", "3", "--out", str(tmp_path / "x.nii.gz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "grid spacing 4" in err
+
+
+# ------------------------------------------------------------------------- real deeds output, odd grid sizes
+# A *_matrix.txt exactly as linearBCV writes it: each line "X[i]  X[i+4]  X[i+8]  X[i+12]" through a C++ stream
+# (default notation: 6 significant digits, two spaces between numbers). linearBCV fits all 16 numbers by least
+# squares, so the last column is only approximately 0 0 0 1 (these are the values of the report in issue 16).
+LINEARBCV_MATRIX = (
+    "1.01242  0.0187061  -0.00451267  -7.53e-07\n"
+    "-0.0228131  0.985093  0.0112903  -2.50401e-06\n"
+    "0.00714436  -0.0165934  1.02611  -1.33e-06\n"
+    "1.41283  -2.17519  0.84066  1.00037\n"
+)
+ODD_SHAPE = (37, 29, 23)  # no side is a multiple of 4 or 5
+
+
+def _stream_text(f):
+    """A row-vector matrix ``f`` formatted as linearBCV's ``ofstream << float`` does (C ``%g``, two spaces)."""
+    return "".join("  ".join(f"{float(np.float32(v)):g}" for v in row) + "\n" for row in f)
+
+
+def _odd_case(g, seed):
+    rng = np.random.default_rng(seed)
+    ctrl_shape = deeds.control_shape(ODD_SHAPE, g)
+    dat = rng.normal(scale=1.5, size=3 * int(np.prod(ctrl_shape))).astype("<f4").tobytes()
+    image = rng.uniform(-1000, 1000, size=ODD_SHAPE).astype(np.float32)
+    seg = rng.integers(0, 6, size=ODD_SHAPE).astype(np.uint8)
+    return dat, image, seg
+
+
+def test_fixture_has_linearbcv_layout():
+    """The fixture is what linearBCV's stream writes for its numbers, and the writer uses the same layout."""
+    f = np.array([[float(t) for t in line.split("  ")] for line in LINEARBCV_MATRIX.splitlines()])
+    assert _stream_text(f) == LINEARBCV_MATRIX
+    assert not np.allclose(f[:, 3], [0, 0, 0, 1], atol=1e-4)  # the case that used to be refused
+    written = deeds.format_matrix(deeds.parse_matrix(LINEARBCV_MATRIX))
+    lines = written.splitlines()
+    assert written.endswith("\n") and len(lines) == 4
+    assert all(len(line.split("  ")) == 4 and " " not in line.replace("  ", "") for line in lines)
+    assert [line.split("  ")[3] for line in lines] == ["0", "0", "0", "1"]
+
+
+def test_linearbcv_matrix_last_column_is_ignored_as_deeds_does(caplog):
+    with caplog.at_level("INFO", logger="slicreg.deeds"):
+        a = deeds.parse_matrix(LINEARBCV_MATRIX, name="F_matrix.txt")
+    assert not caplog.records  # within 1e-3 of 0 0 0 1: nothing to note
+    f = np.array([[float(t) for t in line.split()] for line in LINEARBCV_MATRIX.splitlines()])
+    np.testing.assert_array_equal(a[:3], f.T[:3])  # the 12 numbers deeds reads, unchanged
+    np.testing.assert_array_equal(a[3], [0, 0, 0, 1])
+    np.testing.assert_array_equal(a[:3, 3], [1.41283, -2.17519, 0.84066])
+    # the last column has no influence at all, however far off
+    g = f.copy()
+    g[:, 3] = [0.3, -0.2, 5.0, 7.0]
+    np.testing.assert_array_equal(deeds.parse_matrix(_stream_text(g)), deeds.parse_matrix(_stream_text(f)))
+
+
+def test_far_last_column_is_a_note_not_an_error(caplog):
+    """A column-vector matrix (translation in the last column) is read as deeds would read it (translation 0),
+    with a note that names the file and suggests transposing."""
+    text = "1 0 0 2\n0 1 0 3\n0 0 1 -4\n0 0 0 1\n"
+    with caplog.at_level("WARNING", logger="slicreg.deeds"):
+        a = deeds.parse_matrix(text, name="cv_matrix.txt")
+    np.testing.assert_array_equal(a, np.eye(4))
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert msg.startswith("cv_matrix.txt: note:") and "2 3 -4 1" in msg and "transpose" in msg
+
+
+@pytest.mark.parametrize("g", [4, 5])
+def test_control_grid_of_odd_sizes_is_floor_divided(g):
+    m1, n1, o1 = deeds.control_shape(ODD_SHAPE, g)
+    assert (m1, n1, o1) == {4: (9, 7, 5), 5: (7, 5, 4)}[g]
+    dat, _, _ = _odd_case(g, 0)
+    ctrl, g_used, _ = deeds.decode_displacements(dat, ODD_SHAPE, grid_spacing=g)
+    assert ctrl.shape == (3, m1, n1, o1) and g_used == g
+    assert deeds.matching_grid_spacings(len(dat) // 4, ODD_SHAPE) == [g]
+    assert deeds.encode_displacements(ctrl) == dat
+    with pytest.raises(InputError, match="fits grid spacing"):
+        deeds.decode_displacements(dat, ODD_SHAPE, grid_spacing=9 - g)
+
+
+def test_real_matrix_odd_grid_agrees_with_naive_deeds():
+    """linearBCV's matrix (least-squares last column) on a 37 x 29 x 23 grid with spacing 5: the import gives
+    deeds' own warps (the naive reference reads only the first three columns, as deeds does)."""
+    g = 5
+    dat, image, seg = _odd_case(g, 11)
+    ref_img, ref_seg = naive_deeds(dat, LINEARBCV_MATRIX, ODD_SHAPE, g, image, seg)
+    ctrl, _, _ = deeds.decode_displacements(dat, ODD_SHAPE, grid_spacing=g)
+    matrix = deeds.parse_matrix(LINEARBCV_MATRIX)
+    np.testing.assert_array_equal(deeds.warp_labels_deeds(seg, ctrl, matrix=matrix), ref_seg)
+    np.testing.assert_allclose(deeds.warp_image_deeds(image, ctrl, matrix=matrix), ref_img, atol=0.05, rtol=0)
+    field = deeds.field_from_deeds(ctrl, ODD_SHAPE, matrix=matrix)
+    np.testing.assert_array_equal(deeds.warp_labels_field_deeds(seg, field), ref_seg)
+    np.testing.assert_allclose(deeds.warp_image_field_deeds(image, field), ref_img, atol=0.05, rtol=0)
+    # the translation moves voxels off the grid: there deeds' clamped label differs from background
+    pos = deeds.deeds_positions(ctrl, ODD_SHAPE, matrix=matrix)
+    outside = np.zeros(ODD_SHAPE, bool)
+    for ax, s in enumerate(ODD_SHAPE):
+        outside |= (pos[ax] < -0.5) | (pos[ax] > s - 0.5)
+    assert outside.sum() > 100 and np.all(warp_labels(seg, field)[outside] == 0)
+    assert np.any(ref_seg[outside] != 0)
+
+
+@pytest.mark.parametrize("g", [4, 5])
+def test_import_export_commands_round_trip_real_matrix_odd_grid(tmp_path, capsys, caplog, g):
+    dat, image, seg = _odd_case(g, 20 + g)
+    (tmp_path / "F_displacements.dat").write_bytes(dat)
+    (tmp_path / "F_matrix.txt").write_text(LINEARBCV_MATRIX)
+    save_volume(Volume(image, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "fixed.nii.gz")
+    out = tmp_path / "u.nii.gz"
+    assert main(["deeds-import", "--dat", str(tmp_path / "F_displacements.dat"), "--matrix",
+                 str(tmp_path / "F_matrix.txt"), "--fixed", str(tmp_path / "fixed.nii.gz"),
+                 "--grid-spacing", str(g), "--out", str(out)]) == 0  # was refused (exit 2) before issue 16
+    assert "note:" not in caplog.text
+    ctrl = deeds.decode_displacements(dat, ODD_SHAPE, grid_spacing=g)[0]
+    matrix = deeds.parse_matrix(LINEARBCV_MATRIX)
+    field = load_field(out).array
+    np.testing.assert_array_equal(field, deeds.field_from_deeds(ctrl, ODD_SHAPE, matrix=matrix))
+    capsys.readouterr()
+
+    assert main(["deeds-export", "--field", str(out), "--out", str(tmp_path / "E"), "--method", "lstsq",
+                 "--matrix", str(tmp_path / "F_matrix.txt"), "--grid-spacing", str(g)]) == 0
+    warned = "applyBCV infers the grid step" in capsys.readouterr().out
+    assert warned == (g == 5)  # 37*29*23 / (7*5*4) voxels per node: cube root 5.6 -> applyBCV guesses 6
+    back = deeds.read_deeds(tmp_path / "E_displacements.dat", ODD_SHAPE, matrix_path=tmp_path / "E_matrix.txt",
+                            grid_spacing=g)
+    np.testing.assert_allclose(back.ctrl_vox, ctrl, atol=2e-4)
+    np.testing.assert_array_equal(back.matrix.astype(np.float32), matrix.astype(np.float32))  # deeds reads float
+    assert [line.split()[3] for line in (tmp_path / "E_matrix.txt").read_text().splitlines()] == ["0", "0", "0", "1"]
+    np.testing.assert_allclose(back.to_field(), field, atol=1e-3)
+    np.testing.assert_array_equal(deeds.warp_labels_deeds(seg, back.ctrl_vox, matrix=back.matrix),
+                                  deeds.warp_labels_deeds(seg, ctrl, matrix=matrix))
+
+
+# ------------------------------------------------------------------------------------------- deeds' rules
+def _outside_case():
+    shape = (6, 5, 4)
+    i, j, k = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    seg = (1 + i + 10 * j).astype(np.uint8)  # distinct labels along axes 0 and 1, none is background
+    field = np.zeros((3, *shape), np.float32)
+    field[0, :3] = 10.0  # the first half points beyond the last voxel along axis 0
+    field[0, 3:] = -10.0  # the second half before the first one
+    field[1] = 0.4
+    clamped = np.where(i < 3, seg[-1][None], seg[0][None]).astype(np.uint8)
+    return seg, field, clamped
+
+
+def test_deeds_label_rule_clamps_where_learn2reg_gives_background():
+    seg, field, clamped = _outside_case()
+    np.testing.assert_array_equal(deeds.warp_labels_field_deeds(seg, field), clamped)
+    assert not np.any(warp_labels(seg, field))  # the default (Learn2Reg) rule: background outside
+    # C rounding: 2.5 -> 3 (round-half-to-even would give 2); -1.5 -> -2, clamped to 0
+    pos = np.zeros((3, 1, 1, 2), np.float32)
+    pos[0, 0, 0] = [2.5, -1.5]
+    np.testing.assert_array_equal(deeds.sample_labels_deeds(seg, pos)[0, 0], [seg[3, 0, 0], seg[0, 0, 0]])
+    with pytest.raises(InputError, match="pos_vox"):
+        deeds.sample_labels_deeds(seg, np.zeros((2, 1, 1, 1), np.float32))
+
+
+def test_warp_command_deeds_rules(tmp_path, capsys):
+    seg, field, clamped = _outside_case()
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    save_volume(Volume(seg, aff), tmp_path / "seg.nii.gz")
+    save_field(field, aff, tmp_path / "u.nii.gz")
+    base = ["warp", "--moving", str(tmp_path / "seg.nii.gz"), "--field", str(tmp_path / "u.nii.gz"), "--labels"]
+    assert main([*base, "--out", str(tmp_path / "deeds.nii.gz"), "--deeds-rules"]) == 0
+    assert "deeds' rules" in capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "l2r.nii.gz")]) == 0
+    from slicreg.io import load_labels
+
+    np.testing.assert_array_equal(load_labels(tmp_path / "deeds.nii.gz").array, clamped)
+    assert not np.any(load_labels(tmp_path / "l2r.nii.gz").array)
+    assert main([*base, "--out", str(tmp_path / "x.nii.gz"), "--deeds-rules", "--padding", "zeros"]) == 2
+    assert "contradicts --deeds-rules" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+    # images: deeds' trilinear sampler with clamped indices
+    rng = np.random.default_rng(3)
+    image = rng.uniform(-1000, 1000, size=seg.shape).astype(np.float32)
+    save_volume(Volume(image, aff), tmp_path / "img.nii.gz")
+    assert main(["warp", "--moving", str(tmp_path / "img.nii.gz"), "--field", str(tmp_path / "u.nii.gz"),
+                 "--out", str(tmp_path / "wimg.nii.gz"), "--deeds-rules"]) == 0
+    from slicreg.io import load_image
+
+    warped = load_image(tmp_path / "wimg.nii.gz").array
+    edge = image[np.where(np.arange(6) < 3, 5, 0)]  # axis 0 clamped to the last / first slice
+    expected = 0.6 * edge + 0.4 * edge[:, [1, 2, 3, 4, 4]]  # axis 1 at j + 0.4, the index j + 1 clamped
+    np.testing.assert_allclose(warped, expected, atol=1e-3, rtol=0)

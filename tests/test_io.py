@@ -1,6 +1,7 @@
 """NIfTI and field IO: affines kept, dtypes kept, every bad input is one clear error naming the file."""
 
 import gzip
+import json
 import os
 
 import nibabel as nib
@@ -179,3 +180,112 @@ def test_read_json_errors(tmp_path):
         read_json(tmp_path / "b.json")
     with pytest.raises(InputError, match="not found"):
         read_json(tmp_path / "c.json")
+
+
+def _dead_pid() -> str:
+    """``<host>-<pid>`` of a process of this host that has ended (as slicreg.io names temporaries)."""
+    import subprocess
+    import sys
+
+    from slicreg.io import _owner
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{_owner().rpartition('-')[0]}-{proc.pid}"
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    from slicreg.io import save_volume
+
+    target = tmp_path / "x.nii.gz"
+    dead = tmp_path / f".x.nii.gz.{_dead_pid()}.abc123.tmp.nii.gz"
+    from slicreg.io import _owner
+
+    alive = tmp_path / f".x.nii.gz.{_owner()}.def456.tmp.nii.gz"
+    remote = tmp_path / f".x.nii.gz.another_node-{_dead_pid().rpartition('-')[2]}.abc.tmp.nii.gz"
+    other = tmp_path / ".y.nii.gz.1.zzz.tmp.nii.gz"  # another file's temporary: not ours to judge here
+    for p in (dead, alive, remote, other):
+        p.write_bytes(b"half")
+    save_volume(Volume(np.zeros((2, 3, 4), np.float32), np.eye(4)), target)
+    assert target.is_file()
+    assert not dead.exists() and alive.exists() and remote.exists() and other.exists()
+
+
+def test_atomic_outputs_all_or_nothing(tmp_path):
+    from slicreg.io import atomic_outputs, atomic_write_text
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    atomic_write_text(a, "old a")
+    atomic_write_text(b, "old b")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_outputs() as out:
+            atomic_write_text(out.path(a), "new a")
+            raise RuntimeError("boom")  # killed between the two writes
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    with atomic_outputs() as out:
+        atomic_write_text(out.path(a), "new a")
+        atomic_write_text(out.path(b), "new b")
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_publication_interrupted_between_renames_is_finished_by_the_next_write(tmp_path):
+    from slicreg.io import JOURNAL_PREFIX, atomic_write_text
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    pid = _dead_pid()
+    ta, tb = tmp_path / f".a.txt.{pid}.q.tmp.txt", tmp_path / f".b.txt.{pid}.r.tmp.txt"
+    a.write_text("new a")  # the first rename happened, then kill -9
+    tb.write_text("new b")
+    b.write_text("old b")
+    (tmp_path / f"{JOURNAL_PREFIX}{pid}.x.json").write_text(
+        json.dumps({"outputs": [[str(ta), str(a)], [str(tb), str(b)]]}))
+    atomic_write_text(tmp_path / "c.txt", "unrelated write into the same folder")
+    assert b.read_text() == "new b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_check_output_path(tmp_path):
+    from slicreg.io import check_output_path, check_outputs_not_inputs
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match="is an existing folder"):
+        check_output_path(tmp_path / "folder")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_output_path(tmp_path / "file" / "deeper" / "x.nii.gz")
+    check_output_path(tmp_path / "new" / "deeper" / "x.nii.gz")
+    os.link(tmp_path / "file", tmp_path / "hardlink")
+    (tmp_path / "symlink").symlink_to(tmp_path / "file")
+    for out in ("file", "hardlink", "symlink"):
+        with pytest.raises(InputError, match="is the input --in"):
+            check_outputs_not_inputs({"--in": tmp_path / "file"}, {"--out": tmp_path / out})
+    check_outputs_not_inputs({"--in": tmp_path / "file"}, {"--out": tmp_path / "other"})
+
+
+def test_kill_9_mid_write_leaves_no_half_file_and_the_next_write_cleans_up(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from slicreg.io import load_image, save_volume
+
+    target = tmp_path / "big.nii.gz"
+    code = ("import numpy as np; from slicreg.conventions import Volume; from slicreg.io import save_volume\n"
+            f"v = Volume(np.random.default_rng(0).normal(size=(160, 160, 160)).astype(np.float32), np.eye(4))\n"
+            "print('ready', flush=True)\n"
+            f"while True: save_volume(v, {str(target)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".big.nii.gz.") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.01)  # kill while a temporary is being written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if target.exists():  # an earlier complete write, never a half one
+        assert load_image(target).shape == (160, 160, 160)
+    assert any(p.name.startswith(".big.nii.gz.") for p in tmp_path.iterdir())
+    save_volume(Volume(np.zeros((2, 2, 2), np.float32), np.eye(4)), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nii.gz"]

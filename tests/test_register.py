@@ -12,7 +12,7 @@ import torch
 
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
-from slicreg.io import load_field, load_labels, save_volume
+from slicreg.io import load_field, load_labels, save_volume, sha256_file
 from slicreg.register import predict_supervoxels, refine_field, register_preprocessed, register_supervoxel_maps, \
     upsample_labels_stride2
 
@@ -202,8 +202,18 @@ def bundle_dir(tmp_path_factory):
     model(torch.randn(2, 1, *SV_GRID, generator=torch.Generator().manual_seed(0)))  # move BatchNorm statistics
     sv = np.random.default_rng(0).integers(0, 128, (16, *SV_GRID)).astype(np.uint8)
     save_volume(Volume(sv, np.diag([4.0, 4.0, 4.0, 1.0])), tmp / "src" / "supervoxels.nii.gz")
+    # the bundle's template image (atlas mode is valid for this file only; see template_of)
+    save_volume(Volume(ct_like(PREP, seed=3).astype(np.int16), np.diag([2.0, 2.0, 2.0, 1.0])),
+                tmp / "src" / "template_0000.nii.gz")
     return save_bundle(tmp / "bundle", model.eval(), template_supervoxels=tmp / "src" / "supervoxels.nii.gz",
-                       training={"iterations": 1}, data_provenance={"name": "test"})
+                       training={"iterations": 1},
+                       data_provenance={"name": "test",
+                                        "template_image_sha256": sha256_file(tmp / "src" / "template_0000.nii.gz")})
+
+
+def template_of(bundle_dir):
+    """The template image the test bundle's supervoxels stand for."""
+    return Path(bundle_dir).parent / "src" / "template_0000.nii.gz"
 
 
 def _main(args):
@@ -260,8 +270,7 @@ def test_register_command_raw_inputs_map_back_to_the_original_grid(bundle_dir, t
 def test_register_command_atlas_mode_uses_the_bundle_template(bundle_dir, tmp_path, capsys):
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     save_volume(Volume(ct_like(PREP, seed=2), aff), tmp_path / "f.nii.gz")
-    save_volume(Volume(ct_like(PREP, seed=3), aff), tmp_path / "t.nii.gz")
-    code = _main(["register", "--fixed", tmp_path / "f.nii.gz", "--moving", tmp_path / "t.nii.gz", "--atlas",
+    code = _main(["register", "--fixed", tmp_path / "f.nii.gz", "--moving", template_of(bundle_dir), "--atlas",
                   "--weights", bundle_dir, "--out-field", tmp_path / "u.nii.gz", "--verbose"])
     assert code == 0
     text = capsys.readouterr()
@@ -352,6 +361,8 @@ def test_register_stage_plain_and_refined(bundle_dir, tmp_path):
     for i, sid in enumerate(["t0", "s1", "s2"]):
         save_volume(Volume(ct_like(PREP, seed=10 + i).astype(np.int16), aff), data / "imagesTr" / f"{sid}_0000.nii.gz")
         subjects[sid] = {"image": f"imagesTr/{sid}_0000.nii.gz", "role": "template" if i == 0 else "test"}
+    # the template is the bundle's own (atlas mode is refused for any other: tests/test_btcv.py)
+    (data / "imagesTr" / "t0_0000.nii.gz").write_bytes(template_of(bundle_dir).read_bytes())
     atomic_write_json(data / "dataset.json", {
         "name": "toy", "format": "slicreg-dataset/1", "template": "t0", "subjects": subjects, "training": [],
         "test": ["s1", "s2"], "registration_pairs": [{"fixed": "s1", "moving": "t0"}, {"fixed": "s2", "moving": "t0"},

@@ -189,9 +189,11 @@ def test_evaluate_command_bad_input(tmp_path, dataset_dir, capsys):
     f = dataset_dir / "labelsTr/f1.nii.gz"
     m = dataset_dir / "labelsTr/m.nii.gz"
     small = tmp_path / "small.nii.gz"
-    save_volume(Volume(np.zeros((4, 4, 4), np.uint8), AFF), small)
+    far = AFF.copy()
+    far[:3, 3] += 500.0  # a grid 500 mm away: nothing to compare in world space
+    save_volume(Volume(np.zeros((4, 4, 4), np.uint8), far), small)
     assert main(["evaluate", "--fixed-labels", str(f), "--moving-labels", str(small)]) == 2
-    assert "grids do not match" in capsys.readouterr().err
+    assert "do not overlap" in capsys.readouterr().err
     bad_field = tmp_path / "u.nii.gz"
     save_field(np.zeros((3, 16, 18, 19), np.float32), AFF, bad_field)
     assert main(["evaluate", "--fixed-labels", str(f), "--moving-labels", str(m), "--field", str(bad_field)]) == 2

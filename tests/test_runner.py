@@ -193,6 +193,8 @@ def test_external_file_content_is_part_of_the_key(plugin):
     ('[stages.f]\ntype = "t-file"\npath = "/no/such/file.txt"\n', "no such file"),
     ('[stagez.a]\n', "unknown top-level"),
     ('[stages.a]\ntype = "t-source"\nvalue = [\n', "not valid TOML"),
+    ('[stages.a]\ntype = "t-source"\nvalue = "three"\n', r"value = 'three': expected an integer, got str"),
+    ('[stages.a]\ntype = "t-source"\nvalue = true\n', r"value = True: expected an integer, got bool"),
 ])
 def test_config_errors(plugin, body, message):
     p = write_pipeline(plugin, body)
@@ -259,3 +261,11 @@ def test_until_leaves_later_stages_alone(plugin):
     plans = run(p, until="a")
     assert (count(plugin, "a"), count(plugin, "b"), count(plugin, "c")) == (1, 0, 0)
     assert [pl.cached for pl in plans] == [True, False, False]
+
+
+def test_pipeline_seed_of_wrong_type_is_refused(plugin):
+    p = plugin / "seed.toml"
+    p.write_text(f'[pipeline]\nseed = "x"\nwork_dir = "{plugin / "work"}"\nplugins = ["runner_test_stages"]\n'
+                 '[stages.a]\ntype = "t-source"\n')
+    with pytest.raises(ConfigError, match=r"seed = 'x': expected an integer"):
+        load_pipeline(p)

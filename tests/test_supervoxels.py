@@ -334,3 +334,64 @@ def test_stage_on_a_dataset_folder(tmp_path):
     (ds / "dataset.json").write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="body"):
         st.run(StageContext("supervoxels", params, {"dataset": ds}, out, tmp_path, quiet=True))
+
+
+def test_interrupted_layers_resume_bit_identical():
+    img, body, _ = _phantom()
+    kw = dict(n_layers=3, n_supervoxels=10, n_segments=16, seed=4)
+    whole = sv.build_supervoxel_layers(img, body, **kw)
+    kept: dict = {}
+
+    def keep_then_die(i, labels, info):
+        kept[i] = (labels.copy(), json.loads(json.dumps(info, default=lambda o: np.asarray(o).tolist())))
+        if len(kept) == 2:
+            raise KeyboardInterrupt  # killed after two layers
+
+    with pytest.raises(KeyboardInterrupt):
+        sv.build_supervoxel_layers(img, body, on_layer=keep_then_die, **kw)
+    computed = []
+    resumed = sv.build_supervoxel_layers(img, body, done_layers=kept, on_layer=lambda i, *_: computed.append(i), **kw)
+    assert computed == [2]  # only the missing layer is computed again
+    assert np.array_equal(resumed.layers, whole.layers)
+
+
+def test_stage_resumes_per_layer(tmp_path, monkeypatch):
+    from pipelines.runner import StageContext, load_stage_types
+    from pipelines.stages import supervoxels as stage_module
+
+    _write_template(tmp_path)
+    ds = tmp_path / "ds"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    (tmp_path / "t.nii.gz").rename(ds / "imagesTr" / "c0_0000.nii.gz")
+    (tmp_path / "l.nii.gz").rename(ds / "labelsTr" / "c0.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({
+        "format": "slicreg-dataset/1", "template": "c0",
+        "subjects": {"c0": {"image": "imagesTr/c0_0000.nii.gz", "labels": "labelsTr/c0.nii.gz", "role": "template"}},
+    }))
+    st = load_stage_types()["supervoxels"]
+    params = {**st.params, "layers": 3, "n_supervoxels": 8, "n_segments": 12, "distance_vox": 5.0}
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    st.run(StageContext("supervoxels", params, {"dataset": ds}, reference, tmp_path, quiet=True, seed=2))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = stage_module._keep_layer
+    calls = []
+
+    def keep_then_die(ctx, i, labels, info):
+        keep(ctx, i, labels, info)
+        calls.append(i)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage_module, "_keep_layer", keep_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        st.run(StageContext("supervoxels", params, {"dataset": ds}, out, tmp_path, quiet=True, seed=2))
+    assert len(list((out / stage_module.LAYER_DIR).glob("layer_*.npz"))) == 2
+    monkeypatch.setattr(stage_module, "_keep_layer", keep)
+    calls.clear()
+    st.run(StageContext("supervoxels", params, {"dataset": ds}, out, tmp_path, quiet=True, seed=2))
+    assert (out / "supervoxels.nii.gz").read_bytes() == (reference / "supervoxels.nii.gz").read_bytes()
+    assert not (out / stage_module.LAYER_DIR).exists()

@@ -7,5 +7,5 @@ where a command is listed."""
 
 ORDER = [
     "run", "fetch-example", "cohort", "preprocess", "supervoxels", "deeds-import", "deeds-export", "align",
-    "transfer", "train", "predict", "register", "warp", "evaluate",
+    "transfer", "train", "predict", "register", "warp", "evaluate", "learn2reg",
 ]

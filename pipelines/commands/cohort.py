@@ -44,6 +44,11 @@ ACQUISITION_HELP = ("a preset (varied, low-dose-sharp, standard-soft), on (the d
                     "'{\"preset\": \"varied\", \"n_angles\": 180}'")
 
 
+INPUTS = ("source_image", "source_labels", "source_tissue")
+OUTPUTS = ()
+OUTPUT_DIRS = ("out",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-image", default=None, metavar="FILE",
                    help="the real CT in HU (NIfTI; default: the cached example CT of `slicreg fetch-example`)")

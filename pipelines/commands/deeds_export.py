@@ -8,6 +8,18 @@ NAME = "deeds-export"
 HELP = "write a field (voxels, fixed -> moving) as deeds' STEM_displacements.dat + STEM_matrix.txt (for applyBCV)"
 
 
+INPUTS = ("field", "matrix")
+OUTPUTS = ()
+
+
+def derived_outputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """The two deeds files written for the stem ``--out``."""
+    stem = getattr(args, "out", None)
+    if stem is None:
+        return {}
+    return {"--out": f"{stem}_displacements.dat", "--out (matrix)": f"{stem}_matrix.txt"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--field", required=True, help="field (NIfTI (X, Y, Z, 3), voxels, fixed -> moving)")
     p.add_argument("--out", required=True, metavar="STEM",

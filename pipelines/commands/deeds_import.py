@@ -20,6 +20,10 @@ def _spacing(value: str) -> int | str:
     return g
 
 
+INPUTS = ("dat", "matrix", "fixed")
+OUTPUTS = ("out",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dat", required=True, help="deeds' F_displacements.dat (raw float32 control-grid displacements)")
     p.add_argument("--matrix", default=None, help="deeds' F_matrix.txt (the affine from linearBCV; default identity)")

@@ -9,6 +9,11 @@ HELP = ("fetch the real example CT (TotalSegmentator 2.18.0 sdist via pip, sha25
         "labels to the 13 BTCV organs")
 
 
+INPUTS = ("sdist",)
+OUTPUTS = ()
+OUTPUT_DIRS = ("dest",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest", default=None, metavar="DIR",
                    help="example folder (default: $SLICREG_DATA/example, else ~/.cache/slicreg/example)")

@@ -8,6 +8,10 @@ NAME = "predict"
 HELP = "predict the 16 supervoxel layers of a preprocessed CT (2 mm or 4 mm) with a weights bundle"
 
 
+INPUTS = ("weights", "image")
+OUTPUTS = ("out",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="weights bundle folder")
     p.add_argument("--image", required=True,
@@ -18,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "stride-2 grid")
     p.add_argument("--fp32", action="store_true", help="full precision instead of bf16 (CPU) / fp16 (CUDA)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--force", action="store_true", help="accept an image that does not look like CT in HU (a warning)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from slicreg.bundle import load_bundle, predict
+    from slicreg.checks import axcodes, check_ct_like
     from slicreg.conventions import Volume, downsample_affine, spacing_from_affine
     from slicreg.errors import InputError
     from slicreg.io import load_image, save_volume
@@ -34,8 +40,13 @@ def run(args: argparse.Namespace) -> int:
     from slicreg.register import network_labels
 
     t0 = time.perf_counter()
-    bundle = load_bundle(args.weights, device=args.device)
     img = load_image(args.image)
+    check_ct_like(img.array, name=args.image, force=args.force)
+    if axcodes(img.affine) != "RAS":
+        # the network learned the anatomy in the preprocessed (RAS) axis order; another order is another picture
+        raise InputError(f"{args.image}: expected a preprocessed image in RAS axis order (as `slicreg preprocess` "
+                         f"writes it), got {axcodes(img.affine)}; run `slicreg preprocess` first")
+    bundle = load_bundle(args.weights, device=args.device)
     spacing = spacing_from_affine(img.affine)
     if np.allclose(spacing, 2.0, atol=0.05):
         hu = network_input(img.array, from_2mm=True) * np.float32(HU_SCALE)

@@ -17,6 +17,10 @@ _STEPS = ("load weights", "load images", "preprocess", "network fixed", "network
           "adam", "dense field", "refine", "map to original grid", "warp", "save")
 
 
+INPUTS = ("fixed", "moving", "weights", "moving_labels", "template_supervoxels")
+OUTPUTS = ("out_field", "out_warped", "out_warped_labels", "out_info")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", required=True, help="fixed CT (NIfTI, HU); raw or preprocessed (2 mm, 192x160x256)")
     p.add_argument("--moving", required=True, help="moving CT (NIfTI, HU); with --atlas: the bundle's template")
@@ -29,10 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-warped-labels", default=None, help="where to write the warped moving labels")
     p.add_argument("--atlas", "--moving-is-template", dest="atlas", action="store_true",
                    help="the moving scan is the bundle's template: use its own supervoxels instead of a network "
-                        "pass (atlas mode, as the paper)")
+                        "pass (atlas mode, as the paper). Only valid for the template the bundle was trained on: "
+                        "--moving must be that (preprocessed) image, or the image --template-supervoxels were made "
+                        "on; any other template is refused")
+    p.add_argument("--template-supervoxels", default=None, metavar="SV",
+                   help="with --atlas: the template supervoxels (supervoxels.nii.gz with its supervoxels.json, or "
+                        "their folder) the bundle was trained on, made on --moving")
     p.add_argument("--refine", action="store_true",
                    help="polish the field by a short instance optimisation on MIND-SSC features (a few seconds)")
-    p.add_argument("--refine-iterations", type=int, default=None, help="Adam steps of --refine (default 40)")
+    p.add_argument("--refine-iterations", type=int, default=None,
+                   help="Adam steps of --refine (default 80, slicreg.register.REFINE_DEFAULTS)")
     p.add_argument("--force", action="store_true", help="accept images that do not look like CT")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--fp32", action="store_true", help="network in full precision (default: bf16 on CPU, "
@@ -67,7 +77,6 @@ def _check_input(path: str | None, flag: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
     import time
 
     import numpy as np
@@ -80,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threads {args.threads}: expected a positive number")
     if args.refine_iterations is not None and args.refine_iterations < 0:
         raise InputError(f"--refine-iterations {args.refine_iterations}: expected >= 0")
+    if args.template_supervoxels is not None and not args.atlas:
+        raise InputError(f"--template-supervoxels {args.template_supervoxels}: used only with --atlas")
     for path, flag in ((args.fixed, "--fixed"), (args.moving, "--moving"), (args.moving_labels, "--moving-labels")):
         _check_input(path, flag)
     for path, flag in ((args.out_field, "--out-field"), (args.out_warped, "--out-warped"),
@@ -90,12 +101,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pipelines.registration import bundle_crop_shape, load_weights, preprocess_for_registration, \
-        register_preprocessed
-    from preprocessing.geometry import field_to_original_grid
+    from pipelines.registration import atlas_advice, atlas_template, bundle_crop_shape, load_weights, \
+        preprocess_for_registration, register_preprocessed, to_original_grid
     from slicreg.conventions import Volume
     from slicreg.fields import warp_image, warp_labels
-    from slicreg.io import atomic_write_json, load_image, load_labels, save_field, save_volume, sha256_file
+    from slicreg.io import atomic_outputs, atomic_write_json, load_image, load_labels, save_field, save_volume
 
     if args.threads is not None:
         torch.set_num_threads(int(args.threads))
@@ -113,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     t = clock()
     bundle = load_weights(args.weights, device=args.device)
     crop_shape = bundle_crop_shape(bundle)
+    template_sv = None
+    if args.atlas:  # before any work: atlas mode with a template the bundle was not trained on gives a wrong field
+        template_sv, problem = atlas_template(bundle, args.moving, args.template_supervoxels)
+        if problem is not None:
+            raise InputError(f"--atlas refused for --moving {args.moving}: {problem}; {atlas_advice('drop --atlas')}")
     stop("load weights", t)
 
     t = clock()
@@ -128,11 +143,6 @@ def run(args: argparse.Namespace) -> int:
     fixed_p = preprocess_for_registration(fixed, name=args.fixed, force=args.force, crop_shape=crop_shape)
     moving_p = preprocess_for_registration(moving, name=args.moving, force=args.force, crop_shape=crop_shape)
     stop("preprocess", t)
-    if args.atlas:
-        expected = bundle.card.get("template", {}).get("image_sha256")
-        if moving_p.identity and expected and sha256_file(args.moving) != expected:
-            print(f"slicreg register: note: --atlas: {args.moving} is not the bundle's template image (sha256 "
-                  f"differs); its supervoxels are taken from the bundle all the same", file=sys.stderr)
 
     refine_options = {} if args.refine_iterations is None else {"iterations": int(args.refine_iterations)}
     dtype = torch.float32 if args.fp32 else None
@@ -141,15 +151,13 @@ def run(args: argparse.Namespace) -> int:
              for side, prep in (("fixed", fixed_p), ("moving", moving_p))}
     result = register_preprocessed(bundle, fixed_p.image.array, moving_p.image.array, device=args.device,
                                    seed=args.seed, moving_is_template=args.atlas, refine=args.refine,
-                                   refine_options=refine_options, network_dtype=dtype, **masks)
+                                   refine_options=refine_options, network_dtype=dtype,
+                                   template_supervoxels=template_sv, **masks)
     wall.update(result.info["timings_s"])
     cpu.update(result.info["cpu_s"])
 
     t = clock()
-    if fixed_p.identity and moving_p.identity:
-        disp = result.disp_vox
-    else:
-        disp = field_to_original_grid(result.disp_vox, fixed_p.record, moving_p.record)
+    disp = to_original_grid(result.disp_vox, fixed_p, moving_p)
     stop("map to original grid", t)
 
     warped = warped_labels = None
@@ -161,28 +169,28 @@ def run(args: argparse.Namespace) -> int:
     stop("warp", t)
 
     t = clock()
-    save_field(disp, fixed.affine, args.out_field)
-    if warped is not None:
-        save_volume(Volume(warped, fixed.affine), args.out_warped)
-    if warped_labels is not None:
-        save_volume(Volume(warped_labels, fixed.affine), args.out_warped_labels)
-    stop("save", t)
-    total = time.perf_counter() - t_all[0]
-    total_cpu = time.process_time() - t_all[1]
-
-    if args.out_info:
-        atomic_write_json(args.out_info, {
-            "fixed": args.fixed, "moving": args.moving, "weights": str(bundle.path), "atlas": bool(args.atlas),
-            "refine": bool(args.refine), "device": args.device, "threads": torch.get_num_threads(),
-            "network_precision": "fp32" if args.fp32 else ("bf16" if args.device == "cpu" else "fp16"),
-            "preprocessed_inputs": {"fixed": fixed_p.identity, "moving": moving_p.identity},
-            "field": {"path": args.out_field, "shape": list(disp.shape[1:]),
-                      "units": "voxels of the moving scan's grid, fixed -> moving"},
-            "timings_s": {k: round(v, 4) for k, v in wall.items()},
-            "cpu_s": {k: round(v, 4) for k, v in cpu.items()},
-            "total_s": round(total, 4), "total_cpu_s": round(total_cpu, 4),
-            "flow": {k: v for k, v in result.info.items() if k not in ("timings_s", "cpu_s")},
-        })
+    with atomic_outputs() as out:  # the field, the warped files and the info: all or none
+        save_field(disp, fixed.affine, out.path(args.out_field))
+        if warped is not None:
+            save_volume(Volume(warped, fixed.affine), out.path(args.out_warped))
+        if warped_labels is not None:
+            save_volume(Volume(warped_labels, fixed.affine), out.path(args.out_warped_labels))
+        stop("save", t)
+        total = time.perf_counter() - t_all[0]
+        total_cpu = time.process_time() - t_all[1]
+        if args.out_info:
+            atomic_write_json(out.path(args.out_info), {
+                "fixed": args.fixed, "moving": args.moving, "weights": str(bundle.path), "atlas": bool(args.atlas),
+                "refine": bool(args.refine), "device": args.device, "threads": torch.get_num_threads(),
+                "network_precision": "fp32" if args.fp32 else ("bf16" if args.device == "cpu" else "fp16"),
+                "preprocessed_inputs": {"fixed": fixed_p.identity, "moving": moving_p.identity},
+                "field": {"path": args.out_field, "shape": list(disp.shape[1:]),
+                          "units": "voxels of the moving scan's grid, fixed -> moving"},
+                "timings_s": {k: round(v, 4) for k, v in wall.items()},
+                "cpu_s": {k: round(v, 4) for k, v in cpu.items()},
+                "total_s": round(total, 4), "total_cpu_s": round(total_cpu, 4),
+                "flow": {k: v for k, v in result.info.items() if k not in ("timings_s", "cpu_s")},
+            })
     print(f"wrote {args.out_field} (fixed grid {fixed.shape}, voxels, fixed -> moving) in {total:.1f} s")
     if args.verbose:
         print(f"  {'step':<22} {'wall s':>8} {'CPU s':>8}")

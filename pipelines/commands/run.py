@@ -21,8 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", type=_csv, default=[], metavar="STAGE,...", help="re-run these stages even if cached")
     p.add_argument("--list", action="store_true", help="list the stages and whether each is cached, then exit")
     p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="processes for per-case work (default 1)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help="processes for per-case work (default 1)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run per-case work on a Dask cluster instead: local:N (N worker processes here), "
+                        "tcp://HOST:PORT, or a scheduler file (*.json); overrides [pipeline] scheduler; needs the "
+                        "extra .[dask] (docs/scaling.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="set a stage parameter (a TOML value, else a string), e.g. --set data.folder=/data/btcv; "
+                        "repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,10 +37,21 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.runner import Runner, load_pipeline
     from slicreg.errors import InputError
 
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise InputError(f"--jobs must be >= 1, got {args.jobs}")
-    pipeline = load_pipeline(args.pipeline or DEFAULT_PIPELINE, work_dir=args.work_dir)
-    runner = Runner(pipeline, jobs=args.jobs, quiet=args.quiet)
+    if args.jobs is not None and args.scheduler is not None:
+        raise InputError(f"--jobs {args.jobs} and --scheduler {args.scheduler}: give one (--jobs: local processes; "
+                         "--scheduler: a Dask cluster, local:N for N local workers)")
+    pipeline = load_pipeline(args.pipeline or DEFAULT_PIPELINE, work_dir=args.work_dir, overrides=args.overrides)
+    scheduler = args.scheduler
+    if args.jobs is not None and pipeline.scheduler is not None:  # the command line wins over the file
+        from pipelines.executors import PROCESSES
+
+        scheduler = PROCESSES
+        if not args.quiet:
+            print(f"--jobs {args.jobs}: per-case work on local processes, not on the pipeline's scheduler "
+                  f"{pipeline.scheduler!r}")
+    runner = Runner(pipeline, jobs=args.jobs or 1, quiet=args.quiet, scheduler=scheduler)
     if args.list or args.dry_run:
         plans = runner.plan(only=args.only, start=args.start, until=args.until, force=args.force)
         print(f"pipeline {pipeline.name} ({pipeline.path}), work dir {pipeline.work_dir}")

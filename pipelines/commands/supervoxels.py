@@ -16,6 +16,18 @@ NAME = "supervoxels"
 HELP = "build the template's SLIC supervoxel layers (16 x 127 + background, 4 mm) from a preprocessed template"
 
 
+INPUTS = ("image", "labels")
+OUTPUTS = ("out",)
+
+
+def derived_outputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """The sidecars written beside ``--out`` (``SV.json``, ``SV.png``)."""
+    if getattr(args, "out", None) is None:
+        return {}
+    _, sidecar, figure = output_paths(args.out)
+    return {"--out (sidecar)": str(sidecar), "--out (figure)": str(figure)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="preprocessed template CT (HU, 2 mm, e.g. 192 x 160 x 256)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -34,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distance-vox", type=float, default=30.0, help="organ-mask distance in template voxels (30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the layers' random affines (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1; result identical for any N)")
+    p.add_argument("--force", action="store_true", help="accept an image that does not look like CT in HU (a warning)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -62,12 +75,14 @@ def write_supervoxels(
     jobs: int = 1,
     progress: Any = None,
     log: Any = print,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Read the template (and labels), build the layers, write NIfTI + JSON + PNG atomically; returns the sidecar.
 
     Args:
         image_path: template image (3-D NIfTI, HU).
-        labels_path: template organ labels on the same grid (required for ``mask_kind="organs"``).
+        labels_path: template organ labels on the same grid (required for ``mask_kind="organs"``); the same world
+            grid stored in another axis order is reoriented to the image's, any other grid is refused.
         out: output ``.nii.gz``; ``.json`` and ``.png`` go beside it.
         mask_kind: ``"organs"`` (distance to the organ union < ``distance_vox`` voxels of the template grid) or
             ``"body"`` (HU > ``body_threshold_hu``, largest component, holes filled).
@@ -75,6 +90,8 @@ def write_supervoxels(
         jobs: worker processes.
         progress: a callable ``(n_done)`` or ``None``.
         log: where one-line messages go.
+        force: accept an image that does not look like CT in HU (:func:`slicreg.checks.check_ct_like`); the
+            reason is then logged and kept in the sidecar (``ct_check``).
     """
     import time
 
@@ -82,12 +99,15 @@ def write_supervoxels(
 
     from pipelines.runner import environment
     from slicreg import supervoxels as sv
+    from slicreg.checks import check_ct_like, match_grid
     from slicreg.conventions import Volume, downsample_affine, spacing_from_affine
     from slicreg.errors import InputError
-    from slicreg.io import atomic_write_bytes, atomic_write_json, load_image, load_labels, save_volume, sha256_file
+    from slicreg.io import (atomic_outputs, atomic_write_bytes, atomic_write_json, load_image, load_labels, save_volume,
+                            sha256_file)
 
     nii_path, json_path, png_path = output_paths(out)
     image = load_image(image_path)
+    ct_check = check_ct_like(image.array, name=str(image_path), force=force)
     spacing = spacing_from_affine(image.affine)
     mask_info: dict[str, Any] = {"kind": mask_kind}
     started = time.perf_counter()
@@ -95,10 +115,8 @@ def write_supervoxels(
         if labels_path is None:
             raise InputError("supervoxels: mask 'organs' needs the template's organ labels; give them or use the "
                              "body mask")
-        labels = load_labels(labels_path)
-        if not labels.same_grid(image):
-            raise InputError(f"{labels_path}: label grid {labels.shape} (affine) differs from the template image "
-                             f"{image_path} {image.shape}; expected the same grid")
+        labels = match_grid(load_labels(labels_path), image, name=str(labels_path), reference_name=str(image_path),
+                            what="labels", reference_what="template image", tol_mm=1e-2)
         try:
             mask = sv.organ_mask(labels.array, distance_vox=distance_vox)
         except InputError as exc:
@@ -123,10 +141,8 @@ def write_supervoxels(
         raise InputError(f"{image_path}: {exc}") from None
     build_s = time.perf_counter() - started
     affine4 = downsample_affine(image.affine, 2)
-    save_volume(Volume(result.layers, affine4), nii_path, dtype=np.uint8)
     stats = sv.supervoxel_statistics(result.layers, spacing_mm=tuple(2.0 * spacing), image_hu=result.image)
     png = sv.overlay_png(image.array, result.layers, layer_indices=(0, 1, 2))
-    atomic_write_bytes(png_path, png)
     env = environment()
     sidecar = {
         "format": "slicreg-supervoxels/1",
@@ -138,6 +154,7 @@ def write_supervoxels(
         "template": {"path": str(image_path), "sha256": sha256_file(image_path), "shape": list(image.shape),
                      "spacing_mm": spacing.tolist()},
         "mask": mask_info,
+        "ct_check": ct_check,
         "parameters": result.parameters,
         "library_versions": {"python": env["python"], **env["packages"]},
         "build_seconds": round(build_s, 2),
@@ -155,7 +172,10 @@ def write_supervoxels(
         "process": result.layer_info,
         "figure": png_path.name,
     }
-    atomic_write_json(json_path, sidecar)
+    with atomic_outputs() as out:  # the layers, their sidecar and the figure: all three or none
+        save_volume(Volume(result.layers, affine4), out.path(nii_path), dtype=np.uint8)
+        atomic_write_bytes(out.path(png_path), png)
+        atomic_write_json(out.path(json_path), sidecar)
     summary = sidecar["statistics"]["summary"]
     log(f"{result.layers.shape[0]} layers x {summary['labels_per_layer']} supervoxels in {build_s:.1f} s; median "
         f"volume {summary['volume_ml_median']:.1f} mL, compactness {summary['compactness_score_median']:.2f}; "
@@ -184,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         write_supervoxels(Path(args.image), Path(args.labels) if args.labels else None, Path(args.out),
                           mask_kind="body" if args.body_mask else "organs", distance_vox=args.distance_vox,
-                          options=options, jobs=args.jobs, progress=progress)
+                          options=options, jobs=args.jobs, progress=progress, force=args.force)
     finally:
         if bar is not None:
             bar.close()

@@ -34,6 +34,11 @@ SECTIONS = {"data": {"dataset", "transferred", "template_supervoxels", "cohort_s
             "output": {"dir", "bundle"}, "run": {"threads"}, "train": None}
 
 
+INPUTS = ("config", "init_weights")
+OUTPUTS = ()
+OUTPUT_DIRS = ("out", "bundle")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training config (TOML, see pipelines/train.toml)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt if it exists")
@@ -60,6 +65,8 @@ def read_config(path: str) -> dict:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (expected a TOML file in UTF-8)") from None
     unknown = set(doc) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{p}: unknown table(s) {sorted(unknown)}; expected {sorted(SECTIONS)}")

@@ -8,12 +8,18 @@ NAME = "transfer"
 HELP = "sample template supervoxels (4 mm) through a field (subject 2 mm grid, subject -> template) onto the subject"
 
 
+INPUTS = ("supervoxels", "field", "fixed")
+OUTPUTS = ("out",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supervoxels", required=True,
                    help="template supervoxels (NIfTI (X4, Y4, Z4, L) uint8 on the template's 4 mm grid)")
     p.add_argument("--field", required=True,
                    help="field on the subject's 2 mm grid (X, Y, Z, 3), voxels, fixed = subject, moving = template")
-    p.add_argument("--fixed", required=True, help="the subject's 2 mm image (the field's grid; gives the affine)")
+    p.add_argument("--fixed", required=True,
+                   help="the subject's 2 mm image (only its grid is used, not its intensities: the field must lie on "
+                        "it, same shape and affine; it gives the output's affine)")
     p.add_argument("--out", required=True, help="the subject's supervoxels (NIfTI, uint8, 4 mm grid)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 

@@ -3,9 +3,10 @@
 - ``fetch-example`` (no inputs; params ``dest``, ``sdist``): the real example CT (see
   :mod:`preprocessing.example`), copied from the user's cache into the stage folder: ``example_ct.nii.gz``,
   ``example_labels_btcv.nii.gz``, ``example_labels_totalseg.nii.gz``, ``LICENSE``, ``provenance.json``.
-- ``dataset`` (no inputs; params ``layout`` = slicreg | btcv | learn2reg | auto, ``folder``, ``template``): reads
-  and validates a user's dataset folder and writes ``dataset.json`` with absolute paths, so every later stage
-  reads one format.
+- ``dataset`` (no inputs; params ``layout`` = slicreg | btcv | learn2reg | auto, ``folder``, ``template``,
+  ``partial``): reads and validates a user's dataset folder and writes ``dataset.json`` with absolute paths, so
+  every later stage reads one format. ``partial = true`` accepts a BTCV / Learn2Reg folder holding only some of
+  the scans its split or json lists (inference on the scans a user has); the absent ones are logged.
 - ``preprocess`` (input ``dataset``: a dataset folder; params ``spacing_mm``, ``shape``, ``force``,
   ``antialias``): the SLIC-Reg preprocessing of every subject (:func:`preprocessing.geometry.preprocess_volume`)
   into ``imagesTr/``, ``labelsTr/``, ``crops/<id>.json``; ground-truth fields of the input are re-expressed on
@@ -41,8 +42,8 @@ def fetch_example_stage(ctx: StageContext) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- dataset
-@stage("dataset", version="1", params={"layout": "slicreg", "folder": None, "template": None},
-       path_params=("folder",))
+@stage("dataset", version="1", params={"layout": "slicreg", "folder": None, "template": None, "partial": False},
+       path_params=("folder",), param_types={"template": (str, int)})
 def dataset_stage(ctx: StageContext) -> None:
     """Read and validate a dataset folder (slicreg / btcv / learn2reg layout); write dataset.json (absolute paths)."""
     from preprocessing.datasets import load_dataset, write_dataset_json
@@ -51,8 +52,11 @@ def dataset_stage(ctx: StageContext) -> None:
     folder = ctx.params["folder"]
     if folder is None:
         raise ConfigError(f"stage {ctx.stage_id!r}: parameter 'folder' is required (the dataset folder)")
+    if not isinstance(ctx.params["partial"], bool):
+        raise ConfigError(f"[stages.{ctx.stage_id}] partial = {ctx.params['partial']!r}: expected true or false")
+    template = ctx.params["template"]
     dataset = load_dataset(Path(str(folder)).expanduser(), layout=ctx.params["layout"],
-                           template=ctx.params["template"])
+                           template=None if template is None else str(template), partial=ctx.params["partial"])
     write_dataset_json(dataset, ctx.out_dir, absolute=True)
     for note in dataset.notes:
         ctx.log(note)
@@ -83,15 +87,52 @@ def preprocess_subject_files(item: dict[str, Any]) -> dict[str, Any]:
         lab = result.labels.array
         dtype = np.uint8 if lab.size == 0 or (lab.min() >= 0 and lab.max() <= 255) else None
         save_volume(result.labels, item["out_labels"], dtype=dtype)
-    record = result.record
-    source = {"image": str(Path(item["image"]).absolute())}
-    if item.get("labels"):
-        source["labels"] = str(Path(item["labels"]).absolute())
-    doc = record.to_json()
-    doc["source"] = source
+    doc = result.record.to_json()
+    doc["source"] = _source_of(item)
+    doc["parameters"] = _parameters_of(item)
     atomic_write_json(item["out_crop"], doc)
     return {"id": item["id"], "seconds": round(time.perf_counter() - started, 3),
             "padded_vox": doc["padded_vox"], "dropped_vox": doc["dropped_vox"], "ct_check": doc["ct_check"]}
+
+
+def _source_of(item: dict[str, Any]) -> dict[str, str]:
+    source = {"image": str(Path(item["image"]).absolute())}
+    if item.get("labels"):
+        source["labels"] = str(Path(item["labels"]).absolute())
+    return source
+
+
+def _parameters_of(item: dict[str, Any]) -> dict[str, Any]:
+    return {"spacing_mm": float(item["spacing_mm"]), "shape": [int(v) for v in item["shape"]],
+            "force": bool(item["force"]), "antialias": bool(item["antialias"])}
+
+
+def preprocessed_already(item: dict[str, Any]) -> bool:
+    """True when a subject's outputs (``item`` as for :func:`preprocess_subject_files`) were written by an earlier
+    run from the same source files with the same parameters, and are newer than those files.
+
+    The crop record, written last, says which sources and parameters made them; a record without parameters (an
+    older slicreg), a changed source path or parameter, a missing output or a source modified since means the
+    subject is preprocessed again."""
+    from slicreg.errors import InputError
+    from slicreg.io import read_json
+
+    crop = Path(item["out_crop"])
+    if not crop.is_file():
+        return False
+    try:
+        doc = read_json(crop)
+    except (InputError, OSError):
+        return False
+    if not isinstance(doc, dict) or doc.get("source") != _source_of(item) \
+            or doc.get("parameters") != _parameters_of(item):
+        return False
+    outputs = [Path(item["out_image"])] + ([Path(item["out_labels"])] if item.get("labels") else [])
+    sources = [Path(item["image"])] + ([Path(item["labels"])] if item.get("labels") else [])
+    if not all(p.is_file() for p in outputs):
+        return False
+    written = min(p.stat().st_mtime for p in [crop, *outputs])
+    return written >= max(p.stat().st_mtime for p in sources)
 
 
 def reexpress_field_files(item: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +163,8 @@ def reexpress_field_files(item: dict[str, Any]) -> dict[str, Any]:
 def preprocess_dataset(dataset: Any, out_dir: Path, *, spacing_mm: float = 2.0,
                        shape: Sequence[int] = (192, 160, 256), force: bool = False, antialias: bool = True,
                        mapper: Callable[[Callable, list, str], list] | None = None,
-                       done: Callable[[str], bool] | None = None, log: Callable[[str], None] = print) -> Any:
+                       done: Callable[[str], bool] | None = None, reuse: bool = False,
+                       log: Callable[[str], None] = print) -> Any:
     """Preprocess every subject of ``dataset`` into the dataset folder ``out_dir``; returns the new Dataset.
 
     Args:
@@ -132,6 +174,9 @@ def preprocess_dataset(dataset: Any, out_dir: Path, *, spacing_mm: float = 2.0,
         spacing_mm, shape, force, antialias: see :func:`preprocessing.geometry.preprocess_volume`.
         mapper: ``mapper(fn, items, desc) -> results`` (a stage passes ``ctx.map``); default a plain loop.
         done: ``done(relative_path) -> bool``: outputs already complete (a stage passes ``ctx.done``).
+        reuse: also keep the subjects an earlier run into ``out_dir`` preprocessed from the same files with the
+            same parameters (:func:`preprocessed_already`), and the ground-truth fields re-expressed between two
+            such subjects (``slicreg preprocess --dataset`` run again).
         log: where summary lines go.
     """
     from dataclasses import replace
@@ -154,10 +199,12 @@ def preprocess_dataset(dataset: Any, out_dir: Path, *, spacing_mm: float = 2.0,
             "force": bool(force), "antialias": bool(antialias),
         }
         (out_dir / "crops").mkdir(parents=True, exist_ok=True)
-        (skipped if done(f"crops/{sid}.json") else todo).append(item)
+        kept = done(f"crops/{sid}.json") or (reuse and preprocessed_already(item))
+        (skipped if kept else todo).append(item)
     results = mapper(preprocess_subject_files, todo, "preprocess") if todo else []
     if skipped:
-        log(f"{len(skipped)} subject(s) already preprocessed by an interrupted attempt: kept")
+        log(f"{len(skipped)} subject(s) already preprocessed (an earlier or interrupted run, same source files and "
+            f"parameters): kept")
     for r in results:
         if r["ct_check"]:
             log(f"{r['id']}: preprocessed with force although {r['ct_check']}")
@@ -174,7 +221,9 @@ def preprocess_dataset(dataset: Any, out_dir: Path, *, spacing_mm: float = 2.0,
         if p.ground_truth_field is None:
             continue
         rel = field_relpath(p.fixed, p.moving)
-        if done(rel):
+        redone = {item["id"] for item in todo}
+        if done(rel) or (reuse and p.fixed not in redone and p.moving not in redone and (out_dir / rel).is_file()
+                         and (out_dir / rel).stat().st_mtime >= dataset.path(p.ground_truth_field).stat().st_mtime):
             continue
         field_items.append({"field": str(dataset.path(p.ground_truth_field)),
                             "fixed_crop": str(out_dir / f"crops/{p.fixed}.json"),

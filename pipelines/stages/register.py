@@ -7,9 +7,14 @@ Inputs:
   the ``weights`` parameter (default: the shipped ``weights/slicreg-cohort-v3``);
 - ``predicted`` (optional): the output of a ``predict`` stage (``predicted/<id>.nii.gz`` on the 4 mm grid and
   ``predict.json`` with the network time per subject). Subjects it lacks are predicted here.
+- ``supervoxels`` (optional, atlas mode): the template supervoxels (a ``supervoxels`` stage's output) the bundle
+  was trained on, e.g. when this pipeline trains its own bundle on them (pipelines/btcv.toml).
 
-Parameters: ``weights``, ``device``, ``pairs`` (``"registration_pairs"`` or ``"atlas"``: only the pairs whose
-moving scan is the template), ``atlas`` (the template side uses the bundle's own supervoxels, no network pass),
+Parameters: ``weights``, ``device``, ``pairs`` (``"registration_pairs"``: every listed pair; ``"atlas"``: only the
+pairs whose moving scan is the template; ``"registration_val"`` / ``"registration_test"``: the pairs of that
+Learn2Reg list), ``atlas`` (the template side uses the template's own supervoxels, no network pass; valid only for
+the template the bundle was trained on -- the dataset's template image is the bundle's, or the ``supervoxels``
+input proves it, :func:`slicreg.bundle.atlas_template_problem` -- anything else is refused before any work),
 ``seed``, ``flow`` (options of :func:`slicreg.flow.supervoxel_flow`), ``refine`` (false by default: the MIND-SSC
 instance refinement, :func:`slicreg.register.refine_field`), ``refine_options`` (its keyword arguments),
 ``fov_mask`` (default true: the refinement ignores the preprocessing's padding, i.e. compares only inside each
@@ -40,7 +45,7 @@ from typing import Any
 
 from pipelines.runner import StageContext, stage
 
-PAIR_CHOICES = ("registration_pairs", "atlas")
+PAIR_CHOICES = ("registration_pairs", "atlas", "registration_val", "registration_test")
 
 
 def register_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -103,17 +108,17 @@ def _check_options(options: Any, fn: Any, key: str, where: str, reserved: tuple[
 @stage("register", version="2",
        params={"weights": None, "device": "cpu", "pairs": "registration_pairs", "atlas": False, "seed": 0,
                "flow": {}, "refine": False, "refine_options": {}, "fov_mask": True, "method": None},
-       inputs={"dataset": True, "bundle": False, "predicted": False}, path_params=["weights"])
+       inputs={"dataset": True, "bundle": False, "predicted": False, "supervoxels": False}, path_params=["weights"])
 def register_stage(ctx: StageContext) -> None:
     """Predict supervoxels of every scan once, then register each pair by the keypoint flow (CONTRACTS.md)."""
     import numpy as np
 
-    from pipelines.registration import default_weights, load_weights, run_pair_jobs
+    from pipelines.registration import atlas_advice, atlas_template, default_weights, load_weights, run_pair_jobs
     from preprocessing.datasets import load_dataset
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.errors import ConfigError
     from slicreg.flow import supervoxel_flow
-    from slicreg.io import atomic_write_json, load_image, load_volume, read_json, save_volume, sha256_file
+    from slicreg.io import atomic_write_json, load_image, load_volume, read_json, save_volume
     from slicreg.register import predict_supervoxels, refine_field
 
     p = ctx.params
@@ -130,6 +135,8 @@ def register_stage(ctx: StageContext) -> None:
     pairs = [(q.fixed, q.moving) for q in dataset.pairs]
     if p["pairs"] == "atlas":
         pairs = [(f, m) for f, m in pairs if m == dataset.template]
+    elif p["pairs"] != "registration_pairs":  # one Learn2Reg list
+        pairs = [(q.fixed, q.moving) for q in dataset.pairs if q.extra.get("learn2reg") == p["pairs"]]
     if not pairs:
         raise ConfigError(f"{where}: the dataset {dataset.root} lists no {p['pairs']} pairs")
     source = ctx.inputs.get("bundle") or p["weights"] or default_weights()
@@ -139,18 +146,20 @@ def register_stage(ctx: StageContext) -> None:
     def image_path(sid: str) -> Path:
         return Path(dataset.path(dataset.subject(sid).image))
 
-    if p["atlas"]:
+    if p["atlas"]:  # before any work: a template the bundle was not trained on would give wrong fields silently
         if not dataset.template:
             raise ConfigError(f"{where}: atlas = true needs a dataset with a template ({dataset.root})")
-        t_shape = tuple(np.shape(bundle.template_supervoxels.array)[1:])
+        template_sv, problem = atlas_template(bundle, image_path(dataset.template), ctx.inputs.get("supervoxels"))
+        if problem is not None:
+            raise ConfigError(f"{where}: atlas = true refused for the template {dataset.template}: {problem}; "
+                              f"{atlas_advice('atlas = false')}")
+        t_shape = tuple(np.shape(template_sv)[1:])
         want = tuple(s // 2 for s in load_image(image_path(dataset.template)).shape)
         if t_shape != want:
-            raise ConfigError(f"{where}: atlas mode: the bundle's template supervoxels are on a {t_shape} grid, the "
-                              f"dataset's template {dataset.template} needs {want}; is it the bundle's template?")
-        expected_sha = bundle.card.get("template", {}).get("image_sha256")
-        if expected_sha and sha256_file(image_path(dataset.template)) != expected_sha:
-            ctx.log(f"warning: atlas mode: the dataset's template image {image_path(dataset.template)} is not the "
-                    f"image the bundle's template supervoxels were made on (sha256 differs)")
+            raise ConfigError(f"{where}: atlas mode: the template supervoxels are on a {t_shape} grid, the "
+                              f"dataset's template {dataset.template} needs {want}")
+    elif ctx.inputs.get("supervoxels"):
+        ctx.log("note: the supervoxels input is used in atlas mode only (atlas = false here): not used")
 
     # supervoxel maps: given by a predict stage, predicted here, or (atlas) the template's own
     given: dict[str, Path] = {}

@@ -16,6 +16,7 @@ run on ``--jobs`` processes; the result does not depend on that number.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,12 @@ def supervoxels_stage(ctx: StageContext) -> None:
         "max_num_iter": int(p["max_num_iter"]), "min_size_factor": float(p["min_size_factor"]),
         "affine_sigma": float(p["affine_sigma"]), "seed": int(ctx.seed if p["seed"] is None else p["seed"]),
     }
+    # per-layer resume: each finished layer is kept in the partial folder; an interrupted run continues from them
+    # (a layer depends only on its own seed, so the result is bit-identical to an uninterrupted run)
+    options["done_layers"] = _finished_layers(ctx, options["n_layers"])
+    options["on_layer"] = lambda i, labels, info: _keep_layer(ctx, i, labels, info)
+    if options["done_layers"]:
+        ctx.log(f"resuming: {len(options['done_layers'])} of {options['n_layers']} layers were finished before")
     bar = ctx.progress(range(options["n_layers"]), "layers")
     it = iter(bar)
 
@@ -108,4 +115,48 @@ def supervoxels_stage(ctx: StageContext) -> None:
     close = getattr(bar, "close", None)
     if close is not None:
         close()
+    import shutil
+
+    shutil.rmtree(ctx.path(LAYER_DIR), ignore_errors=True)  # the finished layers are in supervoxels.nii.gz now
     ctx.log(f"template {template}: mask {p['mask']} ({sidecar['mask']['voxels']} voxels)")
+
+
+LAYER_DIR = "layers.partial"
+"""Per-layer results of an unfinished stage (inside its partial folder), removed when the stage completes."""
+
+
+def _keep_layer(ctx: StageContext, index: int, labels: Any, info: dict[str, Any]) -> None:
+    import io
+
+    import numpy as np
+
+    from slicreg.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, labels=np.asarray(labels, dtype=np.uint8), info=np.array(json.dumps(info, default=_plain)))
+    atomic_write_bytes(ctx.path(f"{LAYER_DIR}/layer_{index:03d}.npz"), buf.getvalue())
+
+
+def _finished_layers(ctx: StageContext, n_layers: int) -> dict[int, tuple[Any, dict[str, Any]]]:
+    import numpy as np
+
+    done = {}
+    for i in range(n_layers):
+        rel = f"{LAYER_DIR}/layer_{i:03d}.npz"
+        if ctx.done(rel):
+            try:
+                with np.load(ctx.path(rel)) as z:
+                    done[i] = (z["labels"], json.loads(str(z["info"])))
+            except (OSError, ValueError, KeyError):  # damaged: compute the layer again
+                continue
+    return done
+
+
+def _plain(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

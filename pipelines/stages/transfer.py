@@ -161,6 +161,7 @@ def transfer_one(job: dict[str, Any]) -> dict[str, Any]:
             "fov_mask": True},
     inputs={"dataset": True, "supervoxels": True},
     path_params=("deeds_folder",),
+    param_types={"grid_spacing": (int, str)},
 )
 def transfer_stage(ctx: StageContext) -> None:
     """Template supervoxels -> every training subject through deeds or built-in template-registration fields."""
