@@ -21,7 +21,9 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python run_pipeline.py --jobs $(JOBS)
 
+# the linter first (ruff, pinned in setup.cfg's test extra, configured in pyproject.toml), then the tests
 test: $(STAMP)
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 # stage costs, scaling and the README's performance section (minutes on 2 cores); peers: benchmarks/README.md

@@ -3,7 +3,7 @@
 The example is the abdominal CT of TotalSegmentator 2.18.0 (Apache-2.0) with its organ labels mapped to the 13
 BTCV ids, fetched once into the slicreg cache by :func:`preprocessing.example.fetch_example` (pip download of
 the pinned sdist, checked by sha256; ``slicreg fetch-example`` does the same). The template every benchmark
-uses is that scan after :func:`preprocessing.geometry.preprocess_volume`: RAS, 2 mm, 192 x 160 x 256 around the
+uses is that scan after :func:`slicreg.geometry.preprocess_volume`: RAS, 2 mm, 192 x 160 x 256 around the
 soft-tissue centre of mass -- exactly what the ``preprocess`` stage makes of a scan.
 
 The scripts are run as ``python benchmarks/<script>.py``, so this folder is on ``sys.path`` and they
@@ -47,7 +47,7 @@ def example_template(example_dir: str | os.PathLike | None = None) -> tuple[np.n
         ``(image, labels, affine)``: ``(192, 160, 256)`` float32 HU (air -1000 outside the scan), ``(192, 160,
         256)`` uint8 BTCV ids, ``(4, 4)`` float64 voxel -> world (mm, RAS).
     """
-    from preprocessing.geometry import preprocess_volume
+    from slicreg.geometry import preprocess_volume
 
     image, labels, _ = example_volumes(example_dir)
     res = preprocess_volume(image, labels, crop_shape=SHAPE, name="example CT")

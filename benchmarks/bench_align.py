@@ -53,7 +53,7 @@ def invert_field(disp: np.ndarray, iterations: int = 20) -> np.ndarray:
     grid = torch.from_numpy(identity_grid_vox(disp.shape[1:]))
     v = -u.clone()
     for _ in range(iterations):
-        v = -sample(u, grid + v, order=1, padding="border")
+        v = -sample(u, grid + v, interpolation="linear", padding="border")
     return v.numpy()
 
 
@@ -111,23 +111,21 @@ def dataset_pairs(folder: Path):
                "spacing": tuple(float(s) for s in fixed.spacing_mm)}
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
-    """Dice per BTCV label present in both maps (Learn2Reg rule: absent labels are skipped)."""
-    out = {}
-    for label in range(1, 14):
-        x, y = a == label, b == label
-        if x.any() and y.any():
-            out[label] = float(2 * np.logical_and(x, y).sum() / (x.sum() + y.sum()))
-    return out
+def dice(fixed: np.ndarray, warped: np.ndarray, moving: np.ndarray) -> dict[int, float]:
+    """Dice per BTCV label, Learn2Reg rule (labels absent from the fixed or the unwarped moving map skipped)."""
+    from slicreg.labels import BTCV_IDS
+    from slicreg.metrics import dice as dice_per_label
+
+    scores = dice_per_label(fixed, warped, BTCV_IDS, absent="learn2reg", moving=moving)
+    return {lab: float(v) for lab, v in zip(BTCV_IDS, scores) if not np.isnan(v)}
 
 
 def evaluate(pair: dict, disp: np.ndarray) -> dict:
-    from slicreg.align.transforms import jacobian_determinant
-    from slicreg.fields import warp_labels
+    from slicreg.fields import jacobian_determinant, warp_labels
 
     warped = warp_labels(pair["moving_labels"], disp)
-    d_after = dice(pair["fixed_labels"], warped)
-    d_before = dice(pair["fixed_labels"], pair["moving_labels"])
+    d_after = dice(pair["fixed_labels"], warped, pair["moving_labels"])
+    d_before = dice(pair["fixed_labels"], pair["moving_labels"], pair["moving_labels"])
     det = jacobian_determinant(disp)[2:-2, 2:-2, 2:-2]
     out = {"dice_before": float(np.mean(list(d_before.values()))), "dice": float(np.mean(list(d_after.values()))),
            "dice_per_label": {k: round(v, 4) for k, v in d_after.items()},
@@ -135,13 +133,14 @@ def evaluate(pair: dict, disp: np.ndarray) -> dict:
            "std_log_jac": float(np.std(np.log(np.clip(det, 1e-9, None))))}
     if pair.get("true_field") is not None:
         from slicreg.conventions import identity_grid_vox
+        from slicreg.supervoxels import body_mask
 
         true = pair["true_field"]
         sp = np.asarray(pair["spacing"])[:, None, None, None]
         target = identity_grid_vox(true.shape[1:]) + true
         inside = np.all((target >= 0) & (target <= np.asarray(pair["moving"].shape)[:, None, None, None] - 1), axis=0)
         # compared where the fixed image shows the body and the true correspondence exists in the moving image
-        body = (pair["fixed"] > -500) & inside
+        body = body_mask(pair["fixed"]) & inside
         organs = (pair["fixed_labels"] > 0) & inside
         err = np.sqrt((((disp - true) * sp) ** 2).sum(0))
         err0 = np.sqrt(((true * sp) ** 2).sum(0))

@@ -1,8 +1,8 @@
 """Benchmark of the supervoxel flow (slicreg.flow): sampler cost per Adam iteration, and the whole flow.
 
 Part 1 -- one Adam iteration (sampling 2048 points x 256 channels from a 48 x 40 x 64 feature volume, MSE,
-backward) with the channels-last gather (``sample_channels_last``) and with ``grid_sample``
-(``sample_points_grid_sample``), in the same run, median over ``--iters`` iterations, and the ratio.
+backward) with the one sampler's ``"channels_last"`` backend (``slicreg.fields.sample``) and with its
+``"grid_sample"`` backend, in the same run, median over ``--iters`` iterations, and the ratio.
 
 Part 2 -- the whole ``supervoxel_flow`` at full size on synthetic supervoxel maps: 16 layers of 127 Voronoi
 cells inside an ellipsoid on the 96 x 80 x 128 grid (a stand-in for SLIC layers at 4 mm); the moving maps are
@@ -70,7 +70,7 @@ def pull(fixed, v):
     shape = fixed.shape[1:]
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3).astype(float)
     coords = torch.from_numpy((grid + v(grid)).T.reshape(3, *shape).astype(np.float32))
-    return sample(torch.from_numpy(fixed), coords, order=0, padding="zeros").numpy()
+    return sample(torch.from_numpy(fixed), coords, interpolation="nearest", padding="zeros").numpy()
 
 
 def true_disp(points, v, iters=60):
@@ -98,13 +98,19 @@ def bench_sampler(iters: int, device: str) -> None:
         loss.backward()
         return time.perf_counter() - t0
 
+    def channels_last(src, p):  # (X, Y, Z, C) at (N, 3) -> (N, C), as the Adam flow reads its features
+        return sample(src.permute(3, 0, 1, 2), p.t(), backend="channels_last").t()
+
+    def grid_sample(src, p):  # (C, X, Y, Z) at (N, 3) -> (N, C)
+        return sample(src, p.t(), backend="grid_sample", align_corners=True).t()
+
     rows = {}
-    for name, sampler, src in [("gather (channels-last)", flow.sample_channels_last, feats_cl),
-                               ("grid_sample", flow.sample_points_grid_sample, feats)]:
+    for name, sampler, src in [("gather (channels-last)", channels_last, feats_cl),
+                               ("grid_sample", grid_sample, feats)]:
         one(sampler, src)  # warm-up
         rows[name] = float(np.median([one(sampler, src) for _ in range(iters)]))
-    a = flow.sample_channels_last(feats_cl, pts)
-    b = flow.sample_points_grid_sample(feats, pts)
+    a = channels_last(feats_cl, pts)
+    b = grid_sample(feats, pts)
     print(f"[sampler] 2048 points x 256 channels at 48x40x64, forward+backward, median of {iters}:")
     for name, sec in rows.items():
         print(f"  {name:24s} {sec * 1e3:8.1f} ms/iteration")
@@ -124,11 +130,11 @@ def bench_flow(args) -> None:
     if args.previous:  # the previous algorithms, alternately in the same process
         variants["previous"] = {"gradient": "autograd", "evaluation": "points"}
     results = {}
-    for rep in range(2 if args.previous else 1):
+    for _rep in range(2 if args.previous else 1):
         for name, opts in variants.items():
             results[name] = flow.supervoxel_flow(fixed_t, moving_t, init=args.init, patience=args.patience,
                                                  tol=args.tol, device=args.device, **opts)
-    for name, (d, inf) in results.items():
+    for name, (_disp, inf) in results.items():
         for key, what in [("timings_s", "wall"), ("cpu_s", "CPU (all threads)")]:
             tim = inf[key]
             print(f"  {name:8s} {what:17s}: keypoints {tim['keypoints']:.2f} s, features (both) "

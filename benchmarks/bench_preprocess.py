@@ -8,7 +8,7 @@ the inputs users bring:
 - ``thin-slice``: resampled to 0.7 x 0.7 x 5 mm and stored LPS (about 520 x 430 x 67 voxels, BTCV-like);
 - ``fine``: 0.8 x 0.8 x 1.5 mm, LPS (about 460 x 380 x 224 voxels, a modern thin-slice scan).
 
-For each: wall and CPU seconds of :func:`preprocessing.geometry.preprocess_volume` (image + labels), of the
+For each: wall and CPU seconds of :func:`slicreg.geometry.preprocess_volume` (image + labels), of the
 file-to-file step the ``preprocess`` stage runs per subject (reading, preprocessing, writing), and of
 re-expressing a ground-truth field on the preprocessed grid. Best of ``--repeat`` runs (the machine is shared).
 
@@ -21,6 +21,7 @@ import argparse
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,8 @@ def variant(image, labels, spacing, *, flip_lps: bool):
     """The example resampled to ``spacing`` (linear / nearest), optionally stored LPS."""
     from scipy import ndimage
 
-    from preprocessing.geometry import resample_grid
     from slicreg.conventions import Volume
+    from slicreg.geometry import resample_grid
 
     shape, m = resample_grid(image.shape, image.spacing_mm, spacing)
     img = ndimage.affine_transform(image.array.astype(np.float32), np.diag(m)[:3], offset=m[:3, 3],
@@ -68,7 +69,7 @@ def main() -> int:
 
     from pipelines.stages.data import preprocess_subject_files
     from preprocessing.example import fetch_example
-    from preprocessing.geometry import field_to_preprocessed_grid, preprocess_volume
+    from slicreg.geometry import field_to_preprocessed_grid, preprocess_volume
     from slicreg.io import load_image, load_labels, save_volume
 
     t0 = time.perf_counter()
@@ -86,7 +87,7 @@ def main() -> int:
     records = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (img, lab) in cases.items():
-            res, wall, cpu = timed(lambda: preprocess_volume(img, lab), args.repeat)
+            res, wall, cpu = timed(partial(preprocess_volume, img, lab), args.repeat)  # this iteration's volumes
             records[name] = res.record
             src_img, src_lab = Path(tmp) / f"{name}.nii.gz", Path(tmp) / f"{name}_lab.nii.gz"
             save_volume(img, src_img)
@@ -95,11 +96,11 @@ def main() -> int:
                     "out_image": f"{tmp}/out/imagesTr/{name}_0000.nii.gz",
                     "out_labels": f"{tmp}/out/labelsTr/{name}.nii.gz", "out_crop": f"{tmp}/out/crops/{name}.json",
                     "spacing_mm": 2.0, "shape": [192, 160, 256], "force": False, "antialias": True}
-            _, fwall, fcpu = timed(lambda: preprocess_subject_files(item), args.repeat)
+            _, fwall, fcpu = timed(partial(preprocess_subject_files, item), args.repeat)
             # a field between this input and the example (world identity), re-expressed on the 2 mm grids
             disp = np.zeros((3, *img.shape), np.float32)
-            _, gwall, gcpu = timed(lambda: field_to_preprocessed_grid(disp, res.record, records["example"]),
-                                args.repeat)
+            _, gwall, gcpu = timed(partial(field_to_preprocessed_grid, disp, res.record, records["example"]),
+                                   args.repeat)
             liver_in = (lab.array == 6).sum() * np.prod(img.spacing_mm) / 1000
             liver_out = (res.labels.array == 6).sum() * 8 / 1000
             sp = "x".join(f"{s:.2g}" for s in img.spacing_mm)

@@ -45,6 +45,7 @@ import resource
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def part_network(args: argparse.Namespace) -> dict[str, Any]:
             for name, dtype in (("fp32", torch.float32), ("bf16", None)):
                 for path, fn in paths.items():
                     fn(model, dtype)  # warm-up
-                    times = [_timed(lambda: fn(model, dtype))[1:] for _ in range(args.repeats)]
+                    times = [_timed(partial(fn, model, dtype))[1:] for _ in range(args.repeats)]
                     wall, cpu = np.median([t[0] for t in times]), np.median([t[1] for t in times])
                     rows.append({"path": path, "precision": name, "threads": threads,
                                  "memory": "channels-last" if channels_last else "contiguous",
@@ -200,7 +201,7 @@ def part_pair(args: argparse.Namespace) -> dict[str, Any]:
         wall: dict[str, float] = {}
         cpu: dict[str, float] = {}
         for side, hu in (("fixed", fixed_hu), ("moving", moving_hu)):
-            _, wall[f"network {side}"], cpu[f"network {side}"] = _timed(lambda: _predict_stride2(model, hu))
+            _, wall[f"network {side}"], cpu[f"network {side}"] = _timed(partial(_predict_stride2, model, hu))
         result = register_preprocessed(None, fixed_hu, moving_hu, fixed_sv=syn_fixed, moving_sv=syn_moving,
                                        refine=args.refine, seed=args.seed)
         result.info["timings_s"] = {**wall, **result.info["timings_s"]}
@@ -221,14 +222,16 @@ def part_pair(args: argparse.Namespace) -> dict[str, Any]:
             disp = result.disp_vox
             fields[name] = disp
 
-            def warp() -> None:  # as `slicreg register --out-warped`: the fast trilinear path for the image
-                warp_image(moving_hu, disp, fast=(name == "current"))
+            # as `slicreg register --out-warped`: the fast trilinear path for the image; the defaults bind this
+            # iteration's field and backend (the timed call runs at once either way)
+            def warp(disp: Any = disp, backend: str = "grid_sample" if name == "current" else "gather") -> None:
+                warp_image(moving_hu, disp, backend=backend)
                 warp_labels(moving_labels, disp)
 
             _, wall["warp (image + labels)"], cpu["warp (image + labels)"] = _timed(warp)
             if name == "current":
-                _, wall["save field"], cpu["save field"] = _timed(lambda: save_field(disp, affine,
-                                                                                    out_dir / "u.nii.gz"))
+                _, wall["save field"], cpu["save field"] = _timed(partial(save_field, disp, affine,
+                                                                                  out_dir / "u.nii.gz"))
             runs[name].append((wall, cpu, result.info))
             print(f"  run {rep + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in wall.items())
                   + f" | CPU total {sum(cpu.values()):.2f}", flush=True)
@@ -268,7 +271,7 @@ def part_pair(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_part(name: str, args: argparse.Namespace, queue: Any) -> None:
-    queue.put((PARTS[name](args)))
+    queue.put(PARTS[name](args))
 
 
 PARTS = {"network": part_network, "pair": part_pair}

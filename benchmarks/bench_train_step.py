@@ -206,7 +206,7 @@ def _inference(threads: int) -> dict[str, Any]:
         xi = x.contiguous(memory_format=torch.channels_last_3d) if cl else x
         times = []
         with torch.no_grad():
-            for i in range(3):
+            for _ in range(3):
                 t0 = time.perf_counter()
                 if bf16:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -237,7 +237,7 @@ def check_kernels() -> None:
     import torch
     import torch.nn.functional as F
 
-    from slicreg.network import _COMPILED_WEIGHT_GRAD, depthwise_weight_grad, dilated_conv3d_weight_grad
+    from slicreg.network_kernels import _COMPILED_WEIGHT_GRAD, depthwise_weight_grad, dilated_conv3d_weight_grad
 
     gen = torch.Generator().manual_seed(0)
     for b, c, size, stride in ((4, 192, (48, 40, 64), 1), (4, 192, (48, 40, 64), 2), (4, 384, (24, 20, 32), 1)):
@@ -255,7 +255,7 @@ def check_kernels() -> None:
             fast = _COMPILED_WEIGHT_GRAD(x.permute(0, 2, 3, 4, 1), g.permute(0, 2, 3, 4, 1), stride)
             t_fast = time.process_time() - t0
             fast = fast.t().reshape(c, 1, 3, 3, 3)
-            err = lambda a: float((a[:32].double() - ref).abs().max() / ref.abs().max())  # noqa: E731
+            err = lambda a, ref=ref: float((a[:32].double() - ref).abs().max() / ref.abs().max())  # noqa: E731
             print(f"depthwise {b}x{c}x{'x'.join(map(str, size))} stride {stride} {str(dtype)[6:]:>8}: "
                   f"torch {t_native:6.2f} s CPU (rel. err {err(native):.1e}), compiled {t_fast:6.2f} s CPU "
                   f"(rel. err {err(fast):.1e})", flush=True)

@@ -97,8 +97,8 @@ def section(results: Path = RESULTS, *, where: Path = DEFAULT_OUT, heading: str 
                   *stage_table(doc), ""]
         plot = path.parent / "scaling.png"
         if plot.is_file():
-            lines += [f"Time and peak memory against volume size (0.5x, 1x, 1.5x per axis) and against the number "
-                      f"of keypoints of the flow:", "", f"![scaling]({_link(plot, where)})", ""]
+            lines += ["Time and peak memory against volume size (0.5x, 1x, 1.5x per axis) and against the number "
+                      "of keypoints of the flow:", "", f"![scaling]({_link(plot, where)})", ""]
     if peers:
         doc, path = peers
         m = doc["machine"]

@@ -122,7 +122,7 @@ PEERS: dict[str, dict[str, str]] = {
     "slicreg-refine": {"label": "slicreg + refine", "kind": "slicreg", "module": "slicreg.register",
                        "dist": "slicreg",
                        "settings": "as slicreg, then slicreg.register.refine_field (MIND-SSC instance "
-                                   "refinement, REFINE_DEFAULTS), as `slicreg register --refine`"},
+                                   "refinement: the align engine's preset 'refine'), as `slicreg register --refine`"},
 }
 DEEDS_BINARIES = ("linearBCV", "deedsBCV")
 
@@ -689,7 +689,7 @@ def score(ds: Any, pair: Any, field_path: Path | None) -> dict[str, Any]:
     truth = mask = None
     if pair.ground_truth_field is not None:
         truth = load_field(ds.path(pair.ground_truth_field), fixed=fixed).array
-        mask = body_mask(load_image(ds.path(fs.image)).array, threshold=-500.0)
+        mask = body_mask(load_image(ds.path(fs.image)).array)
     res = evaluate_pair(fixed.array, moving.array, warped, disp_vox=disp, affine=fixed.affine,
                         true_disp_vox=truth, error_mask=mask)
     s = res["summary"]
@@ -813,7 +813,7 @@ def markdown_table(doc: dict[str, Any]) -> str:
     failed = {n: r for n, r in doc["methods"].items() if r.get("failures")}
     if failed:
         lines += ["", "Failures:", ""]
-        for n, r in failed.items():
+        for r in failed.values():
             lines += [f"- **{r['label']}**: {f}" for f in r["failures"]]
     lines += ["", "Settings:", ""]
     lines += [f"- **{r['label']}**: {r['settings']}" for r in doc["methods"].values()]
@@ -1025,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
             "method": n, "pairs": [{"fixed": r["fixed"], "moving": r["moving"], "field": Path(r["field"]).name,
                                     "runtime_s": round(r["wall_s"], 2)} for r in res["pairs"]]}, indent=1))
         results[n] = res
-    for n, res in results.items():
+    for res in results.values():
         res["summary"] = summarise(res["pairs"])
     doc["methods"] = results
     doc["machine"]["loadavg_end"] = list(os.getloadavg())

@@ -56,13 +56,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from make_readme import write_section
 
 from _common import SHAPE, example_template, example_volumes
-from make_readme import write_section
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -219,12 +220,13 @@ def voronoi_pair(scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- the cases
 def case_preprocess(work: Path, scale: float, opts: dict[str, Any]) -> dict[str, Any]:
-    from preprocessing.geometry import preprocess_volume
+    from slicreg.geometry import preprocess_volume
 
     image, labels, _ = example_volumes()
     res, m = measure(lambda: preprocess_volume(image, labels))
     return {**m, "size": f"{'x'.join(map(str, image.shape))} @ "
-                         f"{'x'.join(f'{s:.2g}' for s in image.spacing_mm)} mm -> {'x'.join(map(str, res.image.shape))}"}
+                         f"{'x'.join(f'{s:.2g}' for s in image.spacing_mm)} mm -> "
+                         f"{'x'.join(map(str, res.image.shape))}"}
 
 
 def _cohort_source(opts: dict[str, Any]) -> Any:
@@ -451,7 +453,7 @@ def _register(work: Path, scale: float, atlas: bool) -> dict[str, Any]:
 
     def run() -> Any:
         res = register_preprocessed(bundle.model, fixed, moving, seed=0, **kwargs)
-        warp_image(moving, res.disp_vox, padding="border", fast=True)  # as `slicreg register --out-warped`
+        warp_image(moving, res.disp_vox, padding="border", backend="grid_sample")  # as `slicreg register --out-warped`
         return res
 
     res, m = measure(run)
@@ -513,7 +515,8 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 # ============================================================================================ parent
-def plan(only: list[str] | None, scales: list[float], keypoints: list[int], full: bool) -> list[tuple[str, float, dict]]:
+def plan(only: list[str] | None, scales: list[float], keypoints: list[int],
+         full: bool) -> list[tuple[str, float, dict]]:
     jobs: list[tuple[str, float, dict]] = []
     want = set(only) if only else None
 
@@ -703,7 +706,8 @@ def _peer_lines(peers: dict[str, Any]) -> list[str]:
     from peers import markdown_table
 
     table = markdown_table(peers).splitlines()[2:]  # drop the title line of the standalone page
-    lines = ["## slicreg beside its peers", "", *table, "", "![accuracy against time](../benchmarks/results/peers/peers.png)", ""]
+    lines = ["## slicreg beside its peers", "", *table, "",
+             "![accuracy against time](../benchmarks/results/peers/peers.png)", ""]
     behind = behind_lines(peers)
     if behind:
         lines += ["### Where slicreg is behind", "", *behind, ""]
@@ -725,7 +729,7 @@ def behind_lines(peers: dict[str, Any]) -> list[str]:
         best_dice = max(others.items(), key=lambda kv: np.nan_to_num(mean(kv[1], "dice13"), nan=-1))
         best_err = min(others.items(), key=lambda kv: np.nan_to_num(mean(kv[1], "field_error_mm"), nan=1e9))
         fastest = min(others.items(), key=lambda kv: np.nan_to_num(mean(kv[1], "wall_s"), nan=1e9))
-        for k, res in ours.items():
+        for res in ours.values():
             d, e, t = mean(res, "dice13"), mean(res, "field_error_mm"), mean(res, "wall_s")
             bd, be, ft = mean(best_dice[1], "dice13"), mean(best_err[1], "field_error_mm"), mean(fastest[1], "wall_s")
             if np.isfinite(d) and d < bd:
@@ -760,7 +764,7 @@ def _row(stages: dict[str, Any] | None, case: str, scale: float = 1.0) -> dict[s
 def _summary_lines(stages: dict[str, Any] | None, peers: dict[str, Any] | None) -> list[str]:
     """A few plain sentences computed from the measurements (nothing here is typed in by hand)."""
     out = []
-    inf, flow = _row(stages, "inference-bf16"), _row(stages, "flow")
+    inf = _row(stages, "inference-bf16")
     for case, what in (("register-pair", "two new scans (both network passes in bf16"),
                        ("register-atlas", "a scan to the template (one network pass in bf16")):
         row = _row(stages, case)

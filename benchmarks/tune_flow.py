@@ -9,7 +9,7 @@ The cohort's slab subjects are all test subjects, so slabs are *simulated* from 
 (``--slabs N``): the subject's original cohort scan is cut to a ``--slab-mm`` (40 mm) cranio-caudal slab of
 the upper abdomen -- centred between the kidneys/pancreas and the spleen/liver centroids, at a seeded position,
 the cohort's own rule -- and preprocessed exactly as the ``preprocess`` stage does
-(:func:`preprocessing.geometry.preprocess_volume`). Slab pairs are reported separately.
+(:func:`slicreg.geometry.preprocess_volume`). Slab pairs are reported separately.
 
 Per pair the keypoints, the features and the centre-matching initialisation are computed once; then a
 coordinate-wise sweep runs around the registration defaults (``slicreg.flow.DEFAULTS`` updated by
@@ -64,9 +64,10 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -315,8 +316,8 @@ def make_slab(subject: Any, *, slab_mm: float, position: float) -> dict[str, Any
 
     Returns ``image`` (int16 HU), ``labels`` (uint8) on the 192 x 160 x 256 grid, ``affine``, ``padded_vox``,
     ``start``, ``n_slices``."""
-    from preprocessing.geometry import preprocess_volume
     from slicreg.conventions import Volume
+    from slicreg.geometry import preprocess_volume
     from slicreg.io import load_image, load_labels
 
     original = subject.extra.get("original") or {}
@@ -377,8 +378,8 @@ class Tuner:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from pipelines.registration import load_weights
         from preprocessing.datasets import load_dataset
+        from slicreg.api import load_weights
         from slicreg.io import load_image, load_labels, sha256_file
 
         self.args = args
@@ -405,7 +406,7 @@ class Tuner:
         self.notes: list[str] = []
         expected = card.get("template", {}).get("image_sha256")
         if expected and sha256_file(ds.path(tsub.image)) != expected:
-            self.notes.append(f"warning: the dataset's template image is not the bundle's template (sha256 differs)")
+            self.notes.append("warning: the dataset's template image is not the bundle's template (sha256 differs)")
             print(self.notes[-1], flush=True)
         want = tuple(s // 2 for s in self.shape)
         if tuple(self.template_sv.shape[1:]) != want:
@@ -511,7 +512,7 @@ class Tuner:
                 pid, pkind = f"{sid}-slab", "slab"
             fixed_sv, sec, cached = self._predict(name, hu)
             truth = self._truth(name, sid, affine)
-            body = body_mask(hu, threshold=-500.0)[::s, ::s, ::s] if truth is not None else None
+            body = body_mask(hu)[::s, ::s, ::s] if truth is not None else None
             del hu
             pair = PairData(pid=pid, subject=sid, kind=pkind, val=sid in self.val_ids, fixed_sv=fixed_sv,
                             labels=np.asarray(labels, dtype=np.uint8), affine=affine, fov=fov, truth=truth,
@@ -535,7 +536,7 @@ class Tuner:
                       full: bool = False) -> dict[str, Any]:
         """Scores of one field (None: the unregistered pair; ``subgrid_field``: ``disp`` is already on the eval
         subgrid, i.e. the true field). ``full``: Dice and folding on every voxel."""
-        from slicreg.metrics import dice_learn2reg, field_error_mm, jacobian_stats, warp_labels_learn2reg
+        from slicreg.metrics import dice, field_error_mm, jacobian_stats, warp_labels_learn2reg
 
         s = 1 if full else self.args.eval_stride
         mov = self.template_labels
@@ -550,11 +551,11 @@ class Tuner:
         else:
             warped = warp_labels_subgrid(mov, disp, s, self.identity)
         fixed = pair.labels[::s, ::s, ::s]
-        per = dice_learn2reg(fixed, mov, warped)
+        per = dice(fixed, warped, absent="learn2reg", moving=mov)
         out: dict[str, Any] = {"dice": mean_dice(per), "per_label": [None if np.isnan(v) else float(v) for v in per]}
         if pair.fov is not None:
             inside = pair.fov[::s, ::s, ::s]
-            per_fov = dice_learn2reg(np.where(inside, fixed, 0), mov, np.where(inside, warped, 0))
+            per_fov = dice(fixed, warped, absent="learn2reg", moving=mov, mask=inside)
             out["dice_fov"] = mean_dice(per_fov)
         if disp is not None and not subgrid_field:
             if full:
@@ -1030,7 +1031,7 @@ def render_markdown(doc: dict[str, Any], tuner: Tuner, base: dict[str, Any]) -> 
     one = [res["baseline"]] + ([res["flow_defaults"]] if res["flow_defaults"] in cfgs else [])
     centre_key = res.get("centre", res["baseline"])
     one += [centre_key] if centre_key not in one else []
-    for knob, keys in res["per_knob"].items():
+    for keys in res["per_knob"].values():
         one += [k for k in keys if k not in one]
     centred = "" if centre_key == res["baseline"] else \
         f" around the centre ({cfgs[centre_key]['differs_from_baseline']})"

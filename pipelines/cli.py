@@ -10,24 +10,45 @@ import logging
 import os
 import pkgutil
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
-
 
 # glibc returns every freed block above its mmap threshold (dynamic, at most 32 MB) to the kernel, so each of
-# torch's large temporaries is mapped and zero-filled anew: measured here, half of a CPU forward pass was kernel
-# time and a network pass took 8.7 s instead of 3.6 s (python benchmarks/bench_allocator.py). The threshold
-# can only be raised above 32 MB from the environment at start-up, hence one re-execution of the command.
+# torch's large temporaries is mapped and zero-filled anew, which made CPU network passes much slower (the figures:
+# docs/measurements.md, "The allocator setting"; python benchmarks/bench_allocator.py). The environment variable
+# sets the threshold at start-up; mallopt(M_MMAP_THRESHOLD) sets the same at run time (glibc 2.36 takes values up
+# to 2 GiB - 1, its int argument), which spares the command a second interpreter start.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MALLOPT_THRESHOLD = 2**31 - 1
+
+
+def set_mmap_threshold() -> bool:
+    """``mallopt(M_MMAP_THRESHOLD, 2 GiB - 1)`` in this process through ctypes; False where that is not glibc's."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(MALLOPT_THRESHOLD)))
+    except (OSError, AttributeError):
+        return False
 
 
 def ensure_fast_allocator() -> None:
-    """Re-execute this command once with :data:`ALLOCATOR_ENV` set (Linux/glibc; no-op when already set).
+    """Raise glibc's mmap threshold for this command and the processes it starts (Linux; no-op when already set).
 
-    ``SLICREG_ALLOCATOR=default`` keeps the C library's defaults (then nothing is re-executed)."""
-    if (not sys.platform.startswith("linux") or os.environ.get("SLICREG_ALLOCATOR") == "default"
-            or all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items())
-            or not getattr(sys, "orig_argv", None)):
+    This process: :func:`set_mmap_threshold` at run time; its child processes: :data:`ALLOCATOR_ENV` in the
+    environment they inherit. Where mallopt cannot be called, the command re-executes itself once with the variable
+    set (``SLICREG_ALLOCATOR=reexec`` forces that way, for comparison). ``SLICREG_ALLOCATOR=default`` keeps the C
+    library's defaults."""
+    mode = os.environ.get("SLICREG_ALLOCATOR")
+    if (not sys.platform.startswith("linux") or mode == "default"
+            or all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items())):
+        return
+    if mode != "reexec" and set_mmap_threshold():
+        os.environ.update(ALLOCATOR_ENV)
+        return
+    if not getattr(sys, "orig_argv", None):
         return
     os.environ.update(ALLOCATOR_ENV)
     try:
@@ -51,7 +72,7 @@ def _command_modules() -> dict[str, ModuleType]:
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one line (``slicreg <command>: error: ...``), exit status 2."""
 
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
+    def error(self, message: str) -> NoReturn:  # noqa: F821
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

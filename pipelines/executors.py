@@ -25,9 +25,10 @@ import contextlib
 import os
 import re
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from slicreg.errors import ConfigError
 
@@ -97,7 +98,7 @@ def dask_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("dask", "distributed"))
 
 
-def make_executor(*, jobs: int = 1, scheduler: str | None = None, where: str = "--scheduler") -> "Executor":
+def make_executor(*, jobs: int = 1, scheduler: str | None = None, where: str = "--scheduler") -> Executor:
     """The executor for ``jobs`` processes or a scheduler value (see :func:`parse_scheduler`).
 
     Nothing is started here: a Dask cluster is started or connected to when the first item is mapped.

@@ -1,7 +1,7 @@
 """Learn2Reg submission folders (edge code of the ``learn2reg-submission`` stage and ``slicreg learn2reg``).
 
 Writing: a field computed on the preprocessed grids is carried back to the fixed image's own grid with the map
-back ``slicreg register`` uses for raw scans (:func:`preprocessing.geometry.field_to_original_grid`): voxel ``x`` of
+back ``slicreg register`` uses for raw scans (:func:`slicreg.geometry.field_to_original_grid`): voxel ``x`` of
 the fixed image as stored corresponds to voxel ``x + u(x)`` of the moving image as stored, whatever their
 orientation and spacing. Saved ``(X, Y, Z, 3)`` float32 under Learn2Reg's name
 (:func:`preprocessing.learn2reg.displacement_filename`).
@@ -10,15 +10,16 @@ Scoring (:func:`score_submission`): what Learn2Reg's evaluation does with the fo
 the file by its Learn2Reg name, its shape checked against the fixed image's, the moving labels (found by
 Learn2Reg's rule) warped with ``map_coordinates(order=0)`` at identity + field
 (:func:`slicreg.metrics.warp_labels_learn2reg`), Dice per label with absent labels skipped and NaN-averaged
-(:func:`slicreg.metrics.dice_learn2reg`, through :func:`slicreg.metrics.evaluate_pair`, the function the
-``evaluate`` stage's report uses), SDlogJ; mean, std and 30th percentile over pairs.
+(:func:`slicreg.metrics.dice` with ``absent="learn2reg"``, through :func:`slicreg.metrics.evaluate_pair`, the
+function the ``evaluate`` stage's report uses), SDlogJ; mean, std and 30th percentile over pairs.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,8 @@ def field_to_submission(job: dict[str, Any]) -> dict[str, Any]:
 
     ``job``: ``field`` (a field file on the preprocessed fixed grid, voxels, fixed -> moving), ``fixed_crop``,
     ``moving_crop`` (the two subjects' crop records, ``crops/<id>.json``), ``out`` (the submission file)."""
-    from preprocessing.geometry import CropRecord, field_to_original_grid
     from slicreg.errors import InputError
+    from slicreg.geometry import CropRecord, field_to_original_grid
     from slicreg.io import load_field, read_json, save_field
 
     started = time.perf_counter()

@@ -40,9 +40,10 @@ import shutil
 import sys
 import time
 import tomllib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from slicreg.errors import ConfigError
 from slicreg.io import atomic_write_json, sha256_file
@@ -58,7 +59,7 @@ class StageType:
     """A registered stage type: what it needs, what it is called, and the function that does the work."""
 
     name: str
-    run: Callable[["StageContext"], None]
+    run: Callable[[StageContext], None]
     version: str
     params: dict[str, Any]
     inputs: dict[str, bool]  # input name -> required
@@ -86,7 +87,7 @@ def stage(
     inputs: dict[str, bool] | Sequence[str] = (),
     path_params: Sequence[str] = (),
     param_types: dict[str, tuple[type, ...]] | None = None,
-) -> Callable[[Callable[["StageContext"], None]], Callable[["StageContext"], None]]:
+) -> Callable[[Callable[[StageContext], None]], Callable[[StageContext], None]]:
     """Register a stage type.
 
     Args:
@@ -104,7 +105,7 @@ def stage(
     if not isinstance(inputs, dict):
         inputs = {n: True for n in inputs}
 
-    def register(fn: Callable[["StageContext"], None]) -> Callable[["StageContext"], None]:
+    def register(fn: Callable[[StageContext], None]) -> Callable[[StageContext], None]:
         if name in REGISTRY and REGISTRY[name].run.__qualname__ != fn.__qualname__:
             raise RuntimeError(f"stage type {name!r} registered twice")
         REGISTRY[name] = StageType(

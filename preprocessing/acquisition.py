@@ -2,7 +2,7 @@
 
 A network trained on a cohort made from one scan learns that scan's noise texture, reconstruction kernel and
 dose. This option passes every subject, axial slice by axial slice, through a simulated scan
-(:func:`slicreg.ct.simulate_acquisition`): HU -> attenuation -> parallel-beam (or fan-beam) projection ->
+(:func:`preprocessing.ct.simulate_acquisition`): HU -> attenuation -> parallel-beam (or fan-beam) projection ->
 beam-hardening-like nonlinearity -> Poisson noise at a photon count -> filtered back-projection with a kernel ->
 HU. Per subject it draws, from the subject's ``numpy.random.Generator``:
 
@@ -12,14 +12,17 @@ HU. Per subject it draws, from the subject's ``numpy.random.Generator``:
 - a 63-bit seed for the noise; slice ``k`` draws its noise from a ``torch.Generator`` seeded with
   ``(seed, k)``, so the result depends on the seed alone (not on ``slices_per_batch`` or the thread count).
 
-Its benefit on registration has NOT been measured yet (that takes training the network twice); see docs/ct.md.
+Its benefit on registration has been measured (two fine-tuning arms, ``pipelines/acquisition-benefit.toml``): it
+is small and within the spread over scans, so the option stays off by default; the figures and the design are
+in docs/ct.md ("Benefit").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -63,11 +66,11 @@ class AcquisitionConfig:
         dose_photons: range of ``I0`` (photons per detector element and view), drawn log-uniformly. Default
             (5e4, 1e6): at 2 mm pixels this gives a noise SD of about 10-50 HU (ram-lak) or 5-20 HU (hann) in a
             water-like abdomen of 320 x 220 mm (measured, docs/ct.md).
-        kernels: FBP filters to choose from, uniformly (names of :data:`slicreg.ct.FILTERS`). Default all four.
+        kernels: FBP filters to choose from, uniformly (names of :data:`preprocessing.ct.FILTERS`). Default all four.
         beam_hardening: range of the coefficient ``b`` of ``p -> log(1 + b p) / b``, drawn uniformly. Default
             (0, 0.01): up to about 30 HU of cupping in the abdomen.
         n_angles: views per half turn (parallel) or full turn (fan); ``None`` = the sampling rule
-            ``ceil(pi/2 x detector elements)`` (:func:`slicreg.ct.default_n_angles`). Default None.
+            ``ceil(pi/2 x detector elements)`` (:func:`preprocessing.ct.default_n_angles`). Default None.
         geometry: ``"parallel"`` or ``"fan"`` (flat detector, 595 / 490 mm). Default ``"parallel"``.
         mu_water_per_mm: attenuation of water (1/mm). Default 0.019.
         slices_per_batch: axial slices reconstructed together (memory vs speed; the result does not depend
@@ -84,7 +87,7 @@ class AcquisitionConfig:
     slices_per_batch: int = 32
 
     def __post_init__(self) -> None:
-        from slicreg.ct import FILTERS
+        from preprocessing.ct import FILTERS
 
         if not isinstance(self.enabled, bool):
             raise InputError(f"AcquisitionConfig.enabled: expected true or false, got {self.enabled!r}")
@@ -112,7 +115,7 @@ class AcquisitionConfig:
             raise InputError(f"AcquisitionConfig.slices_per_batch: expected an integer >= 1, got {spb!r}")
 
     @classmethod
-    def from_value(cls, value: Any, *, name: str = "acquisition") -> "AcquisitionConfig":
+    def from_value(cls, value: Any, *, name: str = "acquisition") -> AcquisitionConfig:
         """From a stage parameter or a command-line value.
 
         Args:
@@ -195,7 +198,7 @@ def simulate_volume(image_hu: np.ndarray, params: AcquisitionParams, *, pixel_mm
     """
     import torch
 
-    from slicreg.ct import simulate_acquisition
+    from preprocessing.ct import simulate_acquisition
 
     config = config or AcquisitionConfig()
     image_hu = np.asarray(image_hu)

@@ -12,18 +12,18 @@ Each subject ``s`` is the source scan seen through a random, anatomically plausi
   anisotropically along the patient axes (+-``max_scale``), rotated (up to ``max_rotation_deg`` about the R-L,
   A-P and S-I axes) about the body centre and translated (+-``max_translation_mm``);
 - ``phi_s = exp(v_s)`` is a diffeomorphism of source world space, the flow of a *stationary velocity field*
-  ``v_s`` integrated by scaling and squaring (:func:`integrate_velocity`). ``v_s`` is the sum of a smooth random
-  field (Gaussian-filtered noise, largest length inside the body ``deform_mm`` x U(0.5, 1)) and organ motions:
-  size changes ``-ln(k) (y - c)`` (``k`` in 1 +- ``organ_scale`` for liver, spleen and stomach, ``c`` the
-  organ's centroid) and shifts ``-t`` (kidneys, spleen, stomach), each weighted by a smooth organ weight that is
-  1 on the organ and as far around it as its boundary moves, and averaged where weights of neighbouring organs
-  overlap. Where an organ's weight is 1 the flow is exactly the scaling ``y -> c + (y - c) / k``, so the subject's
-  organ is ``k`` times larger. The sum is tapered to zero at the border of the grid holding ``v``
-  (:attr:`SubjectTransform.grid_affine`: the source's field of view plus 60 mm, ``velocity_spacing_mm``
-  nodes).
+  ``v_s`` integrated by scaling and squaring (:func:`slicreg.fields.scaling_and_squaring`). ``v_s`` is the sum of a
+  smooth random field (Gaussian-filtered noise, largest length inside the body ``deform_mm`` x U(0.5, 1)) and organ
+  motions: size changes ``-ln(k) (y - c)`` (``k`` in 1 +- ``organ_scale`` for liver, spleen and stomach, ``c`` the
+  organ's centroid) and shifts ``-t`` (kidneys, spleen, stomach), each weighted by a smooth organ weight that is 1 on
+  the organ and as far around it as its boundary moves, and averaged where weights of neighbouring organs overlap.
+  Where an organ's weight is 1 the flow is exactly the scaling ``y -> c + (y - c) / k``, so the subject's organ is
+  ``k`` times larger. The sum is tapered to zero at the border of the grid holding ``v``
+  (:attr:`SubjectTransform.grid_affine`: the source's field of view plus 60 mm, ``velocity_spacing_mm`` nodes).
   ``phi_s^-1`` is ``exp(-v_s)`` refined to the exact inverse of the (trilinearly interpolated) ``phi_s``: by
   fixed-point steps at the grid nodes, and again at every point where it is used
-  (:meth:`SubjectTransform.from_source`); ``|phi(phi^-1(y)) - y|`` is measured per subject (about 0.001 mm).
+  (:meth:`SubjectTransform.from_source`); ``|phi(phi^-1(y)) - y|`` is measured per subject and recorded in its
+  info (docs/cohort.md, "Checks").
 
 The true correspondence between two subjects follows: fixed voxel ``p`` of subject ``f`` corresponds to the
 moving voxel ``M_m^-1 T_m^-1 T_f M_f p`` of subject ``m`` (``M`` = the grids' voxel -> world affines), which
@@ -50,13 +50,17 @@ Everything is a pure function of arrays (numpy in, numpy out; torch inside for s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
+from slicreg.fields import sample, sample_affine, scaling_and_squaring
+from slicreg.grid import Grid
+from slicreg.grid import map_points as _affine_points  # this module's map_points maps subject worlds
 from slicreg.labels import BTCV_IDS
 
 __all__ = [
@@ -71,17 +75,14 @@ __all__ = [
     "SubjectTransform",
     "Subject",
     "prepare_source",
-    "body_mask",
     "sample_subject_params",
     "prewarp_affine",
     "build_velocity",
-    "integrate_velocity",
     "invert_displacement",
     "make_subject",
     "true_field",
     "map_points",
     "resample_labels_world",
-    "dice_per_label",
     "initial_dice",
     "soft_tissue_centre_mm",
     "registration_pairs",
@@ -252,7 +253,7 @@ class CohortConfig:
             object.__setattr__(self, name, _pair(getattr(self, name), name))
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "CohortConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> CohortConfig:
         """Build from a mapping (e.g. stage parameters); an unknown key raises :class:`InputError`."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -270,30 +271,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def _sample(values: Any, coords_vox: Any, *, order: int = 1, padding: str = "border") -> Any:
-    """Sample ``values`` ``(X, Y, Z)`` / ``(C, X, Y, Z)`` at voxel positions ``(3, *S)``.
-
-    Trilinear sampling goes through :func:`slicreg.fields.sample_grid_sample` (one fused kernel, float32,
-    ``align_corners=True``: voxel centres are grid nodes), nearest through :func:`slicreg.fields.sample`."""
-    torch = _torch()
-    if order == 1:
-        from slicreg.fields import sample_grid_sample
-
-        vals = values if values.dtype == torch.float32 else values.to(torch.float32)
-        return sample_grid_sample(vals, coords_vox.to(torch.float32), order=1,
-                                  padding=padding, align_corners=True)  # type: ignore[arg-type]
-    from slicreg.fields import sample
-
-    return sample(values, coords_vox, order=order, padding=padding)  # type: ignore[arg-type]
-
-
-def _apply_affine(matrix: np.ndarray, points: Any) -> Any:
-    """``matrix[:3, :3] @ p + matrix[:3, 3]`` for points ``(3, N)`` (torch tensor in, tensor out)."""
-    torch = _torch()
-    m = torch.as_tensor(np.asarray(matrix, dtype=np.float64)[:3], dtype=points.dtype, device=points.device)
-    return m[:, :3] @ points + m[:, 3:4]
 
 
 def _sample_labels_vote(labels: Any, coords_vox: Any) -> Any:
@@ -355,36 +332,6 @@ def _z_chunks(shape: Sequence[int]) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- transforms
-def integrate_velocity(velocity_vox: np.ndarray, *, steps: int = 7) -> np.ndarray:
-    """Scaling and squaring: the flow ``exp(v)`` of a stationary velocity field, as a displacement field.
-
-    ``d_0 = v / 2**steps``, then ``steps`` times ``d <- d + d(id + d)`` (the map composed with itself,
-    trilinear, border values continued outwards).
-
-    Args:
-        velocity_vox: ``(3, X, Y, Z)`` velocity in voxels of its grid.
-        steps: number of squarings (keyword-only; default 7, i.e. the velocity is divided by 128).
-
-    Returns:
-        ``(3, X, Y, Z)`` float32 displacement in voxels: ``exp(v)(p) = p + d(p)`` at the grid nodes.
-    """
-    torch = _torch()
-    from slicreg.conventions import identity_grid_vox
-
-    v = np.asarray(velocity_vox, dtype=np.float32)
-    if v.ndim != 4 or v.shape[0] != 3:
-        raise InputError(f"integrate_velocity: expected a velocity field (3, X, Y, Z), got shape {v.shape}")
-    if not np.all(np.isfinite(v)):
-        raise InputError("integrate_velocity: the velocity field holds NaN or Inf values")
-    if not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise InputError(f"integrate_velocity: steps must be an integer >= 0, got {steps!r}")
-    d = torch.from_numpy(v / np.float32(2.0 ** int(steps)))
-    grid = torch.from_numpy(identity_grid_vox(v.shape[1:], dtype=np.float32))
-    for _ in range(int(steps)):
-        d = d + _sample(d, grid + d, order=1, padding="border")
-    return np.ascontiguousarray(d.numpy(), dtype=np.float32)
-
-
 def invert_displacement(disp_vox: np.ndarray, *, initial: np.ndarray | None = None, iterations: int = 4) -> np.ndarray:
     """The inverse of ``p -> p + d(p)`` on the same grid, by the fixed-point iteration ``e <- -d(id + e)``.
 
@@ -408,7 +355,7 @@ def invert_displacement(disp_vox: np.ndarray, *, initial: np.ndarray | None = No
     e = -d.clone() if initial is None else torch.from_numpy(np.ascontiguousarray(initial, dtype=np.float32))
     grid = torch.from_numpy(identity_grid_vox(d.shape[1:], dtype=np.float32))
     for _ in range(int(iterations)):
-        e = -_sample(d, grid + e, order=1, padding="border")
+        e = -sample(d, grid + e, interpolation="linear", padding="border", backend="grid_sample", align_corners=True)
     return e.numpy().astype(np.float32, copy=False)
 
 
@@ -459,10 +406,11 @@ class SubjectTransform:
 
     def _disp_at(self, disp: np.ndarray, points: Any) -> Any:
         torch = _torch()
-        vox = _apply_affine(np.linalg.inv(self.grid_affine), points)
+        vox = _affine_points(np.linalg.inv(self.grid_affine), points)
         table = self._tensor(disp)
         # displacements are small (tens of mm) against float32's precision; positions stay float64
-        return _sample(table, vox.to(torch.float32), order=1, padding="border").to(points.dtype)
+        return sample(table.to(torch.float32), vox.to(torch.float32), interpolation="linear", padding="border",
+                      backend="grid_sample", align_corners=True).to(points.dtype)
 
     def _tensor(self, disp: np.ndarray) -> Any:
         cache = self.__dict__.setdefault("_tensors", {})
@@ -476,7 +424,7 @@ class SubjectTransform:
         torch = _torch()
         is_numpy = not isinstance(points_mm, torch.Tensor)
         p = torch.as_tensor(np.asarray(points_mm, dtype=np.float64)) if is_numpy else points_mm.to(torch.float64)
-        y = _apply_affine(self.prewarp, p)
+        y = _affine_points(self.prewarp, p)
         y = y + self._disp_at(self.disp_mm, y)
         return y.numpy() if is_numpy else y
 
@@ -500,7 +448,7 @@ class SubjectTransform:
             moved = (new - z[:, active]).norm(dim=0)
             z[:, active] = new
             active = active[moved > tol_mm]
-        x = _apply_affine(np.linalg.inv(self.prewarp), z)
+        x = _affine_points(np.linalg.inv(self.prewarp), z)
         return x.numpy() if is_numpy else x
 
     def to_npz_dict(self) -> dict[str, np.ndarray]:
@@ -517,7 +465,7 @@ class SubjectTransform:
         return out
 
     @classmethod
-    def from_npz_dict(cls, data: Mapping[str, Any], *, name: str = "transform") -> "SubjectTransform":
+    def from_npz_dict(cls, data: Mapping[str, Any], *, name: str = "transform") -> SubjectTransform:
         """Inverse of :meth:`to_npz_dict`; ``name`` (e.g. the file) appears in error messages."""
         fmt = str(np.asarray(data["format"])) if "format" in data else None
         if fmt != TRANSFORM_FORMAT:
@@ -580,29 +528,8 @@ class SourceScan:
 
 
 def _voxels_to_world(affine: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Voxel indices ``(N, 3)`` -> world ``(3, N)`` float64."""
-    idx = np.asarray(idx, dtype=np.float64).T
-    return affine[:3, :3] @ idx + affine[:3, 3:4]
-
-
-def body_mask(hu: np.ndarray, *, threshold_hu: float = -400.0) -> np.ndarray:
-    """The body: voxels above ``threshold_hu``, largest 26-connected component, holes (lungs, bowel gas)
-    filled slice by slice along every axis, then in 3-D. ``(X, Y, Z)`` bool."""
-    from scipy import ndimage
-
-    mask = np.asarray(hu) > threshold_hu
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        raise InputError("source image: no voxel above -400 HU, i.e. no body (expected a CT of the abdomen)")
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    mask = lab == int(sizes.argmax())
-    for axis in (2, 1, 0):
-        for k in range(mask.shape[axis]):
-            sl = [slice(None)] * 3
-            sl[axis] = k
-            mask[tuple(sl)] = ndimage.binary_fill_holes(mask[tuple(sl)])
-    return ndimage.binary_fill_holes(mask)
+    """Voxel indices ``(N, 3)`` (e.g. of ``np.argwhere``) -> world ``(3, N)`` float64."""
+    return _affine_points(affine, np.asarray(idx, dtype=np.float64).T)
 
 
 def _soft_gate(hu: np.ndarray) -> np.ndarray:
@@ -634,13 +561,14 @@ def _velocity_grid(affine: np.ndarray, shape: Sequence[int], spacing: float) -> 
 
 def _sample_on_grid(values: np.ndarray, values_affine: np.ndarray, grid_affine: np.ndarray,
                     grid_shape: Sequence[int], *, padding: str) -> np.ndarray:
-    """Trilinear sample of ``values`` (on the grid of ``values_affine``) at every node of another grid."""
+    """Trilinear sample of ``values`` (on the grid of ``values_affine``) at every node of another grid, through the
+    one sampler's ``"grid_sample"`` backend (``padding`` ``"border"`` or ``"zero_voxels"``); float32."""
     torch = _torch()
-    from slicreg.conventions import identity_grid_vox
-
-    nodes = torch.from_numpy(identity_grid_vox(grid_shape, dtype=np.float64).reshape(3, -1))
-    vox = _apply_affine(np.linalg.inv(values_affine) @ grid_affine, nodes).to(torch.float32)
-    out = _sample(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), vox, order=1, padding=padding)
+    grid = Grid(grid_shape, grid_affine)
+    nodes = torch.from_numpy(grid.coords(dtype=np.float64).reshape(3, -1))
+    vox = _affine_points(grid.vox_map(Grid(np.shape(values), values_affine)), nodes).to(torch.float32)
+    out = sample(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), vox, interpolation="linear",
+                 padding=padding, backend="grid_sample", align_corners=True)  # type: ignore[arg-type]
     return out.reshape(tuple(grid_shape)).numpy()
 
 
@@ -664,7 +592,8 @@ def prepare_source(image: Volume, labels: Volume, tissue: Volume | None = None, 
     """
     from scipy import ndimage
 
-    from preprocessing.geometry import check_ct_like
+    from slicreg.geometry import check_ct_like
+    from slicreg.supervoxels import body_mask
 
     config = config or CohortConfig()
     for vol, what in ((image, "image"), (labels, "labels"), (tissue, "tissue")):
@@ -693,7 +622,10 @@ def prepare_source(image: Volume, labels: Volume, tissue: Volume | None = None, 
     affine = np.asarray(image.affine, dtype=np.float64)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
 
-    body = body_mask(hu)
+    # the body: outside it the scan becomes air and the labels background (no table, no noise in the air);
+    # its centre, surface and extent anchor the deformations. Without the opening: the subjects (and the template
+    # the shipped weights were trained on) were made so.
+    body = body_mask(hu, opening_vox=0)
     hu = np.where(body, hu, np.float32(AIR_HU)).astype(np.float32)
     lab = np.where(body, lab, 0).astype(np.uint8)
 
@@ -729,7 +661,7 @@ def prepare_source(image: Volume, labels: Volume, tissue: Volume | None = None, 
         ends.reverse()
 
     g_aff, g_shape, taper = _velocity_grid(affine, body.shape, float(config.velocity_spacing_mm))
-    body_w = _sample_on_grid(body.astype(np.float32), affine, g_aff, g_shape, padding="zeros")
+    body_w = _sample_on_grid(body.astype(np.float32), affine, g_aff, g_shape, padding="zero_voxels")
     sigma = _ORGAN_SMOOTH_MM / float(config.velocity_spacing_mm)
     organ_w = {}
     for organ in sorted(set(SCALED_ORGANS) | set(SHIFTED_ORGANS)):
@@ -739,8 +671,8 @@ def prepare_source(image: Volume, labels: Volume, tissue: Volume | None = None, 
         # plus the shift), so that growing and moving are as drawn; "border": an organ cut by the scan's end
         # plane continues beyond it (until the taper)
         inside = lab == organ
-        radius = float(np.percentile(np.sqrt((((_voxels_to_world(affine, np.argwhere(inside))
-                                                 - centroids[organ][:, None]) ** 2).sum(axis=0))), 99))
+        radius = float(np.percentile(np.sqrt(((_voxels_to_world(affine, np.argwhere(inside))
+                                                 - centroids[organ][:, None]) ** 2).sum(axis=0)), 99))
         reach = (config.organ_scale * radius if organ in SCALED_ORGANS else 0.0) + \
             (config.organ_shift_mm if organ in SHIFTED_ORGANS else 0.0) + 2.0
         near = ndimage.distance_transform_edt(~inside, sampling=spacing) <= reach
@@ -982,8 +914,8 @@ def _source_voxel_coords(transform: SubjectTransform, affine: np.ndarray, shape:
     src_inv = np.linalg.inv(np.asarray(source_affine, dtype=np.float64))
     q = torch.empty((3, *shape), dtype=torch.float32)
     for z0, z1 in _z_chunks(shape):
-        world = _apply_affine(np.asarray(affine, dtype=np.float64), _grid_points(shape, z0, z1))
-        block = _apply_affine(src_inv, transform.to_source(world))
+        world = _affine_points(np.asarray(affine, dtype=np.float64), _grid_points(shape, z0, z1))
+        block = _affine_points(src_inv, transform.to_source(world))
         q[:, :, :, z0:z1] = block.to(torch.float32).reshape(3, shape[0], shape[1], z1 - z0)
     return q
 
@@ -1012,8 +944,8 @@ def _labels_at(labels: np.ndarray, coords_vox: Any) -> Any:
 
 def soft_tissue_centre_mm(image: Volume) -> np.ndarray | None:
     """World position (mm) of SLIC-Reg's soft-tissue centre of mass of an image in HU (the point the paper's
-    preprocessing crops around; :func:`preprocessing.geometry.soft_tissue_centre`), or ``None``."""
-    from preprocessing.geometry import soft_tissue_centre
+    preprocessing crops around; :func:`slicreg.geometry.soft_tissue_centre`), or ``None``."""
+    from slicreg.geometry import soft_tissue_centre
 
     c = soft_tissue_centre(np.asarray(image.array, dtype=np.float32))
     if c is None:
@@ -1047,8 +979,8 @@ def make_subject(source: SourceScan, params: SubjectParams, *, rng: np.random.Ge
                          f"prepare the source with the same config")
     h_v = float(config.velocity_spacing_mm)
     velocity = build_velocity(source, params, rng, config=config)
-    d_vox = integrate_velocity(velocity / h_v, steps=config.squaring_steps)
-    e0 = integrate_velocity(-velocity / h_v, steps=config.squaring_steps)
+    d_vox = scaling_and_squaring(velocity / h_v, steps=config.squaring_steps)
+    e0 = scaling_and_squaring(-velocity / h_v, steps=config.squaring_steps)
     e_vox = invert_displacement(d_vox, initial=e0, iterations=8)
     # rounded to 1/128 mm (files compress better); the rounded maps are the ones used from here on
     d_mm = _quantise(d_vox * np.float32(h_v), DISP_QUANTUM_MM)
@@ -1067,7 +999,8 @@ def make_subject(source: SourceScan, params: SubjectParams, *, rng: np.random.Ge
             enhanced = enhanced + np.float32(add) * weight
     src_img = torch.from_numpy(np.ascontiguousarray(enhanced, dtype=np.float32))
     coords = _source_voxel_coords(transform, affine, shape, source.affine)
-    image = _sample(src_img, coords, order=1, padding="zeros").numpy()
+    image = sample(src_img, coords.to(torch.float32), interpolation="linear", padding="zero_voxels",
+                   backend="grid_sample", align_corners=True).numpy()
     labels = _labels_at(source.labels, coords).numpy()
     del coords
     image += np.float32(AIR_HU)
@@ -1126,8 +1059,8 @@ def true_field(fixed_transform: SubjectTransform, fixed_affine: np.ndarray, fixe
     out = np.empty((3, *shape), dtype=np.float32)
     for z0, z1 in _z_chunks(shape):
         p = _grid_points(shape, z0, z1)
-        world = _apply_affine(np.asarray(fixed_affine, dtype=np.float64), p)
-        q = _apply_affine(m_inv, moving_transform.from_source(fixed_transform.to_source(world)))
+        world = _affine_points(np.asarray(fixed_affine, dtype=np.float64), p)
+        q = _affine_points(m_inv, moving_transform.from_source(fixed_transform.to_source(world)))
         out[:, :, :, z0:z1] = (q - p).to(torch.float32).reshape(3, shape[0], shape[1], z1 - z0).numpy()
     return out if quantum is None else _quantise(out, quantum)
 
@@ -1136,45 +1069,17 @@ def resample_labels_world(moving: Volume, fixed_affine: np.ndarray, fixed_shape:
                           shift_mm: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
     """Moving labels on the fixed grid by world position (nearest, background outside):
     fixed voxel ``p`` takes the moving label at world ``M_f p + shift_mm``. ``(X, Y, Z)`` of the moving dtype."""
-    torch = _torch()
     shape = tuple(int(s) for s in fixed_shape)
     mat = np.linalg.inv(moving.affine) @ _translation(shift_mm) @ np.asarray(fixed_affine, dtype=np.float64)
-    lab = torch.from_numpy(np.ascontiguousarray(moving.array))
-    out = np.empty(shape, dtype=np.asarray(moving.array).dtype)
-    for z0, z1 in _z_chunks(shape):
-        vox = _apply_affine(mat, _grid_points(shape, z0, z1)).to(torch.float32)
-        out[:, :, z0:z1] = _sample(lab, vox, order=0, padding="zeros").reshape(shape[0], shape[1], z1 - z0).numpy()
-    return out
+    # positions in float64 slabs, rounded to float32, nearest with background outside (the gather backend)
+    return sample_affine(np.ascontiguousarray(moving.array), mat, shape, interpolation="nearest", padding="zeros",
+                         backend="gather")
 
 
 def _translation(shift_mm: Sequence[float]) -> np.ndarray:
     t = np.eye(4)
     t[:3, 3] = np.asarray(shift_mm, dtype=np.float64)
     return t
-
-
-def dice_per_label(fixed: np.ndarray, other: np.ndarray, *, labels: Iterable[int] = BTCV_IDS,
-                   mask: np.ndarray | None = None) -> dict[int, float]:
-    """Dice ``2|F & O| / (|F| + |O|)`` per label on one grid, NaN where a label is absent from both.
-
-    Args:
-        fixed, other: integer label maps ``(X, Y, Z)``.
-        labels: ids to score (default BTCV 1..13).
-        mask: optional ``(X, Y, Z)`` bool region to count in (e.g. where the moving scan has data).
-    """
-    from slicreg.metrics import overlap_counts
-
-    f = np.asarray(fixed)
-    o = np.asarray(other)
-    if f.shape != o.shape:
-        raise InputError(f"dice_per_label: label maps differ in shape: {f.shape} vs {o.shape}")
-    if mask is not None:
-        f = np.where(mask, f, 0)
-        o = np.where(mask, o, 0)
-    labs = [int(v) for v in labels]
-    counts = overlap_counts(f, o, labels=labs)
-    total = counts[:, 0] + counts[:, 1]
-    return {lab: (float(2.0 * c[2] / t) if t else math.nan) for lab, c, t in zip(labs, counts, total)}
 
 
 def initial_dice(fixed: Volume, moving: Volume, *, fixed_centre_mm: Sequence[float] | None = None,
@@ -1184,17 +1089,17 @@ def initial_dice(fixed: Volume, moving: Volume, *, fixed_centre_mm: Sequence[flo
     centres are given -- after moving the moving scan so that the centres coincide (what the paper's
     preprocessing does by cropping both scans around their soft-tissue centres).
 
-    Labels absent from either map are NaN (Learn2Reg's rule)."""
+    Labels absent from either map are NaN (Learn2Reg's rule, :func:`slicreg.metrics.dice` with
+    ``absent="learn2reg"``)."""
+    from slicreg.metrics import dice
+
     shift = np.zeros(3)
     if fixed_centre_mm is not None and moving_centre_mm is not None:
         shift = np.asarray(moving_centre_mm, dtype=np.float64) - np.asarray(fixed_centre_mm, dtype=np.float64)
     warped = resample_labels_world(moving, fixed.affine, fixed.shape, shift_mm=shift)
     labs = [int(v) for v in labels]
-    scores = dice_per_label(np.asarray(fixed.array), warped, labels=labs)
-    mov = np.asarray(moving.array)
-    fix = np.asarray(fixed.array)
-    present = {lab for lab in labs if np.any(mov == lab) and np.any(fix == lab)}
-    return {lab: (scores[lab] if lab in present else math.nan) for lab in labs}
+    scores = dice(np.asarray(fixed.array), warped, labs, absent="learn2reg", moving=np.asarray(moving.array))
+    return {lab: float(v) for lab, v in zip(labs, scores)}
 
 
 # -------------------------------------------------------------------------------------------- the cohort plan

@@ -9,7 +9,7 @@ layouts are read (docs/CONTRACTS.md describes the first):
     ``registration_pairs``; paths relative to the folder or absolute.
 ``btcv``
     ``img/imgNNNN.nii.gz`` and ``label/labelNNNN.nii.gz`` (also found under ``Training/`` or
-    ``RawData/Training/``). The SLIC-Reg paper's split (SLICREG_SPEC.md section 1): 20 training scans, #38 the
+    ``RawData/Training/``). The SLIC-Reg paper's split (docs/method.md, section 1): 20 training scans, #38 the
     template, the other 9 test scans registered to it (fixed = test scan, moving = template). Subject ids are
     ``btcv_NNNN``; scans outside the split get the role ``unused``.
 ``learn2reg``
@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -789,7 +790,7 @@ def dataset_problems(dataset: Dataset, *, check_files: bool = True, check_grids:
                     f"grid mismatch for {sid}: labels {labels.name} have shape {lab[0]} and spacing "
                     f"{_spacing(lab[1])} mm, image {image.name} has shape {head[0]} and spacing "
                     f"{_spacing(head[1])} mm" + ("" if lab[0] != head[0] else " (affines differ by > 0.01 mm)"))
-    for i, p in enumerate(dataset.pairs):
+    for p in dataset.pairs:
         if p.ground_truth_field is not None and not dataset.path(p.ground_truth_field).is_file():
             problems.append(f"missing file: {dataset.path(p.ground_truth_field)} (ground-truth field of pair "
                             f"{p.fixed} <- {p.moving})")

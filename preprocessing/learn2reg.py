@@ -14,7 +14,7 @@ Learn2Reg's evaluation (MDL-UzL/L2R ``evaluation/evaluation.py``, with the confi
   :func:`preprocessing.datasets.learn2reg_label_candidates` tries both);
 - and warps the moving labels with ``map_coordinates(moving, identity + disp, order=0)``
   (:func:`slicreg.metrics.warp_labels_learn2reg`), Dice per label with absent labels skipped
-  (:func:`slicreg.metrics.dice_learn2reg`).
+  (:func:`slicreg.metrics.dice` with ``absent="learn2reg"``).
 
 This module names the files and lists the pairs (no arrays); writing and scoring live in
 :mod:`pipelines.learn2reg` (files) and :mod:`slicreg.metrics` (numbers).

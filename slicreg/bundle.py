@@ -27,12 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
-
-import torch
-
 from slicreg.network import (
     HU_SCALE,
     LOGIT_LAYOUT,
@@ -54,6 +52,66 @@ CARD_MD = "MODEL_CARD.md"
 CURVES_FILE = "curves.png"
 SUMS_FILE = "SHA256SUMS"
 
+DEFAULT_BUNDLE = "slicreg-cohort-v3"
+"""The shipped weights: ``weights/<DEFAULT_BUNDLE>`` of the repository; a wheel carries them as package data
+``slicreg/weights/<DEFAULT_BUNDLE>`` (setup.py's build step reads this line; MANIFEST.in names the folder too)."""
+
+
+def default_bundle_path() -> Path:
+    """Where the shipped weights are: in the installed package (``slicreg/weights/<DEFAULT_BUNDLE>``, from a wheel),
+    else in the clone this package runs from (``weights/<DEFAULT_BUNDLE>``, an editable install or the source
+    tree). When neither exists, the package location is returned (and loading it says what is missing)."""
+    here = Path(__file__).resolve().parent
+    candidates = [here / "weights" / DEFAULT_BUNDLE, here.parent / "weights" / DEFAULT_BUNDLE]
+    for folder in candidates:
+        if (folder / CARD_JSON).is_file():
+            return folder
+    return candidates[0]
+
+
+INTENDED_USE = (
+    "Research use: registering abdominal CT scans of different patients (and atlas-to-patient) by predicted "
+    "template supervoxels, on CPU or GPU, as `slicreg register` and `slicreg predict` do; trying the method and "
+    "starting a fine-tuning on one's own cohort (`slicreg train --init-weights`). Not a medical device and not for "
+    "clinical decisions.")
+LIMITATIONS = [
+    "The network predicts supervoxels well only on scans like its training data (listed under Training data): "
+    "other scanners, contrast phases, body regions, anatomy, pathology or fields of view may give wrong "
+    "supervoxels and so a wrong field, without any error. Check every result on your own scans (`slicreg "
+    "evaluate` with labels, or an overlay of the warped image).",
+    "Inputs are CT in Hounsfield units; they are preprocessed the paper's way (RAS, 2 mm, 192 x 160 x 256 "
+    "around the soft-tissue centre) before the network sees them; anatomy outside that box is not registered by "
+    "the network.",
+]
+COHORT_LIMITATION = (
+    "Trained on a synthetic cohort made from ONE patient's CT (`slicreg cohort`): every training scan is that "
+    "patient under random affine and smooth deformations, organ size changes, contrast phases, noise and fields of "
+    "view. The network has never seen another person's anatomy, so on your own scans expect clearly worse "
+    "supervoxels and fields than the demo's scores, which measure how well synthetic deformations of that one "
+    "patient are undone (not comparable with BTCV or Learn2Reg results). For real use train or fine-tune on a "
+    "cohort of your own (docs/own_data.md).")
+
+
+def portable_paths(value: Any, bases: list[Path] | None = None) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings) with every absolute path replaced by a path relative to the
+    working folder or the repository it is under (``runs/demo/prep/<key>``, ``weights/slicreg-cohort-v2``), or else
+    by its name, so a model card names no machine's folders."""
+    if bases is None:
+        bases = [Path.cwd().resolve(), Path(__file__).resolve().parents[1]]
+    if isinstance(value, dict):
+        return {k: portable_paths(v, bases) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v, bases) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        path = Path(value)
+        for base in bases:
+            try:
+                return path.relative_to(base).as_posix()
+            except ValueError:
+                continue
+        return path.name
+    return value
+
 
 @dataclass
 class Bundle:
@@ -70,7 +128,8 @@ class Bundle:
 
 def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_supervoxels: str | os.PathLike,
                 training: dict[str, Any], data_provenance: dict[str, Any],
-                curves_png: str | os.PathLike | None = None) -> Path:
+                curves_png: str | os.PathLike | None = None, intended_use: str | None = None,
+                limitations: list[str] | None = None) -> Path:
     """Write a bundle folder (see the module docstring); every file is written atomically, SHA256SUMS last.
 
     Args:
@@ -81,9 +140,21 @@ def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_sup
         training: facts about the run (config, iterations, wall_s, hardware, validation, ...).
         data_provenance: facts about the training data (dataset name, cohort seed and generator, template ...).
         curves_png: optional curves figure to include.
+        intended_use, limitations: the card's statements (default :data:`INTENDED_USE` and :data:`LIMITATIONS`,
+            plus :data:`COHORT_LIMITATION` when the data provenance names a slicreg cohort).
+
+    Absolute paths in ``training``, ``data_provenance`` and the supervoxels' sidecar are written relative to the
+    working folder or the repository, or as names (:func:`portable_paths`).
     """
-    from slicreg.io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, load_volume, \
-        read_json, sha256_file
+    from slicreg.io import (
+        atomic_path,
+        atomic_write_bytes,
+        atomic_write_json,
+        atomic_write_text,
+        load_volume,
+        read_json,
+        sha256_file,
+    )
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -122,9 +193,16 @@ def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_sup
     if "image_sha256" not in template and isinstance(data_provenance.get("template_image_sha256"), str):
         template["image_sha256"] = data_provenance["template_image_sha256"]
 
+    from slicreg import __version__
+
+    if limitations is None:
+        limitations = [*LIMITATIONS, *([COHORT_LIMITATION] if "cohort" in data_provenance else [])]
     card = {
         "format": BUNDLE_FORMAT,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "slicreg_version": __version__,
+        "intended_use": INTENDED_USE if intended_use is None else intended_use,
+        "limitations": list(limitations),
         "architecture": architecture_spec(),
         "parameters": count_parameters(model),
         "logit_layout": LOGIT_LAYOUT,
@@ -132,9 +210,9 @@ def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_sup
                   "from_preprocessed_2mm": "2x2x2 average pooling (192 x 160 x 256 -> 96 x 80 x 128)"},
         "output": {"layers": N_LAYERS, "classes": N_CLASSES, "stride": 2,
                    "voxel_centres": "output voxel q is centred on input voxel 2q"},
-        "template": template,
-        "training_data": data_provenance,
-        "training": training,
+        "template": portable_paths(template),
+        "training_data": portable_paths(data_provenance),
+        "training": portable_paths(training),
         "files": {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
                   for name in files},
     }
@@ -211,6 +289,7 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
 CARD_TYPES: dict[str, type] = {
     "created": str, "architecture": dict, "parameters": dict, "logit_layout": str, "input": dict, "output": dict,
     "template": dict, "training_data": dict, "training": dict, "files": dict,
+    "slicreg_version": str, "intended_use": str, "limitations": list,
 }
 """Top-level entries of ``model_card.json`` and their JSON types (an entry may be absent)."""
 CARD_TEMPLATE_TYPES: dict[str, tuple[type, ...]] = {
@@ -426,7 +505,8 @@ def predict(model_or_bundle: SlicRegNet | Bundle, image_hu_4mm: Any, *, output: 
     if img.ndim != 3:
         raise InputError(f"predict: expected a 3-D image (X, Y, Z), got shape {img.shape}")
     if any(s % 4 for s in img.shape):
-        raise InputError(f"predict: image sizes must be divisible by 4 (4 mm grid, e.g. 96 x 80 x 128), got {img.shape}")
+        raise InputError(f"predict: image sizes must be divisible by 4 (4 mm grid, e.g. 96 x 80 x 128), "
+                         f"got {img.shape}")
     if not np.all(np.isfinite(img)):
         raise InputError("predict: the image contains NaN or Inf values")
     model, x, dtype, _ = network_pass_input(model, img, device=device, dtype=dtype)
@@ -486,7 +566,12 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"- template supervoxels: `{SUPERVOXELS_FILE}` {tuple(card['template'].get('supervoxels_shape', []))}, "
         f"sha256 `{card['template'].get('supervoxels_sha256', '?')}`",
         f"- template image sha256: `{card['template'].get('image_sha256', 'not recorded')}`",
+        *([f"- made by slicreg {card['slicreg_version']}"] if card.get("slicreg_version") else []),
         "",
+        *(["## Intended use and limitations", "", card.get("intended_use") or "", ""]
+          if card.get("intended_use") or card.get("limitations") else []),
+        *[f"- {item}" for item in card.get("limitations") or []],
+        *([""] if card.get("limitations") else []),
         "## Training data",
         "",
     ]

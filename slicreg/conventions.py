@@ -14,29 +14,50 @@ Displacement fields
 
     which is the Learn2Reg convention. The Learn2Reg file layout is ``(X, Y, Z, 3)`` in voxels
     (:func:`to_learn2reg_layout`); world millimetres are ``affine[:3, :3] @ u`` (:func:`disp_vox_to_mm`).
+    When the moving scan has a grid of its own (``x + u(x)`` indexes *its* voxels), the world displacement is
+    ``d(p) = A_m (x + u(x)) - A_f x`` at ``p = A_f x`` (:func:`disp_vox_to_world`); ITK's displacement files hold it
+    in LPS+ (:func:`world_ras_to_lps`, :func:`to_itk_layout`). These forms exist only at the file edge.
 
 torch's ``grid_sample``
     ``grid_sample`` wants normalised coordinates in ``[-1, 1]`` in *reversed* component order (the last
     component indexes the first spatial axis) and an explicit ``align_corners``:
 
-    - ``align_corners=True``:  voxel ``p`` <-> ``2 p / (S - 1) - 1``  (voxel centres of the first and last voxel at -1, 1);
-    - ``align_corners=False``: voxel ``p`` <-> ``(2 p + 1) / S - 1``  (outer faces of the first and last voxel at -1, 1).
+    - ``align_corners=True``:  voxel ``p`` <-> ``2 p / (S - 1) - 1`` (centres of the first and last voxel at -1, 1);
+    - ``align_corners=False``: voxel ``p`` <-> ``(2 p + 1) / S - 1`` (outer faces of the first and last voxel at -1, 1).
 
     Normalised coordinates exist only inside the function that calls ``grid_sample``; everything else works
-    in voxels. The conversions below are the only place these formulas are written.
+    in voxels. The conversions (:func:`vox_to_normalised` and its inverses) are written once, in
+    :mod:`slicreg.grid`, and re-exported here.
+
+Grids
+    A :class:`~slicreg.grid.Grid` is a shape and its affine; every map between two grids (downsampling by an
+    integer factor: coarse voxel ``q`` = fine voxel ``f q + (f - 1) / 2``; the same field of view on another
+    shape or spacing; crops; any two grids through world space) is a 4x4 voxel matrix from :mod:`slicreg.grid`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from slicreg.errors import InputError
+from slicreg.grid import (
+    Grid,
+    _check_disp,
+    disp_normalised_to_vox,
+    disp_vox_to_normalised,
+    downsample_affine,
+    identity_grid_vox,
+    normalised_to_vox,
+    spacing_from_affine,
+    vox_to_normalised,
+)
 
 __all__ = [
     "Volume",
+    "Grid",
     "spacing_from_affine",
     "identity_grid_vox",
     "disp_vox_to_mm",
@@ -48,13 +69,13 @@ __all__ = [
     "disp_vox_to_normalised",
     "disp_normalised_to_vox",
     "downsample_affine",
+    "RAS_TO_LPS",
+    "disp_vox_to_world",
+    "disp_world_to_vox",
+    "world_ras_to_lps",
+    "to_itk_layout",
+    "from_itk_layout",
 ]
-
-
-def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
-    """Voxel spacing in mm along array axes 0, 1, 2: the column norms of ``affine[:3, :3]``."""
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
 
 
 @dataclass(frozen=True)
@@ -101,25 +122,20 @@ class Volume:
         """Voxel size in mm along array axes 0, 1, 2."""
         return spacing_from_affine(self.affine)
 
-    def with_array(self, array: np.ndarray, **meta: Any) -> "Volume":
+    @property
+    def grid(self) -> Grid:
+        """The volume's :class:`~slicreg.grid.Grid` (spatial shape and affine)."""
+        return Grid(self.shape, self.affine)
+
+    def with_array(self, array: np.ndarray, **meta: Any) -> Volume:
         """A volume on the same grid with another array (its spatial shape must match)."""
         if tuple(np.shape(array)[-3:]) != self.shape:
             raise InputError(f"Volume.with_array: spatial shape {np.shape(array)[-3:]} != grid {self.shape}")
         return Volume(array, self.affine, {**self.meta, **meta})
 
-    def same_grid(self, other: "Volume", *, atol_mm: float = 1e-3) -> bool:
+    def same_grid(self, other: Volume, *, atol_mm: float = 1e-3) -> bool:
         """True if both volumes have the same spatial shape and (to ``atol_mm``) the same affine."""
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol_mm))
-
-
-def identity_grid_vox(shape: Sequence[int], *, dtype: Any = np.float32) -> np.ndarray:
-    """Voxel coordinates of every voxel: array ``(3, X, Y, Z)`` with ``grid[a, i, j, k] = (i, j, k)[a]``."""
-    return np.stack(np.meshgrid(*[np.arange(s, dtype=dtype) for s in shape], indexing="ij"))
-
-
-def _check_disp(disp: Any, name: str = "disp") -> None:
-    if np.ndim(disp) != 4 or np.shape(disp)[0] != 3:
-        raise InputError(f"{name}: expected a displacement field of shape (3, X, Y, Z), got {tuple(np.shape(disp))}")
 
 
 def disp_vox_to_mm(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -149,86 +165,81 @@ def from_learn2reg_layout(disp_xyz3: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(np.asarray(disp_xyz3), -1, 0))
 
 
-def _scale_offset(shape: Sequence[int], align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-axis ``(scale, offset)`` with ``normalised = scale * voxel + offset`` (axis order X, Y, Z)."""
-    size = np.asarray(shape, dtype=np.float64)
-    if align_corners:
-        scale = np.where(size > 1, 2.0 / np.maximum(size - 1, 1), 0.0)
-        offset = np.where(size > 1, -1.0, 0.0)
-    else:
-        scale = 2.0 / size
-        offset = 1.0 / size - 1.0
-    return scale, offset
+# ------------------------------------------------------------------------------- world-space (ITK) fields
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""NIfTI world (RAS+: x towards the patient's right, y anterior, z superior) -> ITK / DICOM world (LPS+: left,
+posterior, superior): the first two axes change sign. The matrix is its own inverse."""
 
 
-def _as_float_array(x: Any) -> Any:
-    """Keep torch tensors as they are (so conversions work on any device); turn anything else into numpy."""
-    return x if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
+def _vox_map(disp: np.ndarray, lin: np.ndarray, grid_lin: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``lin @ disp(x) + grid_lin @ x + offset`` per component, for ``disp`` ``(3, X, Y, Z)``, float32.
+
+    One component at a time and without a full-size coordinate grid (the ``x`` term is a broadcast sum of three
+    1-D ramps, computed in float64), so a field of a large original scan needs little more than its output."""
+    shape = disp.shape[1:]
+    out = np.empty(disp.shape, dtype=np.float32)
+    for a in range(3):
+        ramps = [(np.arange(s, dtype=np.float64) * grid_lin[a, b] + (offset[a] if b == 0 else 0.0))
+                 .astype(np.float32).reshape([-1 if d == b else 1 for d in range(3)]) for b, s in enumerate(shape)]
+        acc = out[a]
+        np.add(ramps[0] + ramps[1], ramps[2], out=acc)
+        for b in range(3):
+            if lin[a, b] != 0.0:
+                acc += np.float32(lin[a, b]) * np.asarray(disp[b], dtype=np.float32)
+    return out
 
 
-def vox_to_normalised(coords_vox: Any, shape: Sequence[int], *, align_corners: bool) -> Any:
-    """Voxel coordinates ``(3, *S)`` (axis order X, Y, Z) -> a ``grid_sample`` grid ``(*S, 3)`` (order Z, Y, X).
-
-    Works on numpy arrays and torch tensors (returned as the same type)."""
-    coords_vox = _as_float_array(coords_vox)
-    if coords_vox.shape[0] != 3:
-        raise InputError(f"coords_vox: expected 3 components first, got shape {tuple(coords_vox.shape)}")
-    scale, offset = _scale_offset(shape, align_corners)
-    comps = [coords_vox[a] * float(scale[a]) + float(offset[a]) for a in (2, 1, 0)]
-    return _stack_last(comps)
+def _check_affine(affine: Any, name: str) -> np.ndarray:
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise InputError(f"{name}: expected a finite, invertible 4x4 voxel -> world matrix, got {a.tolist()!r:.80}")
+    return a
 
 
-def normalised_to_vox(grid: Any, shape: Sequence[int], *, align_corners: bool) -> Any:
-    """Inverse of :func:`vox_to_normalised`: a ``grid_sample`` grid ``(*S, 3)`` -> voxel coordinates ``(3, *S)``."""
-    grid = _as_float_array(grid)
-    scale, offset = _scale_offset(shape, align_corners)
-    safe = np.where(scale == 0, 1.0, scale)
-    comps = [(grid[..., 2 - a] - float(offset[a])) / float(safe[a]) for a in range(3)]
-    return _stack_first(comps)
+def disp_vox_to_world(disp_vox: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """A field in voxels (fixed -> moving, see the module docstring) -> world displacements in mm.
 
-
-def disp_vox_to_normalised(disp_vox: Any, *, align_corners: bool) -> Any:
-    """Displacement ``(3, X, Y, Z)`` in voxels -> ``(X, Y, Z, 3)`` in normalised units, order (Z, Y, X).
-
-    A displacement is a difference of positions, so only the scale of :func:`vox_to_normalised` applies."""
+    For the fixed voxel ``x`` at world point ``p = A_f x``, the moving voxel ``x + u(x)`` lies at ``A_m (x + u(x))``,
+    so the world displacement is ``d(p) = A_m (x + u(x)) - A_f x`` (in the frame of the affines: RAS+ for NIfTI;
+    :func:`world_ras_to_lps` gives ITK's). With ``moving_affine=None`` (the moving scan on the fixed grid) this is
+    ``A_f[:3, :3] @ u`` (:func:`disp_vox_to_mm`). Returns ``(3, X, Y, Z)`` float32 on the fixed grid."""
     _check_disp(disp_vox, "disp_vox")
-    disp_vox = _as_float_array(disp_vox)
-    scale, _ = _scale_offset(disp_vox.shape[1:], align_corners)
-    return _stack_last([disp_vox[a] * float(scale[a]) for a in (2, 1, 0)])
+    a_f = _check_affine(fixed_affine, "fixed_affine")
+    a_m = a_f if moving_affine is None else _check_affine(moving_affine, "moving_affine")
+    return _vox_map(np.asarray(disp_vox), a_m[:3, :3], a_m[:3, :3] - a_f[:3, :3], a_m[:3, 3] - a_f[:3, 3])
 
 
-def disp_normalised_to_vox(disp_norm: Any, *, align_corners: bool) -> Any:
-    """Inverse of :func:`disp_vox_to_normalised`: ``(X, Y, Z, 3)`` normalised -> ``(3, X, Y, Z)`` voxels."""
-    disp_norm = _as_float_array(disp_norm)
-    if disp_norm.ndim != 4 or disp_norm.shape[-1] != 3:
-        raise InputError(f"disp_norm: expected (X, Y, Z, 3), got {tuple(disp_norm.shape)}")
-    scale, _ = _scale_offset(disp_norm.shape[:3], align_corners)
-    safe = np.where(scale == 0, 1.0, scale)
-    return _stack_first([disp_norm[..., 2 - a] / float(safe[a]) for a in range(3)])
+def disp_world_to_vox(disp_mm: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """Inverse of :func:`disp_vox_to_world`: world displacements ``d(p)`` (mm, on the fixed grid) -> the voxel field
+    ``u(x) = A_m^-1 (A_f x + d(A_f x)) - x`` (fixed -> moving, voxels of the moving grid), ``(3, X, Y, Z)`` float32."""
+    _check_disp(disp_mm, "disp_mm")
+    a_f = _check_affine(fixed_affine, "fixed_affine")
+    a_m = a_f if moving_affine is None else _check_affine(moving_affine, "moving_affine")
+    inv = np.linalg.inv(a_m)
+    lin = inv[:3, :3]
+    return _vox_map(np.asarray(disp_mm), lin, lin @ a_f[:3, :3] - np.eye(3), lin @ a_f[:3, 3] + inv[:3, 3])
 
 
-def _stack_last(parts: list) -> Any:
-    if hasattr(parts[0], "detach"):
-        import torch
-
-        return torch.stack(parts, dim=-1)
-    return np.stack(parts, axis=-1)
-
-
-def _stack_first(parts: list) -> Any:
-    if hasattr(parts[0], "detach"):
-        import torch
-
-        return torch.stack(parts, dim=0)
-    return np.stack(parts, axis=0)
+def world_ras_to_lps(vectors: np.ndarray) -> np.ndarray:
+    """Vectors ``(3, ...)`` between the RAS+ and LPS+ world frames (components 0 and 1 change sign; its own inverse)."""
+    v = np.array(vectors, dtype=np.result_type(vectors, np.float32), copy=True)
+    if v.ndim < 1 or v.shape[0] != 3:
+        raise InputError(f"vectors: expected 3 components first, got shape {v.shape}")
+    v[0] *= -1
+    v[1] *= -1
+    return v
 
 
-def downsample_affine(affine: np.ndarray, factor: int) -> np.ndarray:
-    """Affine of the grid made by pooling ``factor``-cubed blocks of voxels.
+def to_itk_layout(disp_mm_lps: np.ndarray) -> np.ndarray:
+    """``(3, X, Y, Z)`` (mm, LPS) -> ITK's NIfTI vector-image layout ``(X, Y, Z, 1, 3)`` (the 4th axis is time)."""
+    _check_disp(disp_mm_lps, "disp_mm_lps")
+    return np.ascontiguousarray(np.moveaxis(np.asarray(disp_mm_lps), 0, -1)[:, :, :, None, :])
 
-    Voxel ``q`` of the coarse grid sits at the centre of its block, fine voxel ``factor * q + (factor - 1) / 2``
-    (``align_corners=False`` semantics). The network's 4 mm input (96 x 80 x 128) relates to the 2 mm scan
-    (192 x 160 x 256) this way with ``factor=2``, and its stride-2 output to the 4 mm grid the same way."""
-    scale = np.diag([factor, factor, factor, 1.0])
-    scale[:3, 3] = (factor - 1) / 2.0
-    return np.asarray(affine, dtype=np.float64) @ scale
+
+def from_itk_layout(disp_xyz13: np.ndarray) -> np.ndarray:
+    """ITK's NIfTI vector layout ``(X, Y, Z, 1, 3)`` -> ``(3, X, Y, Z)`` (values unchanged)."""
+    if np.ndim(disp_xyz13) != 5 or np.shape(disp_xyz13)[3:] != (1, 3):
+        raise InputError(f"disp: expected ITK's vector layout (X, Y, Z, 1, 3), got {tuple(np.shape(disp_xyz13))}")
+    return np.ascontiguousarray(np.moveaxis(np.asarray(disp_xyz13)[:, :, :, 0, :], -1, 0))

@@ -2,7 +2,7 @@
 
 deeds (Heinrich et al., "MRF-based deformable registration and ventilation estimation of lung CT", IEEE TMI
 2013; the ``deedsBCV`` / ``linearBCV`` / ``applyBCV`` tools) writes a transform as two files. Both are read and
-written here bit-faithfully; the facts below were verified by running deeds (see SLICREG_SPEC.md, section 2).
+written here bit-faithfully; the facts below were verified by running deeds (docs/deeds.md; docs/method.md, section 2).
 
 ``*_displacements.dat``
     Raw little-endian float32, no header, ``3 * m1 * n1 * o1`` values with ``m1 = floor(m / g)`` (likewise
@@ -38,13 +38,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from slicreg.errors import InputError
+from slicreg.fields import sample
 
 __all__ = [
     "DEFAULT_GRID_SPACING",
@@ -493,10 +495,6 @@ def deeds_from_field(
 
 
 # ------------------------------------------------------------------------------------------------ warping
-def _gather(moving: np.ndarray, idx: list[np.ndarray]) -> np.ndarray:
-    return moving[idx[0], idx[1], idx[2]]
-
-
 def _check_positions(moving: Any, pos_vox: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     moving = np.asarray(moving)
     if moving.ndim != 3:
@@ -510,7 +508,8 @@ def _check_positions(moving: Any, pos_vox: Any, what: str) -> tuple[np.ndarray, 
 
 def sample_labels_deeds(moving: np.ndarray, pos_vox: np.ndarray) -> np.ndarray:
     """deeds' label sampling: the voxel nearest to each position by C ``round`` (halves away from zero), with the
-    rounded index clamped to the grid (a position outside takes the edge label, never background).
+    rounded index clamped to the grid (a position outside takes the edge label, never background); the one
+    sampler's ``interpolation="round", padding="clamp"`` (:func:`slicreg.fields.sample`).
 
     Args:
         moving: ``(X', Y', Z')`` label map (any dtype, kept).
@@ -520,17 +519,13 @@ def sample_labels_deeds(moving: np.ndarray, pos_vox: np.ndarray) -> np.ndarray:
         ``(X, Y, Z)`` label map, dtype of ``moving``.
     """
     moving, pos = _check_positions(moving, pos_vox, "label map")
-    idx = []
-    for ax in range(3):
-        t = np.trunc(pos[ax])
-        r = t + np.sign(pos[ax]) * (np.abs(pos[ax] - t) >= 0.5)  # exact round-half-away-from-zero
-        idx.append(np.clip(r, 0, moving.shape[ax] - 1).astype(np.intp))
-    return _gather(moving, idx)
+    return sample(moving, pos, interpolation="round", padding="clamp")
 
 
 def sample_image_deeds(moving: np.ndarray, pos_vox: np.ndarray) -> np.ndarray:
     """deeds' image sampling: trilinear, each of the 8 neighbour indices clamped to the grid (the edge value
-    continues outside), weights and sums in float64 as in deeds.
+    continues outside), fractions in the positions' precision and weights and sums in float64 as in deeds; the
+    one sampler's ``interpolation="linear", padding="clamp"`` on float64 values (:func:`slicreg.fields.sample`).
 
     Args:
         moving: ``(X', Y', Z')`` image (HU or any unit).
@@ -540,25 +535,8 @@ def sample_image_deeds(moving: np.ndarray, pos_vox: np.ndarray) -> np.ndarray:
         ``(X, Y, Z)`` float32.
     """
     moving, pos = _check_positions(moving, pos_vox, "image")
-    values = moving.astype(np.float64, copy=False)
-    out = np.empty(pos.shape[1:], dtype=np.float32)
-    rows = max(1, (1 << 20) // max(1, pos.shape[2] * pos.shape[3]))  # about 1M voxels per slab bounds memory
-    for start in range(0, pos.shape[1], rows):
-        p = pos[:, start:start + rows]
-        lo = np.floor(p)
-        frac = (p - lo).astype(np.float64)
-        lo = lo.astype(np.int64)
-        acc = np.zeros(p.shape[1:], dtype=np.float64)
-        for corner in range(8):
-            bits = [(corner >> (2 - a)) & 1 for a in range(3)]
-            w = np.ones((), dtype=np.float64)
-            idx = []
-            for ax in range(3):
-                w = w * (frac[ax] if bits[ax] else 1.0 - frac[ax])
-                idx.append(np.clip(lo[ax] + bits[ax], 0, moving.shape[ax] - 1))
-            acc += w * _gather(values, idx)
-        out[start:start + rows] = acc
-    return out
+    out = sample(moving.astype(np.float64, copy=False), pos, interpolation="linear", padding="clamp")
+    return out.astype(np.float32)
 
 
 def warp_labels_deeds(moving: np.ndarray, ctrl_vox: np.ndarray, *, matrix: np.ndarray | None = None,

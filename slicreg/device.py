@@ -8,7 +8,7 @@ from __future__ import annotations
 from slicreg.errors import InputError
 
 
-def resolve_device(device: object, *, what: str = "--device") -> "torch.device":  # noqa: F821
+def resolve_device(device: object, *, what: str = "--device") -> torch.device:  # noqa: F821
     """``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` (or a torch.device) -> a usable :class:`torch.device`.
 
     Raises:

@@ -11,7 +11,11 @@ File layouts:
 - images and label maps: 3-D NIfTI, array order ``(i, j, k)`` as stored;
 - multi-channel volumes (e.g. 16 supervoxel layers): 4-D NIfTI ``(X, Y, Z, C)``; in memory ``(C, X, Y, Z)``;
 - displacement fields: NIfTI ``(X, Y, Z, 3)`` float32, voxels of the fixed grid, fixed -> moving, with the fixed
-  image's affine (the Learn2Reg layout; see :mod:`slicreg.conventions`).
+  image's affine (the Learn2Reg layout; see :mod:`slicreg.conventions`); on request also as an ITK displacement
+  field (``(X, Y, Z, 1, 3)``, millimetres, LPS) or deeds' files (:data:`FIELD_FORMATS`, :func:`save_field_as`,
+  docs/formats.md).
+
+``.nii.gz`` files are compressed with ISA-L at gzip level 1 when ``isal`` is installed (:func:`_write_nifti`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import logging
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,6 +54,11 @@ __all__ = [
     "save_volume",
     "load_field",
     "save_field",
+    "FIELD_FORMATS",
+    "save_field_itk",
+    "save_field_as",
+    "field_output_files",
+    "check_field_format",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,6 +75,19 @@ def _full_suffix(path: Path) -> str:
     return path.suffix
 
 
+def _new_temporary(path: Path) -> Path:
+    """Create an empty temporary beside ``path`` (its suffix kept), after checking the target and tidying the
+    folder (publications a killed process started are finished, its stale temporaries of ``path`` removed)."""
+    check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_publications(path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=TMP_MARK + _full_suffix(path),
+                               dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on error remove it.
@@ -73,14 +96,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     behave. ``os.replace`` is atomic on one file system, so readers see the old file or the complete new one.
     """
     path = Path(path)
-    check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover_publications(path.parent)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=TMP_MARK + _full_suffix(path),
-                               dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temporary(path)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -216,16 +232,10 @@ class OutputSet:
         final = Path(final)
         if final in self.pending:
             return self.pending[final]
-        check_output_path(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _recover_publications(final.parent)
-        remove_stale_temporaries(final)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{_owner()}.", suffix=TMP_MARK + _full_suffix(final),
-                                   dir=final.parent)
-        os.close(fd)
-        os.unlink(tmp)  # writers create it; an unwritten output is detected at publication
-        self.pending[final] = Path(tmp)
-        return Path(tmp)
+        tmp = _new_temporary(final)
+        tmp.unlink()  # writers create it; an unwritten output is detected at publication
+        self.pending[final] = tmp
+        return tmp
 
 
 def _roll_forward(journal: Path, pairs: list[tuple[str, str]]) -> None:
@@ -331,8 +341,16 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's content."""
+    """Hex sha256 of a file's content; of a folder (e.g. a DICOM series): of its files' relative names and
+    contents, in sorted order (hidden files left out), so the same series copied elsewhere hashes the same."""
+    path = Path(path)
     digest = hashlib.sha256()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+        for p in files:
+            digest.update(p.relative_to(path).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
+        return digest.hexdigest()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
@@ -349,7 +367,8 @@ def _open_nifti(path: Path) -> Any:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a NIfTI file (.nii or .nii.gz)")
+        raise InputError(f"{path}: is a folder, expected a NIfTI file (.nii or .nii.gz) here (a folder is read as a "
+                         f"DICOM series only where an image or label map is expected)")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for foreign or damaged files
@@ -428,7 +447,7 @@ def load_volume(
     """Read a NIfTI file into a :class:`Volume`, validating it.
 
     Args:
-        path: ``.nii`` or ``.nii.gz`` file.
+        path: ``.nii`` or ``.nii.gz`` file, or a folder holding one DICOM series (:mod:`slicreg.dicom`).
         kind: ``"image"`` returns float32; ``"labels"`` requires integer values and returns the smallest
             unsigned/signed integer dtype that holds them; ``"any"`` keeps the stored dtype (scaled if the header
             says so).
@@ -443,7 +462,20 @@ def load_volume(
     import nibabel as nib
 
     path = Path(path)
-    img = _open_nifti(path)
+    dicom_meta: dict[str, Any] = {}
+    if path.is_dir():  # a folder holding one DICOM series (slicreg.dicom): stacked, in RAS, then as a NIfTI file
+        from slicreg.dicom import read_dicom_series
+
+        series = read_dicom_series(path)
+        img, dicom_meta = nib.Nifti1Image(series.array, series.affine), series.meta
+    else:
+        if not path.name.endswith(NIFTI_SUFFIXES) and path.is_file():
+            from slicreg.dicom import is_dicom_file
+
+            if is_dicom_file(path):
+                raise InputError(f"{path}: is a single DICOM file; expected a NIfTI file or the folder that holds "
+                                 f"the whole DICOM series (pass {path.parent})")
+        img = _open_nifti(path)
     original = "".join(nib.aff2axcodes(img.affine))
     if canonical:
         img = nib.as_closest_canonical(img)
@@ -469,7 +501,7 @@ def load_volume(
         data = _as_integer_labels(data, path)
     if data.ndim == 4:
         data = np.moveaxis(data, -1, 0)
-    meta = {"source": str(path), "original_axcodes": original}
+    meta = {**dicom_meta, "source": str(path), "original_axcodes": original}
     return Volume(np.ascontiguousarray(data), img.affine, meta)
 
 
@@ -530,21 +562,31 @@ def save_volume(volume: Volume, path: str | os.PathLike, *, dtype: Any = None) -
     img.set_qform(volume.affine, code=1)
     img.set_sform(volume.affine, code=1)
     with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+        _write_nifti(img, tmp)
     return path
 
 
-def load_field(path: str | os.PathLike, *, fixed: Volume | None = None) -> Volume:
-    """Read a displacement-field file ``(X, Y, Z, 3)`` -> :class:`Volume` with array ``(3, X, Y, Z)`` float32.
+def load_field(path: str | os.PathLike, *, fixed: Volume | None = None,
+               moving: Volume | np.ndarray | None = None) -> Volume:
+    """Read a displacement-field file -> :class:`Volume`: array ``(3, X, Y, Z)`` float32 in voxels (fixed ->
+    moving) and the file's affine (the fixed grid's).
+
+    The file holds ``(X, Y, Z, 3)`` voxel displacements (Learn2Reg's layout, :func:`save_field`), or the same as
+    ``(X, Y, Z, 1, 3)`` as some tools write it. An ITK displacement field (a vector image ``(X, Y, Z, 1, 3)`` with
+    intent vector / displacement vector, in millimetres, LPS, as :func:`save_field_itk`, SimpleITK and ANTs write
+    it; :func:`is_itk_displacement`) is recognised and converted to voxels of the moving grid, which needs
+    ``moving`` (the moving image or its affine); without it the file is refused with a message saying so.
 
     If ``fixed`` is given, the field's grid must be ``fixed``'s: the same shape, and every voxel at the same world
-    position within 1e-3 mm (:func:`slicreg.checks.same_grid`); a field stored with the identity affine
-    (``np.eye(4)``, "no geometry recorded", as many Learn2Reg submissions are written) is accepted when its shape
-    matches, with a logged note, and returned with ``fixed``'s affine.
+    position within :data:`slicreg.checks.GRID_TOL_MM` (1e-3 mm; :func:`slicreg.checks.same_grid`); a field stored
+    with the identity affine (``np.eye(4)``, "no geometry recorded", as many Learn2Reg submissions are written) is
+    accepted when its shape matches, with a logged note, and returned with ``fixed``'s affine. Without ``fixed``
+    the grid is not checked.
 
     Raises:
-        InputError: not a field file, NaN/Inf values, or (with ``fixed``) a field on another grid; the message
-            names the file and both grids (orientation, shape, spacing, origin)."""
+        InputError: not a NIfTI field of those shapes, NaN/Inf values, an ITK field without ``moving``, or (with
+            ``fixed``) a field of another shape or on another grid; the message names the file and both grids
+            (orientation, shape, spacing, origin)."""
     path = Path(path)
     img = _open_nifti(path)
     shape = tuple(int(s) for s in img.shape)
@@ -558,6 +600,8 @@ def load_field(path: str | os.PathLike, *, fixed: Volume | None = None) -> Volum
     if not np.all(np.isfinite(data)):
         raise InputError(f"{path}: displacement field contains NaN or Inf values")
     field = Volume(from_learn2reg_layout(data), img.affine, {"source": str(path)})
+    if is_itk_displacement(img):
+        field = _itk_field_to_voxels(field, moving, path)
     if fixed is None:
         return field
     from slicreg.checks import GRID_TOL_MM, grid_description, same_grid
@@ -586,7 +630,159 @@ def save_field(disp_vox: np.ndarray, affine: np.ndarray, path: str | os.PathLike
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    img.header.set_intent("vector", (), "disp_vox_f2m")
+    img.header.set_intent("vector", (), VOXEL_INTENT_NAME)
     with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+        _write_nifti(img, tmp)
     return path
+
+
+# ------------------------------------------------------------------------------------ fast gzip, field formats
+GZIP_LEVEL = 1
+"""gzip level of every ``.nii.gz`` written (nibabel's own default); ISA-L's level 1 gives files of the same size."""
+
+
+def _gzip_writer(fileobj: Any) -> Any:
+    """A gzip stream into ``fileobj``: ISA-L (``isal``; several times faster than zlib at level 1, measured in
+    docs/measurements.md) when installed, else the standard library's. No file name and mtime 0 in the gzip
+    header, so equal data give equal bytes."""
+    try:
+        from isal import igzip as gz
+    except ImportError:  # pragma: no cover - isal is a dependency; a platform without its wheel falls back
+        import gzip as gz
+    return gz.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=fileobj, mtime=0)
+
+
+def _write_nifti(img: Any, path: Path) -> None:
+    """``nib.save(img, path)``; a ``.nii.gz`` is serialised once and compressed by :func:`_gzip_writer`."""
+    if not str(path).endswith(".gz"):
+        import nibabel as nib
+
+        nib.save(img, str(path))
+        return
+    data = img.to_bytes()  # header + voxel data exactly as nibabel writes a .nii
+    with open(path, "wb") as fh, _gzip_writer(fh) as gz:
+        gz.write(data)
+
+
+FIELD_FORMATS = ("voxels", "itk", "deeds")
+"""Field file formats: ``voxels`` -- NIfTI ``(X, Y, Z, 3)`` float32, voxels, fixed -> moving (Learn2Reg);
+``itk`` -- ITK displacement field: NIfTI vector image ``(X, Y, Z, 1, 3)`` float32, millimetres in LPS+, on the fixed
+grid (SimpleITK's ``DisplacementFieldTransform``, ANTs' ``antsApplyTransforms``, 3D Slicer); ``deeds`` --
+``STEM_displacements.dat`` + ``STEM_matrix.txt`` (:mod:`slicreg.deeds`; fixed and moving of one grid size).
+See docs/formats.md."""
+VOXEL_INTENT_NAME = "disp_vox_f2m"
+ITK_INTENT_NAME = "disp_mm_lps"
+DEEDS_SUFFIX = "_displacements.dat"
+
+
+def deeds_stem(path: str | os.PathLike) -> str:
+    """The deeds stem of an output name: ``u_displacements.dat`` -> ``u``; any other name is the stem itself."""
+    path = str(path)
+    return path[: -len(DEEDS_SUFFIX)] if path.endswith(DEEDS_SUFFIX) else path
+
+
+def field_output_files(path: str | os.PathLike, fmt: str) -> list[Path]:
+    """The files a field written as ``fmt`` to ``path`` consists of (one NIfTI file, or deeds' two files)."""
+    check_field_format(fmt, path)
+    if fmt == "deeds":
+        stem = deeds_stem(path)
+        return [Path(f"{stem}{DEEDS_SUFFIX}"), Path(f"{stem}_matrix.txt")]
+    return [Path(path)]
+
+
+def check_field_format(fmt: str, path: str | os.PathLike | None = None, *, flag: str = "--field-format") -> None:
+    """Raise :class:`InputError` for an unknown format, or a NIfTI format whose file name does not end in .nii or
+    .nii.gz (before any work)."""
+    if fmt not in FIELD_FORMATS:
+        raise InputError(f"{flag} {fmt}: expected one of {', '.join(FIELD_FORMATS)}")
+    if path is not None and fmt != "deeds" and not str(path).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{path}: a field in the {fmt!r} format is a NIfTI file; the name must end in .nii or "
+                         f".nii.gz (deeds' files: {flag} deeds)")
+
+
+def save_field_itk(disp_vox: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray | None,
+                   path: str | os.PathLike) -> Path:
+    """Write a field ``(3, X, Y, Z)`` (voxels, fixed -> moving) as an ITK displacement field, atomically.
+
+    The file holds, at every fixed voxel ``x`` (world point ``p = A_f x``), ``d(p) = A_m (x + u(x)) - A_f x`` in
+    millimetres with components in LPS+ (ITK's frame; :func:`slicreg.conventions.disp_vox_to_world`), as a NIfTI
+    vector image ``(X, Y, Z, 1, 3)`` float32 with intent "vector" and the fixed grid's geometry: ITK maps a fixed
+    point ``p`` to the moving point ``p + d(p)`` (resampling the moving image onto the fixed grid with it gives the
+    warped image). ITK's NIfTI reader converts the geometry from RAS to LPS but not the vector components (checked
+    with SimpleITK 2.5), hence the LPS components on disk. ``moving_affine=None``: the moving scan is on the fixed
+    grid."""
+    import nibabel as nib
+
+    from slicreg.conventions import disp_vox_to_world, to_itk_layout, world_ras_to_lps
+
+    path = Path(path)
+    check_field_format("itk", path)
+    affine = np.asarray(fixed_affine, dtype=np.float64)
+    world = world_ras_to_lps(disp_vox_to_world(np.asarray(disp_vox, dtype=np.float32), affine, moving_affine))
+    img = nib.Nifti1Image(to_itk_layout(world).astype(np.float32, copy=False), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_intent("vector", (), ITK_INTENT_NAME)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        _write_nifti(img, tmp)
+    return path
+
+
+def save_field_as(disp_vox: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray | None,
+                  path: str | os.PathLike, fmt: str = "voxels", *, outputs: Any = None,
+                  moving_shape: tuple[int, ...] | None = None, deeds_grid_spacing: int = 4) -> list[Path]:
+    """Write a field (voxels, fixed -> moving, on the fixed grid) in one of :data:`FIELD_FORMATS`.
+
+    Args:
+        disp_vox: ``(3, X, Y, Z)``; ``x + u(x)`` is a voxel of the moving scan.
+        fixed_affine, moving_affine: the two scans' voxel -> world matrices (``moving_affine=None``: the fixed one).
+        path: the output file (``deeds``: the stem, or ``STEM_displacements.dat``).
+        fmt: ``"voxels"`` (Learn2Reg layout, :func:`save_field`), ``"itk"`` (:func:`save_field_itk`) or
+            ``"deeds"`` (control grid of ``deeds_grid_spacing`` + a least-squares affine in the matrix file).
+        outputs: an :class:`OutputSet` (:func:`atomic_outputs`) to publish the file(s) with a command's other
+            outputs; by default each format's file(s) are published on their own.
+        moving_shape: the moving grid's shape; deeds needs it equal to the fixed one.
+
+    Returns the final path(s) written."""
+    check_field_format(fmt, path)
+    disp = np.asarray(disp_vox)
+    finals = field_output_files(path, fmt)
+    if fmt == "deeds":
+        from slicreg import deeds
+
+        if moving_shape is not None and tuple(moving_shape) != tuple(disp.shape[1:]):
+            raise InputError(f"{path}: deeds' format needs fixed and moving scans of one grid size, got fixed "
+                             f"{tuple(disp.shape[1:])} and moving {tuple(moving_shape)}; write --field-format itk "
+                             f"or voxels instead")
+        ctrl, matrix = deeds.deeds_from_field(disp, grid_spacing=deeds_grid_spacing, affine="fit")
+        return list(deeds.write_deeds(deeds_stem(path), ctrl, matrix, outputs=outputs))
+    target = outputs.path(finals[0]) if outputs is not None else finals[0]
+    if fmt == "itk":
+        save_field_itk(disp, fixed_affine, moving_affine, target)
+    else:
+        save_field(disp, fixed_affine, target)
+    return finals
+
+
+def is_itk_displacement(img: Any) -> bool:
+    """True for a NIfTI vector image ``(X, Y, Z, 1, 3)`` as ITK writes displacement fields (intent vector or
+    displacement vector), except slicreg's own voxel fields in that layout."""
+    header = img.header
+    if len(img.shape) != 5 or tuple(img.shape[3:]) != (1, 3) or int(header["intent_code"]) not in (1006, 1007):
+        return False
+    name = np.asarray(header["intent_name"]).tobytes().split(b"\0", 1)[0].decode("latin-1")
+    return name != VOXEL_INTENT_NAME
+
+
+def _itk_field_to_voxels(field: Volume, moving: Volume | np.ndarray | None, path: Path) -> Volume:
+    """An ITK displacement field read as ``(3, X, Y, Z)`` (mm, LPS, the file's grid = the fixed grid) -> voxels."""
+    from slicreg.conventions import disp_world_to_vox, world_ras_to_lps
+
+    if moving is None:
+        raise InputError(f"{path}: an ITK displacement field (millimetres, LPS); expressing it in voxels needs the "
+                         f"moving image's grid, which this command does not have: write the field with "
+                         f"--field-format voxels for it")
+    moving_affine = moving.affine if isinstance(moving, Volume) else np.asarray(moving, dtype=np.float64)
+    disp = disp_world_to_vox(world_ras_to_lps(field.array), field.affine, moving_affine)
+    return Volume(disp, field.affine, {**field.meta, "file_format": "itk"})

@@ -11,7 +11,7 @@ example scan does not contain it.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -4,8 +4,8 @@ All functions are pure: arrays in, numbers out; nothing here reads a file. Label
 ``(X, Y, Z)`` on the fixed grid; fields are ``(3, X, Y, Z)`` in voxels, fixed -> moving (see
 :mod:`slicreg.conventions`). numpy arrays and torch tensors are accepted (tensors are copied to the CPU).
 
-Definitions (SLICREG_SPEC.md section 8)
----------------------------------------
+Definitions (docs/evaluation.md; docs/method.md, section 8)
+-----------------------------------------------------------
 Warping
     Learn2Reg warps the moving segmentation with ``scipy.ndimage.map_coordinates(moving, identity + disp,
     order=0)``: nearest neighbour rounding half up, and -- because of ``mode="constant"`` -- a sampling
@@ -13,12 +13,14 @@ Warping
     :func:`warp_labels_learn2reg` calls exactly that. :func:`slicreg.fields.warp_labels` agrees except at
     exact .5 ties and in that half-voxel band outside the grid, which it maps to the edge voxel.
 
-Dice, two definitions (both report ``2 |F & W| / (|F| + |W|)`` where both are defined)
-    - **Learn2Reg** (:func:`dice_learn2reg`): a label absent from the fixed *or the (unwarped) moving*
-      segmentation is skipped: NaN, and means are NaN-means. A label present in both but lost by the warp
-      scores 0.
-    - **SLIC-Reg reference** (:func:`dice_reference`): every label counts; an absent label scores 0 and is
-      still averaged (also when it is absent from both).
+Dice (:func:`dice`): ``2 |F & W| / (|F| + |W|)`` per label; the rules differ only for absent labels
+(``absent=``)
+    - ``"learn2reg"``: a label absent from the fixed *or the (unwarped) moving* segmentation is skipped: NaN,
+      and means are NaN-means. A label present in both but lost by the warp scores 0.
+    - ``"zero"`` (the SLIC-Reg reference): every label counts; an absent label scores 0 and is still averaged
+      (also when it is absent from both).
+    - ``"nan"``: NaN only where the ratio is undefined (absent from both maps compared); used where no
+      unwarped moving map is at hand (the cohort's checks of its true fields).
 
 HD95 (:func:`hausdorff`, :func:`hd95_learn2reg`)
     The definition of the surface-distance library Learn2Reg uses. Surfaces live on the grid of voxel
@@ -36,8 +38,9 @@ HD95 (:func:`hausdorff`, :func:`hd95_learn2reg`)
 
 Jacobian (:func:`jacobian_determinant`, :func:`jacobian_stats`)
     ``det(I + grad u)`` with ``grad u`` from central differences ``(u[i+1] - u[i-1]) / 2`` (one-sided at the
-    outermost voxels, as :func:`numpy.gradient`). Statistics use the field cropped by 2 voxels at every
-    border (Learn2Reg's crop, which also removes the one-sided edge differences):
+    outermost voxels, as :func:`numpy.gradient`): :func:`slicreg.fields.jacobian_determinant`, the project's
+    one Jacobian, importable from here too (numpy in, float64 out). Statistics use the field cropped by 2 voxels at
+    every border (Learn2Reg's crop, which also removes the one-sided edge differences):
     ``sdlogj_learn2reg = std(log(clip(det + 3, 1e-9, 1e9)))`` exactly as Learn2Reg computes it (the "+ 3" is
     theirs), ``std_log_det = std(log det)`` over the voxels with ``det > 0``, ``folding_percent`` = the
     percentage of voxels with ``det <= 0``.
@@ -56,19 +59,21 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from slicreg.errors import InputError
+from slicreg.fields import jacobian_determinant  # the one Jacobian, re-exported for the evaluation
 from slicreg.labels import BTCV_IDS, LARGE_ORGANS
 
 __all__ = [
     "DEFAULT_GROUPS",
     "warp_labels_learn2reg",
     "overlap_counts",
-    "dice_learn2reg",
-    "dice_reference",
+    "ABSENT_RULES",
+    "dice",
     "mean_learn2reg",
     "mean_reference",
     "group_means",
@@ -154,9 +159,10 @@ def warp_labels_learn2reg(moving: Any, disp_vox: Any) -> np.ndarray:
     """Warp a label map exactly as Learn2Reg does: ``map_coordinates(moving, identity + disp, order=0)``.
 
     Nearest neighbour, rounding half up, computed in float64 (Learn2Reg's ``get_fdata()``); a position outside
-    ``[0, n - 1]`` on any axis is background (``mode="constant"``). :func:`slicreg.fields.warp_labels` gives the
-    same labels except in the half-voxel band just outside the grid, which it still maps to the edge voxel
-    (checked in the tests); ``map_coordinates`` is also several times faster on a CPU.
+    ``[0, n - 1]`` on any axis is background (``mode="constant"``): :func:`slicreg.fields.warp_labels` with the
+    one sampler's ``"scipy"`` backend. The default gather backend gives the same labels except where a float32
+    position rounds across a half-voxel boundary (checked in the tests); ``map_coordinates`` is also several
+    times faster on a CPU.
 
     Args:
         moving: integer label map ``(X', Y', Z')``.
@@ -165,15 +171,11 @@ def warp_labels_learn2reg(moving: Any, disp_vox: Any) -> np.ndarray:
     Returns:
         The warped label map ``(X, Y, Z)`` with the dtype of ``moving``.
     """
-    from scipy.ndimage import map_coordinates
-
-    from slicreg.conventions import identity_grid_vox
+    from slicreg.fields import warp_labels
 
     mov = _labels_array(moving, "moving")
     disp = _disp_array(disp_vox, "disp_vox")
-    coords = identity_grid_vox(disp.shape[1:], dtype=np.float64)
-    coords += disp
-    return map_coordinates(mov, coords, order=0, mode="constant", cval=0)
+    return warp_labels(mov, disp, padding="zeros", backend="scipy")
 
 
 # ------------------------------------------------------------------------------------------------- Dice
@@ -201,32 +203,65 @@ def _dice_from_counts(counts: np.ndarray) -> np.ndarray:
         return np.where(total > 0, 2.0 * counts[:, 2] / np.maximum(total, 1), np.nan)
 
 
-def dice_learn2reg(fixed: Any, moving: Any, warped: Any, *, labels: Iterable[int] | None = None) -> np.ndarray:
-    """Dice per label, Learn2Reg definition: NaN where the label is absent from ``fixed`` or ``moving``.
+ABSENT_RULES: tuple[str, ...] = ("learn2reg", "zero", "nan")
+"""The rules :func:`dice` knows for a label absent from a segmentation (see the module docstring)."""
+
+
+def _dice_rule(counts: np.ndarray, absent: str, present_moving: np.ndarray | None) -> np.ndarray:
+    """Dice from :func:`overlap_counts` with the absent-label rule applied (``present_moving`` for Learn2Reg)."""
+    d = _dice_from_counts(counts)
+    if absent == "zero":
+        return np.nan_to_num(d, nan=0.0)
+    if absent == "learn2reg":
+        return np.where((counts[:, 0] > 0) & present_moving, d, np.nan)
+    return d
+
+
+def dice(
+    fixed: Any,
+    warped: Any,
+    labels: Iterable[int] | None = None,
+    *,
+    absent: Literal["learn2reg", "zero", "nan"],
+    moving: Any = None,
+    mask: Any = None,
+) -> np.ndarray:
+    """Dice ``2 |F & W| / (|F| + |W|)`` per label, with the rule for absent labels chosen by ``absent``.
 
     Args:
         fixed: fixed label map ``(X, Y, Z)``.
-        moving: the *unwarped* moving label map (any shape): only used to decide which labels are absent.
         warped: the moving label map warped onto the fixed grid ``(X, Y, Z)``.
-        labels: label ids (default 1..13).
+        labels: label ids (default the 13 BTCV ids 1..13).
+        absent: ``"learn2reg"`` (NaN where the label is absent from ``fixed`` or from the unwarped ``moving``;
+            average with :func:`mean_learn2reg`), ``"zero"`` (the SLIC-Reg reference: an absent label scores 0,
+            never NaN; average with :func:`mean_reference`) or ``"nan"`` (NaN only where absent from both
+            ``fixed`` and ``warped``). Keyword-only and required: every score says which rule it follows.
+        moving: the *unwarped* moving label map (any shape); required for ``"learn2reg"``, which uses it only to
+            decide which labels are absent.
+        mask: optional boolean ``(X, Y, Z)`` region to count in (e.g. where the moving scan has data); voxels
+            outside it count as background in ``fixed`` and ``warped`` (``moving`` is not masked).
 
     Returns:
-        ``(L,)`` float64 in [0, 1] or NaN. Average with :func:`mean_learn2reg` (a NaN-mean).
+        ``(L,)`` float64 in [0, 1] or NaN, in the order of ``labels``.
     """
+    if absent not in ABSENT_RULES:
+        raise InputError(f"dice: absent must be one of {', '.join(map(repr, ABSENT_RULES))}, got {absent!r}")
     labs = _label_list(labels)
-    mov = _labels_array(moving, "moving")
-    counts = overlap_counts(fixed, warped, labels=labs)
-    present_moving = np.array([np.any(mov == lab) for lab in labs], dtype=bool)
-    return np.where((counts[:, 0] > 0) & present_moving, _dice_from_counts(counts), np.nan)
-
-
-def dice_reference(fixed: Any, warped: Any, *, labels: Iterable[int] | None = None) -> np.ndarray:
-    """Dice per label, SLIC-Reg reference definition: an absent label scores 0 (also when absent from both).
-
-    Returns:
-        ``(L,)`` float64 in [0, 1], never NaN. Average with :func:`mean_reference` (a plain mean).
-    """
-    return np.nan_to_num(_dice_from_counts(overlap_counts(fixed, warped, labels=labels)), nan=0.0)
+    f = _labels_array(fixed, "fixed")
+    w = _labels_array(warped, "warped")
+    _same_shape({"fixed": f, "warped": w})
+    if mask is not None:
+        m = _mask_array(mask, "mask")
+        if m.shape != f.shape:
+            raise InputError(f"mask: shape {m.shape} does not match the label maps {f.shape}")
+        f, w = np.where(m, f, 0), np.where(m, w, 0)
+    present_moving = None
+    if absent == "learn2reg":
+        if moving is None:
+            raise InputError('dice: absent="learn2reg" needs the unwarped moving label map (moving=...)')
+        mov = _labels_array(moving, "moving")
+        present_moving = np.array([np.any(mov == lab) for lab in labs], dtype=bool)
+    return _dice_rule(overlap_counts(f, w, labels=labs), absent, present_moving)
 
 
 def mean_learn2reg(values: Any) -> float:
@@ -468,7 +503,6 @@ def score_labels(
     counts = overlap_counts(f, w, labels=labs)
     present_moving = np.array([np.any(m == lab) for lab in labs], dtype=bool)
     present_fixed = counts[:, 0] > 0
-    dice = _dice_from_counts(counts)
     valid = present_fixed & present_moving
     hd_vox = np.full(len(labs), np.nan)
     hd_mm = np.full(len(labs), np.nan)
@@ -483,8 +517,8 @@ def score_labels(
     ml = float(np.prod(step)) / 1000.0
     return {
         "label": np.asarray(labs, dtype=np.int64),
-        "dice_learn2reg": np.where(valid, dice, np.nan),
-        "dice_reference": np.nan_to_num(dice, nan=0.0),
+        "dice_learn2reg": _dice_rule(counts, "learn2reg", present_moving),
+        "dice_reference": _dice_rule(counts, "zero", None),
         "hd95_vox": hd_vox,
         "hd95_mm": hd_mm,
         "present_fixed": present_fixed,
@@ -496,39 +530,6 @@ def score_labels(
 
 
 # --------------------------------------------------------------------------------------------- Jacobian
-def jacobian_determinant(disp_vox: Any, *, chunk: int = 16) -> np.ndarray:
-    """``det(I + grad u)`` per voxel from central differences (``numpy.gradient``, unit voxel steps).
-
-    The determinant of a voxel-unit field on its voxel grid equals the physical one (the spacing cancels), so
-    no spacing is needed. Computed in slabs of ``chunk`` planes along axis 0 (with a one-plane halo, so the
-    result is identical to the whole-volume computation) to keep the float64 temporaries in cache.
-
-    Args:
-        disp_vox: field ``(3, X, Y, Z)`` in voxels; every spatial size must be at least 2.
-        chunk: planes per slab (a speed knob only).
-
-    Returns:
-        ``(X, Y, Z)`` float64; 1 = volume kept, < 1 shrinking, > 1 growing, <= 0 folding.
-    """
-    u = _disp_array(disp_vox, "disp_vox").astype(np.float64, copy=False)
-    if min(u.shape[1:]) < 2:
-        raise InputError(f"disp_vox: every spatial size must be >= 2 for differences, got {u.shape[1:]}")
-    n = u.shape[1]
-    step = max(1, int(chunk))
-    out = np.empty(u.shape[1:], dtype=np.float64)
-    for x0 in range(0, n, step):
-        x1 = min(n, x0 + step)
-        lo, hi = max(0, x0 - 1), min(n, x1 + 1)
-        # g[c][d] = d u_c / d x_d on the slab; the halo planes make the slab's own planes central differences
-        g = [np.gradient(u[c, lo:hi], axis=(0, 1, 2)) for c in range(3)]
-        j = [[g[c][d] + (1.0 if c == d else 0.0) for d in range(3)] for c in range(3)]
-        det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-               - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-               + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-        out[x0:x1] = det[x0 - lo:x1 - lo]
-    return out
-
-
 def crop_border(volume: Any, width: int = LEARN2REG_CROP) -> np.ndarray:
     """``volume[..., w:-w, w:-w, w:-w]`` (the last three axes); ``width=0`` returns it unchanged."""
     v = _np(volume)
@@ -567,7 +568,7 @@ def jacobian_stats(disp_vox: Any, *, mask: Any = None, crop: int = LEARN2REG_CRO
         ``folding_percent`` (% of voxels with ``det <= 0``), ``det_min``, ``det_mean``, ``det_max``,
         ``n_voxels`` (voxels counted). NaN values (and ``n_voxels = 0``) for an empty mask.
     """
-    det = crop_border(jacobian_determinant(disp_vox), crop)
+    det = crop_border(jacobian_determinant(_disp_array(disp_vox, "disp_vox")), crop)
     if mask is not None:
         m = _mask_array(mask, "mask")
         if m.shape != tuple(_np(disp_vox).shape[1:]):

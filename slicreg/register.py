@@ -1,10 +1,11 @@
-"""Registration by supervoxels (SLIC-Reg inference, SLICREG_SPEC.md section 7) for preprocessed scans.
+"""Registration by supervoxels (SLIC-Reg inference, docs/method.md "Registration") for preprocessed scans.
 
 Both scans are preprocessed CT (2 mm, typically 192 x 160 x 256, HU). The network predicts the 16 supervoxel
 maps of each scan; the template's own supervoxels may stand for the template side (atlas mode). The maps are
 put in correspondence by the Adam keypoint flow of :mod:`slicreg.flow`, whose thin-plate spline gives the dense
 field on the fixed 2 mm grid (voxels, fixed -> moving). :func:`refine_field` optionally polishes that field by
-a short instance optimisation on MIND-SSC image features (``refine=True``).
+a short instance optimisation on MIND-SSC image features (``refine=True``): the align engine
+(:func:`slicreg.align.register_pair`, preset ``"refine"``) started from the supervoxel field.
 
 Prediction: the network's logits ``(16, 128, X/4, Y/4, Z/4)`` (stride 2 of its 4 mm input) -> per-layer argmax ->
 nearest upsampling to the 4 mm supervoxel grid. Output voxel ``q`` of the network is centred on 4 mm voxel
@@ -24,7 +25,6 @@ Timings: every function here reports wall seconds per step in ``info["timings_s"
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +35,7 @@ from slicreg.errors import InputError
 
 __all__ = ["RegistrationResult", "network_labels", "predict_supervoxels", "upsample_labels_stride2",
            "stride2_labels", "register_supervoxel_maps", "register_preprocessed", "refine_field", "FLOW_DEFAULTS",
-           "REFINE_DEFAULTS"]
+           "REFINE_PRESET"]
 
 FLOW_DEFAULTS: dict[str, Any] = {"init": "centres", "patience": 10, "tol": 3e-3,
                                  "keypoints": "random", "alpha": 6.5e-6, "lam": 10.0}
@@ -44,23 +44,12 @@ FLOW_DEFAULTS: dict[str, Any] = {"init": "centres", "patience": 10, "tol": 3e-3,
 ``init="centres"`` starts the Adam flow from matched supervoxel centres, so that scans need no affine
 pre-alignment (the capture range of the flow from zero is ~15-25 supervoxel voxels, 60-100 mm).
 ``keypoints="random"`` (2048 seeded foreground points), ``alpha=6.5e-6`` and ``lam=10`` were chosen on the
-cohort's 20 training pairs with the shipped weights (``benchmarks/tune_flow.py``, docs/flow_tuning.md): Dice
-over 13 organs 55.5 -> 57.4 %, better on 20 of 20 pairs, no folding."""
+cohort's 20 training pairs with the shipped weights (``benchmarks/tune_flow.py``; the scores are in
+docs/flow_tuning.md, "Conclusions")."""
 
-REFINE_DEFAULTS: dict[str, Any] = {
-    "factor": 4,  # the refined displacement lives on every 4th voxel (8 mm for 2 mm scans), so do the images
-    "iterations": 80,  # Adam steps
-    "lr": 0.5,  # Adam step at the start, coarse voxels; decays (cosine) to lr * lr_final
-    "lr_final": 0.1,
-    "weight": 0.03,  # diffusion weight (dimensionless derivatives: displacement and spacing in coarse voxels)
-    "penalise": "increment",  # diffusion of the change made by the refinement ("field": of the whole field)
-    "subsample": 2,  # compare every 2nd coarse voxel per axis per iteration (1/8), fresh random offset each time
-    "eps": 1e-2,  # Adam's eps for the loss summed over the sampled voxels: gradients far below it move nothing
-    "mind_radius": 1,  # MIND-SSC patch half-width, coarse voxels
-    "mind_dilation": 1,  # MIND-SSC neighbour distance, coarse voxels
-    "clip_hu": (-400.0, 600.0),  # intensity window before MIND (air and bone flat), as slicreg.align's CT preset
-}
-"""Defaults of :func:`refine_field` (one place; the ``register`` stage's ``refine_options`` override them)."""
+REFINE_PRESET = "refine"
+"""The align engine preset of :func:`refine_field` (``slicreg.align.PRESETS``: its settings live there, in one
+place; the ``register`` stage's ``refine_options`` override them)."""
 
 
 @dataclass
@@ -95,26 +84,20 @@ def upsample_labels_stride2(labels: Any) -> Any:
     """Nearest upsampling of network-output labels ``(L, x, y, z)`` to the input grid ``(L, 2x, 2y, 2z)``.
 
     Input-grid voxel ``p`` takes output voxel ``floor(p / 2 + 0.5)`` (clamped): output voxel ``q`` is centred on
-    input voxel ``2q``."""
-    import torch
+    input voxel ``2q`` -- :func:`slicreg.flow.upsample_labels` with factor 2, the one implementation of the rule."""
+    from slicreg.flow import upsample_labels
 
     if labels.dim() != 4:
         raise InputError(f"upsample_labels_stride2: expected (L, x, y, z), got {tuple(labels.shape)}")
-    out = labels
-    for axis in (1, 2, 3):
-        n = labels.shape[axis]
-        idx = torch.clamp(torch.div(torch.arange(2 * n, device=labels.device) + 1, 2, rounding_mode="floor"),
-                          max=n - 1)
-        out = out.index_select(axis, idx)
-    return out
+    return upsample_labels(labels, 2)
 
 
 def _argmax_rows(rows: Any, *, chunk: int = 4096) -> Any:
     """First index of the maximum of every row of ``rows (M, K)`` (K <= 256) -> ``(M,)`` int64, as
     ``rows.max(dim=-1).indices`` (ties to the lowest index).
 
-    For bfloat16 rows (the CPU network's logits), ``torch.max`` along the rows runs a scalar loop (~0.25 s CPU for
-    the 16 x 128 logits of 48 x 40 x 64 voxels). Instead, in chunks that stay in cache, every value's int16 bit
+    For bfloat16 rows (the CPU network's logits), ``torch.max`` along the rows runs a scalar loop (its cost:
+    docs/register.md, "What was made faster"). Instead, in chunks that stay in cache, every value's int16 bit
     pattern ``v`` becomes the int32 key ``256 v + (K - 1 - index)`` and a vectorised ``amax`` picks the largest:
     for rows whose maximum is positive the bit patterns of the non-negative values order like the values (the
     negative ones are negative integers, below every positive pattern), equal values have equal patterns, and the
@@ -180,11 +163,11 @@ def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu",
     - ``argmax="fast"`` (default) with a channels-last model (the CPU default of
       :func:`slicreg.bundle.load_bundle`): the head's last convolution runs a few x-planes at a time and each
       slab's logits are reduced at once (:func:`_head_labels`), the argmax over the 128 contiguous classes of
-      the bf16 logits by integer keys (:func:`_argmax_rows`); on 2 cores at 96 x 80 x 128 this saves ~0.3 s
-      CPU per pass against ``"torch"``;
+      the bf16 logits by integer keys (:func:`_argmax_rows`); cheaper than ``"torch"`` (measured in
+      docs/register.md, "What was made faster");
     - ``argmax="torch"``: the whole logits, then ``torch.max`` over the 128 contiguous classes of each (voxel,
       layer) for channels-last logits (instead of a copy to class-major order and an argmax across a strided
-      axis: 1.36 s instead of 1.79 s per pass here) or along the class axis for contiguous ones.
+      axis, which costs more) or along the class axis for contiguous ones.
 
     Ties go to the lowest class in every path.
 
@@ -240,9 +223,9 @@ def predict_supervoxels(model: Any, image_hu: np.ndarray, *, device: Any = "cpu"
         image_hu: ``(X, Y, Z)`` preprocessed 2 mm image in HU (sizes divisible by 8, e.g. 192 x 160 x 256).
         device: where to run.
         upsample: ``"nearest"`` (default): per-layer argmax on the network's stride-2 grid
-            (:func:`network_labels`), then nearest upsampling (:func:`upsample_labels_stride2`; ~0.1 s);
+            (:func:`network_labels`), then nearest upsampling (:func:`upsample_labels_stride2`);
             ``"linear"``: logits upsampled x2 linearly per layer, then argmax (the reference's rule; ~16
-            full-size 128-channel volumes, several seconds on a CPU).
+            full-size 128-channel volumes, several times the cost: docs/performance.md, stage table).
         dtype: network precision (``None``: bf16 autocast on CPU, fp16 on CUDA; ``torch.float32``: full).
 
     Returns:
@@ -356,225 +339,77 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ refinement
-def _as_float_tensor(x: Any, name: str, ndim: int, device: Any) -> Any:
-    import torch
-
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-    numeric = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-    if t.ndim != ndim or not (t.dtype.is_floating_point or t.dtype in numeric):
-        raise InputError(f"refine_field: {name} must be a numeric array with {ndim} dimensions, got "
-                         f"{tuple(t.shape)} {t.dtype}")
-    t = t.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(t).all()):
-        raise InputError(f"refine_field: {name} contains NaN or Inf values")
-    return t
+def _numpy(x: Any) -> Any:
+    """A torch tensor as a numpy array (CPU); anything else as it is (the engine checks it)."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
 
 
-def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *,
-                 factor: int = REFINE_DEFAULTS["factor"], iterations: int = REFINE_DEFAULTS["iterations"],
-                 lr: float = REFINE_DEFAULTS["lr"], lr_final: float = REFINE_DEFAULTS["lr_final"],
-                 weight: float = REFINE_DEFAULTS["weight"], penalise: str = REFINE_DEFAULTS["penalise"],
-                 subsample: int = REFINE_DEFAULTS["subsample"], eps: float = REFINE_DEFAULTS["eps"],
-                 mind_radius: int = REFINE_DEFAULTS["mind_radius"],
-                 mind_dilation: int = REFINE_DEFAULTS["mind_dilation"],
-                 clip_hu: tuple[float, float] = REFINE_DEFAULTS["clip_hu"], fixed_mask: Any = None,
-                 moving_mask: Any = None, seed: int = 0, device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Instance refinement of a dense field on MIND-SSC features (a short Adam optimisation).
+def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: str = REFINE_PRESET,
+                 iterations: int | tuple[int, ...] | None = None, budget_s: float | None = None,
+                 deformable: dict[str, Any] | None = None, clip_hu: tuple[float, float] | None = None,
+                 fixed_mask: Any = None, moving_mask: Any = None, seed: int = 0,
+                 device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Instance refinement of a dense field: the align engine (:func:`slicreg.align.register_pair`) started from
+    ``init_disp_vox`` with the preset ``preset`` (default ``"refine"``, :data:`slicreg.align.PRESETS`).
 
-    The field is re-parameterised on a grid ``factor`` times coarser than the fixed image (voxel ``q`` of that
-    grid is fixed voxel ``factor * q + (factor - 1) / 2``, the rule of
-    :func:`slicreg.conventions.downsample_affine`), initialised with the block average of ``init_disp_vox``, and
-    optimised by Adam on::
-
-        mean_{sampled q, c} (MIND_m(q + u(q))_c - MIND_f(q)_c)^2  +  weight * diffusion(u - u_init)
-
-    where ``MIND_f``, ``MIND_m`` are the 12-channel MIND-SSC descriptors
-    (:func:`slicreg.align.similarity.mind_ssc`) of both images, clipped to ``clip_hu``, scaled to [0, 1] and
-    block-averaged to the coarse grid; the moving descriptors are sampled with
-    :func:`slicreg.align.transforms.grid_warp` (trilinear, border), ``diffusion`` is
-    :func:`slicreg.align.regularisers.diffusion` of the change made to the initial field (unit spacing:
-    dimensionless derivatives; ``penalise="field"`` penalises the whole field instead, which also smooths
-    away the initial field's own deformation and scored lower, docs/register.md). Each iteration compares every
-    ``subsample``-th coarse voxel per axis, from a fresh seeded random offset. With field-of-view masks the
-    squared differences are multiplied by weights before the mean: the fraction of each coarse voxel inside
-    ``fixed_mask``, eroded (minimum) over the descriptor's reach (``mind_radius + mind_dilation`` coarse voxels:
-    a descriptor near the edge of the field of view sees the padding), times ``moving_mask`` (made the same
-    way) sampled at the displaced position (0 outside the moving grid) -- so the preprocessing's padding around
-    a partial field of view (a slab) pulls nothing; the field there follows the regulariser. Adam's step
-    decays from ``lr`` to ``lr * lr_final`` (cosine). The result is ``init + upsample(u - u_init)``: the change
-    is upsampled trilinearly (``align_corners=False``) and scaled by ``factor``, so the fine detail of the
-    initial field is kept and ``iterations=0`` returns it unchanged.
+    The default preset compares MIND-SSC descriptors of both images (clipped to [-400, 600] HU, on the 8 mm
+    pyramid level) by SSD, optimises a dense displacement on that level's voxels by Adam on a random 1/8 of
+    them per iteration, and penalises the diffusion of the change it makes (``penalise="increment"``): the
+    result is ``init_disp_vox`` plus the upsampled change, so the initial field's fine detail is kept. With
+    field-of-view masks the engine compares only fixed voxels inside ``fixed_mask`` whose warped position lands
+    inside ``moving_mask`` and fills each image's padding with its nearest field-of-view voxel before the
+    features (:func:`slicreg.align.register_pair`), so the preprocessing's padding around a partial scan pulls
+    nothing. ``"refine-svf"`` makes the change a stationary velocity field.
 
     Args:
         fixed_hu: ``(X, Y, Z)`` fixed image in HU (preprocessed, 2 mm), numpy or torch.
-        moving_hu: ``(X', Y', Z')`` moving image in HU (usually the same grid shape).
+        moving_hu: ``(X', Y', Z')`` moving image in HU (the same voxel size).
         init_disp_vox: ``(3, X, Y, Z)`` initial field, voxels, fixed -> moving (e.g. the supervoxel flow's).
-        factor: coarsening of the parameter grid and of the images (default 4: 8 mm for 2 mm scans); every
-            image size must be divisible by it.
-        iterations: Adam steps (default 80).
-        lr, lr_final: Adam step (coarse voxels) at the start, and the final fraction of it.
-        weight: diffusion weight.
-        penalise: ``"increment"`` (default) or ``"field"``: what the diffusion penalty acts on.
-        subsample: compare every ``subsample``-th coarse voxel per axis in each iteration (1 = all).
-        eps: Adam's ``eps`` for the loss scaled by the number of voxels compared per iteration (a voxel's
-            gradient is then ~0.01-1 where the descriptors disagree). Adam's steps are otherwise blind to the
-            gradient's scale, and gradients that are only rounding noise -- where the field is already right or
-            the image has no texture -- would move the field by ~``lr`` per step; ``eps`` damps those (an
-            identical 2 mm pair: mean change 0.01 voxels with the default, 0.27 with ``eps=1e-8``).
-        mind_radius, mind_dilation: MIND-SSC patch radius and neighbour distance, coarse voxels.
-        clip_hu: ``(lo, hi)`` intensity window.
-        fixed_mask, moving_mask: optional ``(X, Y, Z)`` / ``(X', Y', Z')`` bool, True where the scan has data
-            (e.g. :meth:`preprocessing.geometry.CropRecord.fov_mask`); default None: everywhere.
-        seed: seed of the sampling offsets (``torch.Generator``).
+        preset: an engine preset; its affine stages are skipped (the initial field holds the global alignment).
+        iterations: Adam steps per level of the deformable stage (an int for every level or one per level);
+            default: the preset's (80 for ``"refine"``).
+        budget_s: optional wall-clock budget in seconds, honoured approximately: the engine scales the
+            iterations per level (and drops the finest levels if needed) to fit it (``register_pair(budget_s=)``;
+            ``iterations`` stays the upper limit).
+        deformable: other :class:`slicreg.align.StageConfig` fields of the deformable stage, e.g.
+            ``{"levels": (4, 2), "weight": 0.05}``.
+        clip_hu: ``(lo, hi)`` intensity window (default: the preset's).
+        fixed_mask, moving_mask: optional bool arrays of the images' shapes, True where the scan has data (e.g.
+            :meth:`slicreg.geometry.CropRecord.fov_mask`); default None: everywhere.
+        seed: seed of the random sub-lattices (``torch.Generator``): the result is reproducible (without a
+            budget).
         device: where to compute.
 
     Returns:
-        ``(disp_vox, info)``: ``(3, X, Y, Z)`` float32 refined field (numpy if ``init_disp_vox`` is numpy, else
-        torch), ``info`` with ``"loss"`` (per iteration: similarity + weight * diffusion on the sampled
-        voxels), ``"similarity_before"`` / ``"similarity_after"`` (the similarity on one fixed sub-lattice),
-        ``"timings_s"``, ``"cpu_s"`` (``features``, ``optimise``, ``upsample``) and ``"params"``.
+        ``(disp_vox, info)``: ``(3, X, Y, Z)`` float32 refined field (numpy if ``init_disp_vox`` is numpy, else a
+        CPU torch tensor) and the engine's ``info`` (per-level iterations, losses and seconds, ``final_loss``,
+        ``folding_fraction``, ``fov``, ``budget``, the resolved ``config``).
 
     Raises:
-        InputError: bad shapes, sizes not divisible by ``factor``, non-finite values, bad knobs.
+        InputError: bad shapes or values, unknown preset or stage fields.
     """
-    import torch
-    import torch.nn.functional as F
+    from slicreg.align import register_pair
 
-    from slicreg.align.regularisers import diffusion
-    from slicreg.align.similarity import mind_ssc
-    from slicreg.align.transforms import grid_warp, identity_grid
-    from slicreg.flow import Adam
+    torch_out = hasattr(init_disp_vox, "detach")
+    fixed, moving, init = _numpy(fixed_hu), _numpy(moving_hu), _numpy(init_disp_vox)
+    if np.ndim(fixed) == 3 and np.shape(init) != (3, *np.shape(fixed)):
+        raise InputError(f"refine_field: init_disp_vox must be (3, {', '.join(map(str, np.shape(fixed)))}) on the "
+                         f"fixed grid, got {tuple(np.shape(init))}")
+    stage = dict(deformable or {})
+    if iterations is not None:
+        stage["iterations"] = tuple(iterations) if isinstance(iterations, (list, tuple)) else int(iterations)
+    overrides: dict[str, Any] = {"deformable": stage} if stage else {}
+    if clip_hu is not None:
+        overrides["clip_hu"] = tuple(clip_hu)
+    result = register_pair(fixed, moving, init_disp=np.asarray(init, dtype=np.float32), fixed_mask=_numpy(fixed_mask),
+                           moving_mask=_numpy(moving_mask), preset=preset, device=str(device), seed=int(seed),
+                           budget_s=budget_s, **overrides)
+    disp = result.disp_vox
+    if torch_out:
+        import torch
 
-    clock = _Clock()
-    started = clock.start()
-    numpy_out = not isinstance(init_disp_vox, torch.Tensor)
-    fix = _as_float_tensor(fixed_hu, "fixed_hu", 3, device)
-    mov = _as_float_tensor(moving_hu, "moving_hu", 3, device)
-    init = _as_float_tensor(init_disp_vox, "init_disp_vox", 4, device)
-    f = int(factor)
-    if init.shape[0] != 3 or tuple(init.shape[1:]) != tuple(fix.shape):
-        raise InputError(f"refine_field: init_disp_vox must be (3, {', '.join(map(str, fix.shape))}) on the fixed "
-                         f"grid, got {tuple(init.shape)}")
-    if f < 1 or any(s % f for s in (*fix.shape, *mov.shape)):
-        raise InputError(f"refine_field: factor must be >= 1 and divide every image size, got factor {factor} "
-                         f"for fixed {tuple(fix.shape)} and moving {tuple(mov.shape)}")
-    if penalise not in ("increment", "field"):
-        raise InputError(f"refine_field: penalise must be 'increment' or 'field', got {penalise!r}")
-    if not float(eps) > 0:
-        raise InputError(f"refine_field: eps must be > 0, got {eps}")
-    if int(iterations) < 0 or int(subsample) < 1 or not float(lr) > 0 or not 0 < float(lr_final) <= 1 \
-            or not float(weight) >= 0 or int(mind_radius) < 0 or int(mind_dilation) < 1:
-        raise InputError(f"refine_field: expected iterations >= 0, subsample >= 1, lr > 0, 0 < lr_final <= 1, "
-                         f"weight >= 0, mind_radius >= 0, mind_dilation >= 1; got {iterations}, {subsample}, {lr}, "
-                         f"{lr_final}, {weight}, {mind_radius}, {mind_dilation}")
-    lo, hi = float(clip_hu[0]), float(clip_hu[1])
-    if not hi > lo:
-        raise InputError(f"refine_field: clip_hu must be (lo, hi) with hi > lo, got {clip_hu}")
-    coarse_f = [s // f for s in fix.shape]
-    if min(coarse_f) < 2 or min(s // f for s in mov.shape) < 2:
-        raise InputError(f"refine_field: images too small for factor {f}: fixed {tuple(fix.shape)}, moving "
-                         f"{tuple(mov.shape)}")
-
-    def coarse_mask(mask: Any, name: str, shape: tuple[int, ...]) -> Any:
-        if mask is None:
-            return None
-        m = _as_float_tensor(mask, name, 3, device)
-        if tuple(m.shape) != tuple(shape):
-            raise InputError(f"refine_field: {name} must have the shape of its image {tuple(shape)}, got "
-                             f"{tuple(m.shape)}")
-        m = (m != 0).float()[None, None]
-        m = F.avg_pool3d(m, kernel_size=f, stride=f) if f > 1 else m
-        # erode by the descriptor's reach: a MIND descriptor near the edge of the field of view sees the padding
-        reach = int(mind_radius) + int(mind_dilation)
-        padded = F.pad(m, [reach] * 6, mode="replicate")  # the grid's own edge is not a field-of-view edge
-        return -F.max_pool3d(-padded, kernel_size=2 * reach + 1, stride=1)
-
-    w_fixed = coarse_mask(fixed_mask, "fixed_mask", tuple(fix.shape))
-    w_moving = coarse_mask(moving_mask, "moving_mask", tuple(mov.shape))
-
-    def features(img: Any) -> Any:
-        x = ((img.clamp(lo, hi) - lo) / (hi - lo))[None, None]
-        if f > 1:
-            x = F.avg_pool3d(x, kernel_size=f, stride=f)
-        return mind_ssc(x, radius=int(mind_radius), dilation=int(mind_dilation))
-
-    with torch.no_grad():
-        mind_f = features(fix)
-        mind_m = features(mov)
-        del fix, mov
-        u0 = (F.avg_pool3d(init[None], kernel_size=f, stride=f) if f > 1 else init[None].clone()) / f
-    grid = identity_grid(coarse_f, device=u0.device)
-    clock.stop("features", started)
-
-    started = clock.start()
-
-    def similarity(u: Any, offset: tuple[int, ...] | None) -> Any:
-        pos, target, weight = grid + u, mind_f, w_fixed
-        if offset is not None:
-            index = (slice(None), slice(None), *(slice(o, None, int(subsample)) for o in offset))
-            pos, target = grid[index] + u[index], mind_f[index]
-            weight = None if w_fixed is None else w_fixed[index]
-        warped = grid_warp(mind_m, pos, align_corners=True, padding_mode="border")
-        if weight is None and w_moving is None:
-            return torch.mean((warped - target) ** 2)
-        with torch.no_grad():  # constant weights within an iteration
-            if w_moving is not None:
-                seen = grid_warp(w_moving, pos.detach(), align_corners=True, padding_mode="zeros")
-                weight = seen if weight is None else weight * seen
-        # a mean over all compared voxels with the weights as factors (not a weighted average): the pull of the
-        # similarity per voxel inside the field of view stays balanced against the regulariser's, also when the
-        # field of view is a thin slab
-        sq = torch.mean((warped - target) ** 2, dim=1, keepdim=True)
-        return torch.mean(sq * weight)
-
-    check = (0, 0, 0) if int(subsample) > 1 else None  # the before / after similarity: one fixed lattice
-    gen = torch.Generator().manual_seed(int(seed))
-    u = u0.clone().requires_grad_(True)
-    # Adam's steps do not depend on the gradient's scale, so gradients that are only rounding noise (a region
-    # already aligned, or without texture) would move the field by ~lr. On the loss scaled to a sum over the
-    # sampled coarse voxels, a voxel's gradient on a cohort pair after the flow was 0.04 (90th percentile) to 0.2
-    # (99th), and ~1e-6 from rounding alone on an identical pair; eps damps steps from gradients below ~eps.
-    scale = float(np.prod([len(range(0, n, int(subsample))) for n in coarse_f]))
-    opt = Adam(u, lr=float(lr), eps=float(eps))
-    losses = []
-    n_it = int(iterations)
-    with torch.no_grad():
-        sim_before = float(similarity(u0, check))
-    for it in range(n_it):
-        step = float(lr) * (float(lr_final) + (1.0 - float(lr_final)) * 0.5 * (1.0 + math.cos(math.pi * it / n_it)))
-        opt.lr = step
-        offset = tuple(int(v) for v in torch.randint(0, int(subsample), (3,), generator=gen)) \
-            if int(subsample) > 1 else None
-        u.grad = None
-        loss = similarity(u, offset) + float(weight) * diffusion(u - u0 if penalise == "increment" else u)
-        loss = loss * scale
-        loss.backward()
-        opt.step(u.grad)
-        losses.append(float(loss.detach()) / scale)
-    u = u.detach()
-    with torch.no_grad():
-        sim_after = float(similarity(u, check))
-    clock.stop("optimise", started)
-
-    started = clock.start()
-    with torch.no_grad():
-        delta = (u - u0) * f
-        if f > 1:
-            delta = F.interpolate(delta, size=tuple(init.shape[1:]), mode="trilinear", align_corners=False)
-        out = init + delta[0]
-    clock.stop("upsample", started)
-    info = {
-        "loss": losses,
-        "similarity_before": sim_before,
-        "similarity_after": sim_after,
-        "timings_s": clock.wall,
-        "cpu_s": clock.cpu,
-        "params": {"factor": f, "iterations": n_it, "lr": float(lr), "lr_final": float(lr_final),
-                   "weight": float(weight), "penalise": penalise, "subsample": int(subsample), "eps": float(eps),
-                   "mind_radius": int(mind_radius), "mind_dilation": int(mind_dilation), "clip_hu": [lo, hi],
-                   "fixed_mask": fixed_mask is not None, "moving_mask": moving_mask is not None, "seed": int(seed)},
-    }
-    return (out.cpu().numpy() if numpy_out else out), info
+        disp = torch.from_numpy(disp)
+    return disp, result.info
 
 
 # ------------------------------------------------------------------------------------------------ one pair
@@ -595,7 +430,7 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
             ``moving_is_template`` (atlas mode, as the paper registers scans to its template).
         fixed_sv, moving_sv: maps predicted earlier (skips the network for that side).
         refine: polish the supervoxel field with :func:`refine_field` (MIND-SSC instance optimisation).
-        refine_options: keyword arguments of :func:`refine_field` (over :data:`REFINE_DEFAULTS`).
+        refine_options: keyword arguments of :func:`refine_field` (``iterations``, ``budget_s``, ``preset``, ...).
         fixed_mask, moving_mask: fields of view for the refinement (see :func:`refine_field`).
         network_dtype: precision of the network passes (see :func:`predict_supervoxels`).
         device, seed, flow_options: see :func:`register_supervoxel_maps` (``label_upsample`` is set here: 2 for
@@ -653,8 +488,13 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
         wall["refine"] = round(time.perf_counter() - started[0], 4)
         cpu["refine"] = round(time.process_time() - started[1], 4)
         result = RegistrationResult(np.asarray(disp, dtype=np.float32), result.info)
-        result.info["refine"] = _jsonable({k: v for k, v in rinfo.items() if k != "loss"} |
-                                          {"final_loss": rinfo["loss"][-1] if rinfo["loss"] else None})
+        result.info["refine"] = _jsonable(rinfo)
     result.info["timings_s"] = wall
     result.info["cpu_s"] = cpu
     return result
+
+
+# `slicreg.register(fixed, moving)` calls slicreg.api.register (this module is also that function; _callable)
+from slicreg._callable import make_callable  # noqa: E402
+
+make_callable(__name__, "register")

@@ -2,7 +2,7 @@
 
 SLIC-Reg (Heinrich & Hansen, MIDL 2021) over-segments the template scan into supervoxels; a network learns to
 predict them on any scan. Each *layer* is one over-segmentation; the 16 layers differ because SLIC is run on the
-template seen through a different small random affine, which moves SLIC's seed layout (SLICREG_SPEC.md, section 3).
+template seen through a different small random affine, which moves SLIC's seed layout (docs/method.md, section 3).
 
 Per layer (all on the 4 mm grid, half the 2 mm template grid; 4 mm voxel ``q`` = 2 mm voxel ``2 q + 0.5``, see
 :func:`slicreg.conventions.downsample_affine`):
@@ -47,8 +47,9 @@ import heapq
 import io
 import math
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,7 @@ from slicreg.errors import InputError
 
 __all__ = [
     "DEFAULT_COMPACTNESS",
+    "BODY_THRESHOLD_HU",
     "SupervoxelLayers",
     "template_supervoxels",
     "build_supervoxel_layers",
@@ -72,6 +74,11 @@ __all__ = [
 
 #: SLIC compactness re-tuned for scikit-image 0.26 in the units described in the module docstring.
 DEFAULT_COMPACTNESS = 0.1
+
+#: The one body threshold (HU) of the project (:func:`body_mask`): the value the cohort's subjects -- and so the
+#: template the shipped weights were trained on -- were made with. The stage and command defaults
+#: (``body_threshold_hu``) repeat it; a test keeps them equal.
+BODY_THRESHOLD_HU = -400.0
 
 _OFFSETS_13 = [
     (dx, dy, dz)
@@ -116,22 +123,40 @@ def organ_mask(labels: np.ndarray, *, distance_vox: float = 30.0) -> np.ndarray:
     return out
 
 
-def body_mask(image_hu: np.ndarray, *, threshold: float = -500.0, opening_vox: int = 3,
-              axial_axis: int = 2) -> np.ndarray:
-    """A label-free mask: the body as the largest component of ``image_hu > threshold``, holes filled.
+def _largest_component(mask: np.ndarray, *, connectivity: int) -> np.ndarray:
+    """The largest connected component of a non-empty boolean mask (``connectivity`` 6 or 26 in 3-D)."""
+    from scipy import ndimage
 
-    Steps: threshold; the largest 6-connected component; holes filled in 3-D and in every slice across
-    ``axial_axis`` (so lungs and bowel gas open through the top or bottom of the scan are filled too); then a binary
-    opening by ``opening_vox`` voxels (6-connected erosions, largest component of the eroded mask, as many
-    dilations, intersected with the filled mask), which detaches thin objects touching the body such as the
-    patient table.
+    structure = ndimage.generate_binary_structure(3, 1 if connectivity == 6 else 3)
+    lab, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def body_mask(image_hu: np.ndarray, *, threshold: float = BODY_THRESHOLD_HU, opening_vox: int = 3) -> np.ndarray:
+    """The body of a CT scan, without labels: the largest component of ``image_hu > threshold``, holes filled.
+
+    The project's one body mask (the label-free supervoxel mask, the evaluation's field-error region, the
+    cohort maker's source body). Steps:
+
+    1. threshold (default :data:`BODY_THRESHOLD_HU`, -400 HU: soft tissue, fat and bone in; air and lung out);
+    2. the largest 26-connected component;
+    3. holes filled slice by slice across axis 2, then 1, then 0 (so lungs and bowel gas that open through a
+       side of the field of view in 3-D, but are enclosed within a slice, are filled too), then in 3-D: the
+       result has no enclosed background;
+    4. a binary opening by ``opening_vox`` voxels (6-connected erosions with the outside of the volume counted
+       as body, so a body cut by the field of view is not eroded from the cut; the largest 6-connected
+       component of the eroded mask; as many dilations, intersected with the filled mask), which detaches thin
+       objects touching the body such as the patient table.
 
     Args:
-        image_hu: ``(X, Y, Z)`` CT in Hounsfield units.
-        threshold: HU threshold (default -500: soft tissue and bone in, air and lung out).
-        opening_vox: opening radius in voxels (3 at 2 mm removes attached structures thinner than ~12 mm);
-            0 switches it off.
-        axial_axis: array axis running head-feet (2 for RAS voxel order).
+        image_hu: ``(X, Y, Z)`` CT in Hounsfield units (any orientation: every axis is treated alike).
+        threshold: HU threshold (keyword-only).
+        opening_vox: opening radius in voxels (3 at 2 mm removes attached structures thinner than ~12 mm); 0
+            switches it off (the cohort maker, whose subjects were made without it).
 
     Returns:
         ``(X, Y, Z)`` bool.
@@ -146,26 +171,19 @@ def body_mask(image_hu: np.ndarray, *, threshold: float = -500.0, opening_vox: i
         raise InputError(f"body_mask: image must be 3-D (X, Y, Z), got shape {image_hu.shape}")
     fg = image_hu > threshold
     if not fg.any():
-        raise InputError(f"body_mask: no voxel above {threshold} HU (is the image in Hounsfield units?)")
-
-    def largest(m: np.ndarray) -> np.ndarray:
-        lab, n = ndimage.label(m)
-        if n <= 1:
-            return m
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        return lab == int(np.argmax(sizes))
-
-    body = ndimage.binary_fill_holes(largest(fg))
-    moved = np.moveaxis(body, axial_axis, 0)  # a view: filling its slices fills ``body``
-    for k in range(moved.shape[0]):
-        if moved[k].any():
-            moved[k] = ndimage.binary_fill_holes(moved[k])
+        raise InputError(f"body_mask: no voxel above {threshold:g} HU (is the image in Hounsfield units?)")
+    body = _largest_component(fg, connectivity=26)
+    for axis in (2, 1, 0):
+        moved = np.moveaxis(body, axis, 0)  # a view: filling its slices fills ``body``
+        for k in range(moved.shape[0]):
+            if moved[k].any():
+                moved[k] = ndimage.binary_fill_holes(moved[k])
+    body = ndimage.binary_fill_holes(body)
     if opening_vox > 0:
-        # outside the volume counts as body, so a body cut by the field of view is not eroded from the cut
         core = ndimage.binary_erosion(body, iterations=int(opening_vox), border_value=1)
         if core.any():
-            body = ndimage.binary_dilation(largest(core), iterations=int(opening_vox)) & body
+            kept = _largest_component(core, connectivity=6)
+            body = ndimage.binary_dilation(kept, iterations=int(opening_vox)) & body
     return body
 
 
@@ -195,16 +213,17 @@ def theta_to_voxel_affine(theta: np.ndarray, shape: Sequence[int]) -> tuple[np.n
     """Turn ``theta`` (3 x 4, acting on centred fractional coordinates) into a voxel affine of a grid.
 
     Fractional coordinate of voxel ``q`` on an axis of size ``S``: ``f = (2 q + 1) / S - 1`` (``align_corners=False``
-    semantics). Output voxel ``q`` of the resampled grid takes the value of the source at ``theta @ [f(q), 1]``,
+    semantics, :func:`slicreg.grid.normalised_scale_offset`; unlike ``grid_sample``'s, the components stay in
+    array axis order). Output voxel ``q`` of the resampled grid takes the value of the source at ``theta @ [f(q), 1]``,
     which in voxels is ``matrix @ q + offset``.
 
     Returns:
         ``(matrix (3, 3), offset (3,))`` in voxels, the form ``scipy.ndimage.affine_transform`` takes.
     """
+    from slicreg.grid import normalised_scale_offset
+
     theta = np.asarray(theta, dtype=np.float64)
-    size = np.asarray(shape, dtype=np.float64)
-    scale = 2.0 / size  # f = scale * q + shift
-    shift = 1.0 / size - 1.0
+    scale, shift = normalised_scale_offset(shape, align_corners=False)  # f = scale * q + shift, array axis order
     lin, trans = theta[:, :3], theta[:, 3]
     matrix = lin * scale[None, :] / scale[:, None]
     offset = (lin @ shift + trans - shift) / scale

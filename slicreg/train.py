@@ -1,4 +1,4 @@
-"""Training of the SLIC-Reg network on transferred supervoxels (SLICREG_SPEC.md section 6).
+"""Training of the SLIC-Reg network on transferred supervoxels (docs/method.md, section 6).
 
 The pure part works on in-memory tensors:
 
@@ -34,17 +34,16 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
-
-from slicreg.errors import ConfigError, InputError
-
 import torch
 import torch.nn.functional as F
 
+from slicreg.errors import ConfigError, InputError
 from slicreg.network import HU_SCALE, N_CLASSES, N_LAYERS, SlicRegNet, build_model, network_input
 
 __all__ = [
@@ -92,8 +91,8 @@ class TrainConfig:
             without replacement); 0 = every voxel (the dense head, as the reference).
         foreground_fraction: with ``head_voxels``, the share of them drawn from foreground voxels (augmented
             target > 0; fewer when a scan has fewer among the candidates); 0 = uniform (the dense loss's
-            unbiased estimate). Foreground is ~23 % of the output grid on the demo cohort, so uniform sampling
-            spends most of the head on background, which the network learns within ~50 steps; a share of
+            unbiased estimate). Foreground is a minority of the output grid (docs/measurements.md), so uniform
+            sampling spends most of the head on background, which the network learns early; a share of
             ~0.5 weights supervoxel (foreground) cross-entropy up ~3x against background, a class-balancing
             change of the objective made to learn in a CPU budget (docs/network.md).
         fov_crop_probability: share of the scans in a batch that are cut to a partial field of view before the
@@ -165,7 +164,7 @@ class TrainConfig:
         object.__setattr__(self, "fov_crop_mm", tuple(float(v) for v in self.fov_crop_mm))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, where: str = "training config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], *, where: str = "training config") -> TrainConfig:
         """Build from a mapping (e.g. a TOML table); unknown keys raise :class:`ConfigError` naming ``where``."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -234,7 +233,7 @@ class SupervoxelData:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, ids: Sequence[str]) -> "SupervoxelData":
+    def subset(self, ids: Sequence[str]) -> SupervoxelData:
         idx = [self.ids.index(i) for i in ids]
         return SupervoxelData(list(ids), self.images[idx], self.targets[idx],
                               [self.affines[i] for i in idx] if self.affines else [])
@@ -400,19 +399,37 @@ def augment_batch(images: torch.Tensor, targets: torch.Tensor, theta: torch.Tens
         (nearest, zero padding): ``(B, 16, X/2, Y/2, Z/2)`` int64, or ``(B, 16, N)`` with ``voxels``. Output voxel
         ``q`` of the network is centred on input voxel ``2 q``, so the targets are read where the augmented input
         voxel ``2 q`` reads the image.
+
+    Both go through the one sampler: ``theta`` becomes the voxel map ``inv(N) @ theta @ N`` of the input grid
+    (``N`` = :meth:`slicreg.grid.Grid.normalised_matrix`, ``align_corners=False``); the images are resampled by
+    :func:`slicreg.fields.sample_affine`'s ``"grid_sample"`` backend (``F.affine_grid`` + one fused
+    ``grid_sample`` over the batch, the training hot path), the targets are read at the mapped voxels ``2 q``
+    by the gather backend (nearest, the grid surrounded by background: ``"zero_voxels"``), straight from their
+    integer dtype.
     """
+    from slicreg.fields import sample, sample_affine
+    from slicreg.grid import Grid
+
     b, _, *size = images.shape
-    theta = theta.to(device=images.device, dtype=torch.float32)
-    grid = F.affine_grid(theta, [b, 1, *size], align_corners=False)  # (B, X, Y, Z, 3)
-    out_images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    tgrid = grid[:, ::2, ::2, ::2]
-    out_shape = tgrid.shape[1:4]
-    if voxels is not None:
-        tgrid = tgrid.reshape(b, -1, 3).gather(1, voxels.to(images.device).unsqueeze(-1).expand(-1, -1, 3))
-        tgrid = tgrid.view(b, -1, 1, 1, 3)
-    sampled = F.grid_sample(targets.float(), tgrid, mode="nearest", padding_mode="zeros", align_corners=False)
-    labels = sampled.round().to(torch.int64)
-    labels = labels.view(b, N_LAYERS, -1) if voxels is not None else labels.view(b, N_LAYERS, *out_shape)
+    norm = Grid(tuple(size)).normalised_matrix(align_corners=False)
+    t4 = np.zeros((b, 4, 4))
+    t4[:, :3] = theta.detach().to(device="cpu", dtype=torch.float64).numpy()
+    t4[:, 3, 3] = 1.0
+    maps = np.linalg.inv(norm) @ t4 @ norm  # (B, 4, 4): output voxel -> input voxel
+    out_images = sample_affine(images.float(), maps, size, interpolation="linear", padding="border",
+                               backend="grid_sample", align_corners=False)
+    out_shape = tuple((s + 1) // 2 for s in size)  # output voxel q = input voxel 2 q
+    dev = targets.device
+    if voxels is None:
+        q = torch.from_numpy(Grid(out_shape).coords(dtype=np.float64)).to(dev).reshape(1, 3, -1).expand(b, -1, -1)
+    else:
+        v = voxels.to(dev)
+        q = torch.stack([v // (out_shape[1] * out_shape[2]), (v // out_shape[2]) % out_shape[1], v % out_shape[2]],
+                        dim=1).double()  # (B, 3, N)
+    m = torch.as_tensor(maps, dtype=torch.float64, device=dev)
+    pos = m[:, :3, :3] @ (2.0 * q) + m[:, :3, 3:]
+    labels = sample(targets, pos, interpolation="nearest", padding="zero_voxels").to(torch.int64)
+    labels = labels if voxels is not None else labels.view(b, N_LAYERS, *out_shape)
     return out_images, labels
 
 
@@ -525,7 +542,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(_generator_seed(config.seed, 1, rank))
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
-        self.config_changes: list[dict[str, Any]] = []  # augmentation switched on resume: {"iteration", key: [old, new]}
+        # augmentation switched on resume: {"iteration", key: [old, new]}
+        self.config_changes: list[dict[str, Any]] = []
         self.elapsed_s = 0.0
 
     # ---- one step

@@ -1,10 +1,10 @@
 """Carrying the template's supervoxels onto a training scan through a template-registration field.
 
-SLIC-Reg (Heinrich & Hansen, MIDL 2021, SLICREG_SPEC.md section 4) registers every training scan S (fixed)
+SLIC-Reg (Heinrich & Hansen, MIDL 2021; docs/method.md, section 4) registers every training scan S (fixed)
 to the template T (moving) and samples T's 16 supervoxel layers at ``A x + d(x)`` for every voxel ``x`` of S,
 nearest neighbour, at the 4 mm training resolution.
 
-Grids (see :func:`slicreg.conventions.downsample_affine`): the supervoxels live on the template's 4 mm grid,
+Grids (see :func:`slicreg.grid.downsample_index_map`): the supervoxels live on the template's 4 mm grid,
 whose voxel ``q`` is the template's 2 mm voxel ``2q + 0.5``; the field ``u`` lives on the subject's 2 mm grid
 (voxels, fixed = subject -> moving = template's 2 mm grid). For every voxel ``q`` of the subject's 4 mm grid:
 
@@ -19,8 +19,9 @@ With ``factor`` f in place of 2 the same holds with ``f q + (f - 1) / 2``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,7 @@ def template_positions(disp_vox: Any, *, factor: int = 2, out_shape: Sequence[in
         ``(3, *out_shape)`` float32 positions in template coarse voxels (same type as ``disp_vox``).
     """
     from slicreg.fields import sample
+    from slicreg.grid import downsample_index_map
 
     torch = _torch()
     is_numpy = not isinstance(disp_vox, torch.Tensor)
@@ -68,11 +70,12 @@ def template_positions(disp_vox: Any, *, factor: int = 2, out_shape: Sequence[in
     out_shape = _coarse_shape(u.shape[1:], factor) if out_shape is None else tuple(int(s) for s in out_shape)
     if len(out_shape) != 3 or min(out_shape) < 1:
         raise InputError(f"out_shape: expected three positive integers, got {out_shape}")
-    offset = (factor - 1) / 2.0
-    axes = [torch.arange(s, dtype=torch.float32, device=u.device) * factor + offset for s in out_shape]
+    to_fine = downsample_index_map(int(factor))  # coarse voxel q -> fine voxel f q + (f - 1) / 2
+    scale, offset = float(to_fine[0, 0]), float(to_fine[0, 3])
+    axes = [torch.arange(s, dtype=torch.float32, device=u.device) * scale + offset for s in out_shape]
     fine = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-    moved = fine + sample(u, fine, order=1, padding="border")
-    pos = (moved - offset) / factor
+    moved = fine + sample(u, fine, interpolation="linear", padding="border")
+    pos = (moved - offset) / scale  # fine (template) voxel -> template coarse voxel: the inverse map
     return pos.cpu().numpy() if is_numpy else pos
 
 
@@ -80,7 +83,8 @@ def sample_layers(layers: Any, positions: Any) -> Any:
     """Nearest-neighbour sampling of label layers (step 4 of the module doc).
 
     The nearest voxel of position ``p`` is ``floor(p + 0.5)``; where it is off the grid the result is 0
-    (background), so a position up to half a voxel beyond the outermost voxel centre still takes that voxel.
+    (background), so a position up to half a voxel beyond the outermost voxel centre still takes that voxel:
+    the one sampler's ``interpolation="nearest", padding="zero_voxels"`` on float64 positions.
 
     Args:
         layers: ``(L, X', Y', Z')`` or ``(X', Y', Z')`` integer labels (numpy or torch), dtype kept.
@@ -100,12 +104,7 @@ def sample_layers(layers: Any, positions: Any) -> Any:
         raise InputError(f"layers: expected integer labels, got dtype {lab.dtype}")
     if pos.ndim != 4 or pos.shape[0] != 3:
         raise InputError(f"positions: expected (3, X, Y, Z) voxel positions, got {tuple(pos.shape)}")
-    pos = pos.to(lab.device)
-    idx = torch.floor(pos.double() + 0.5)
-    size = torch.tensor(lab.shape[-3:], dtype=idx.dtype, device=idx.device).reshape(3, 1, 1, 1)
-    on_grid = ((idx >= 0) & (idx < size)).all(dim=0)
-    out = sample(lab, idx.clamp(min=0).minimum(size - 1).to(pos.dtype), order=0, padding="border")
-    out = out * on_grid.to(out.dtype)
+    out = sample(lab, pos.to(lab.device).double(), interpolation="nearest", padding="zero_voxels")
     return out.cpu().numpy() if is_numpy else out
 
 
@@ -179,17 +178,20 @@ def reached_region(disp_vox: Any, template_shape: Sequence[int], *, factor: int 
     """
     import scipy.ndimage as ndi
 
+    from slicreg.grid import downsample_index_map
+
     u = np.asarray(disp_vox.detach().cpu() if hasattr(disp_vox, "detach") else disp_vox, dtype=np.float32)
     if u.ndim != 4 or u.shape[0] != 3:
         raise InputError(f"disp_vox: expected a field (3, X, Y, Z) in voxels, got {u.shape}")
     shape = tuple(int(s) for s in template_shape)
-    offset = (factor - 1) / 2.0
+    to_fine = downsample_index_map(int(factor))  # template coarse voxel q = fine voxel f q + (f - 1) / 2
+    scale, offset = float(to_fine[0, 0]), float(to_fine[0, 3])
     hit = np.zeros(shape, dtype=bool)
     inside = np.ones(u.shape[1:], dtype=bool)
     idx = []
     for ax in range(3):
         grid = np.arange(u.shape[ax + 1], dtype=np.float32).reshape([-1 if d == ax else 1 for d in range(3)])
-        i = np.floor((grid + u[ax] - offset) / factor + 0.5).astype(np.int64)
+        i = np.floor((grid + u[ax] - offset) / scale + 0.5).astype(np.int64)
         inside &= (i >= 0) & (i < shape[ax])
         idx.append(i)
     hit[tuple(i[inside] for i in idx)] = True

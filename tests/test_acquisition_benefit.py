@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "acquisition_benefit.py"
-_spec = importlib.util.spec_from_file_location("acquisition_benefit", _PATH)
-acquisition_benefit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(acquisition_benefit)
+from benchmarks import acquisition_benefit
 
 
 def test_label_accuracy_counts_all_and_foreground_voxels_per_layer():

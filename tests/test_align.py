@@ -28,12 +28,9 @@ from slicreg.align.transforms import (
     bspline_evaluate,
     grid_warp,
     identity_grid,
-    jacobian_determinant,
-    scaling_and_squaring,
 )
 from slicreg.errors import InputError
-from slicreg.fields import warp_image
-
+from slicreg.fields import jacobian_determinant, scaling_and_squaring, warp_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -175,7 +172,7 @@ def test_regularisers_analytic_values():
 def test_regularisers_are_minimal_at_zero_and_differentiable():
     u = torch.randn(1, 3, 6, 7, 8, dtype=torch.float64, requires_grad=True)
     for fn in (diffusion, bending_energy, total_variation):
-        assert torch.autograd.gradcheck(lambda x: fn(x), (u,), eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradcheck(fn, (u,), eps=1e-6, atol=1e-5)
         assert float(fn(u).detach()) > float(fn(torch.zeros_like(u))) == 0.0
 
 
@@ -428,6 +425,33 @@ def test_presets_and_overrides_are_validated():
         register_pair(np.zeros((4, 4)), np.zeros((4, 4, 4)))
     with pytest.raises(InputError, match="NaN"):
         register_pair(np.full((4, 4, 4), np.nan), np.zeros((4, 4, 4)))
+    with pytest.raises(InputError, match="penalise"):
+        resolve_preset("refine", deformable={"penalise": "change"})
+    with pytest.raises(InputError, match="eps"):
+        resolve_preset("abdomen-ct", affine={"eps": 1e-2})  # the summed-loss eps is for deformable stages
+
+
+def test_increment_stage_keeps_the_starting_field_and_regularises_only_its_change():
+    """``penalise="increment"`` (the ``refine`` presets) keeps the starting field exactly, on its own grid, and
+    regularises only the stage's change; ``"field"`` resamples it onto the parameter grid and regularises all of
+    it."""
+    img = _phantom()
+    rough = np.random.default_rng(0).normal(0, 0.3, (3, *img.shape)).astype(np.float32)
+
+    def roughness(d):
+        return float(np.abs(np.diff(d, axis=1)).mean())
+
+    kw = dict(levels=(2,), iterations=0)
+    inc = register_pair(img, img, init_disp=rough, preset="refine", deformable=kw)
+    np.testing.assert_allclose(inc.disp_vox, rough, atol=1e-5)
+    whole = register_pair(img, img, init_disp=rough, preset="refine", deformable={**kw, "penalise": "field"})
+    assert roughness(whole.disp_vox) < 0.5 * roughness(rough)  # averaged onto the 2x coarser grid
+    # on the full-resolution grid, with a strong regulariser: the change stays ~0, the whole field is smoothed
+    kw = dict(levels=(1,), iterations=30, weight=10.0, subsample=1, grid_spacing=1)
+    inc = register_pair(img, img, init_disp=rough, preset="refine", deformable=kw)
+    whole = register_pair(img, img, init_disp=rough, preset="refine", deformable={**kw, "penalise": "field"})
+    assert np.abs(inc.disp_vox - rough).mean() < 0.05  # (0.016; the rough start itself: 0.24)
+    assert roughness(whole.disp_vox) < 0.5 * roughness(rough), (roughness(whole.disp_vox), roughness(rough))
 
 
 # ------------------------------------------------------------------------------------------- command and stage

@@ -24,7 +24,6 @@ from slicreg.align.similarity import (
 from slicreg.errors import InputError
 from slicreg.fields import warp_image
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -317,7 +316,7 @@ def test_bad_masks_and_initial_fields_are_rejected():
 
 # ------------------------------------------------------------------------------------------ command and stage
 def _crop_record(shape, z_lo, z_hi):
-    from preprocessing.geometry import CropRecord
+    from slicreg.geometry import CropRecord
 
     n = z_hi - z_lo
     return CropRecord(original_shape=(shape[0], shape[1], n), original_affine=np.diag([2.0, 2.0, 2.0, 1.0]),

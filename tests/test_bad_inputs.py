@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import nibabel as nib

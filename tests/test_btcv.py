@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers_own_data as h
 import numpy as np
 import pytest
 
-import helpers_own_data as h
 from preprocessing.datasets import BTCV_TEMPLATE, BTCV_TEST, BTCV_TRAIN
 from slicreg.io import sha256_file
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = ["prep.shape=[16,16,24]"]
 TINY_TRAIN = ["train.iterations=2", "train.batch_size=2", "train.head_voxels=48", 'train.backward="eager"',
               "train.channels_last=false", "train.val_subjects=0", "train.checkpointing=false",
-              'transfer.align_preset="affine"', "register-refine.refine_options={factor=2, iterations=3}"]
+              'transfer.align_preset="affine"', "register-refine.refine_options={iterations=3}"]
 
 
 def _main(args) -> int:
@@ -118,7 +118,7 @@ def test_btcv_inference_accepts_a_partial_folder_and_training_names_the_missing_
     data = h.make_btcv(tmp_path / "BTCV", [BTCV_TEMPLATE, 1, 4, 7, 2])
     (data / "RawData/Training/label/label0007.nii.gz").unlink()
     sets = [f"data.folder={data}", *TINY, f"register.weights={foreign_bundle}",
-            f"register-refine.weights={foreign_bundle}", "register-refine.refine_options={factor=2, iterations=3}"]
+            f"register-refine.weights={foreign_bundle}", "register-refine.refine_options={iterations=3}"]
     assert _run("btcv-inference.toml", tmp_path / "work", sets) == 0
     out = capsys.readouterr().out
     assert "25 scan(s) of the paper's split are not in" in out and "#3 (train)" in out
@@ -172,12 +172,15 @@ def test_atlas_template_rules(tmp_path):
 
 
 def test_register_help_states_the_refinement_default(capsys):
-    from slicreg.register import REFINE_DEFAULTS
+    from slicreg.align import PRESETS
+    from slicreg.register import REFINE_PRESET
 
     with pytest.raises(SystemExit):
         _main(["register", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"Adam steps of --refine (default {REFINE_DEFAULTS['iterations']}," in text
+    stage = PRESETS[REFINE_PRESET].stage("deformable")
+    levels = ", ".join(f"{n} at {2 * f} mm" for n, f in zip(stage.iterations, stage.levels))  # 2 mm scans
+    assert f"Adam steps of --refine on each of its levels (default {levels}:" in text
 
 
 @pytest.mark.parametrize("name", ["demo.toml", "demo-train.toml", "btcv.toml", "btcv-inference.toml",

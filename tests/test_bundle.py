@@ -23,7 +23,6 @@ from slicreg.errors import InputError
 from slicreg.io import save_volume, sha256_file
 from slicreg.network import build_model
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -39,7 +38,8 @@ def bundle_dir(tmp_path) -> Path:
     model.train()
     model(torch.randn(2, 1, 8, 8, 12))  # move the BatchNorm running statistics away from their defaults
     sv = _supervoxels(tmp_path / "src" / "supervoxels.nii.gz")
-    (tmp_path / "src" / "supervoxels.json").write_text(json.dumps({"template": {"sha256": "ab" * 32}, "parameters": {}}))
+    (tmp_path / "src" / "supervoxels.json").write_text(
+        json.dumps({"template": {"sha256": "ab" * 32}, "parameters": {}}))
     return save_bundle(tmp_path / "bundle", model.eval(), template_supervoxels=sv,
                        training={"iterations": 7, "wall_s": 12.5, "config": {"lr": 0.004},
                                  "validation": {"val_loss": 3.2, "val_accuracy": 0.4}},

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_datasets import body  # the tiny CT of the dataset tests
 
 from pipelines.executors import PROCESSES, make_executor, parse_scheduler
 from pipelines.runner import MANIFEST, Runner, load_pipeline
-from slicreg.conventions import Volume
 from slicreg.errors import ConfigError
 from slicreg.io import save_field, save_volume
 
@@ -92,19 +92,6 @@ def plugin(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _body(shape: tuple[int, int, int], affine: np.ndarray, seed: int) -> tuple[Volume, Volume]:
-    """A tiny CT: a soft-tissue ellipsoid in air with two organs."""
-    idx = np.indices(shape).astype(np.float64)
-    c = (np.array(shape) - 1).reshape(3, 1, 1, 1) / 2
-    inside = (((idx - c) / (np.array(shape) * 0.4).reshape(3, 1, 1, 1)) ** 2).sum(0) <= 1
-    rng = np.random.default_rng(seed)
-    hu = np.where(inside, 40, -1000).astype(np.int16) + rng.integers(-5, 5, shape).astype(np.int16)
-    lab = np.zeros(shape, np.uint8)
-    lab[inside & (idx[0] < c[0, 0, 0, 0])] = 6
-    lab[inside & (idx[0] >= c[0, 0, 0, 0]) & (idx[2] > c[2, 0, 0, 0])] = 1
-    return Volume(hu, affine), Volume(lab, affine)
-
-
 def make_dataset(root: Path, n: int = 6) -> Path:
     """``n`` tiny subjects on different grids (one LPS) and a true field for the pair s{n-1} <- s0."""
     subjects = {}
@@ -113,7 +100,7 @@ def make_dataset(root: Path, n: int = 6) -> Path:
         shape = (14 + i % 3, 12 + i % 2, 16 - i % 4)
         aff = np.diag([-1.8, -2.0, 2.5, 1.0]) if i == 1 else np.diag([2.0, 2.0, 2.0, 1.0])
         aff[:3, 3] = (i, -i, 2 * i)
-        image, labels = _body(shape, aff, i)
+        image, labels = body(shape, aff, i)
         save_volume(image, root / f"imagesTr/{sid}_0000.nii.gz")
         save_volume(labels, root / f"labelsTr/{sid}.nii.gz")
         subjects[sid] = {"image": f"imagesTr/{sid}_0000.nii.gz", "labels": f"labelsTr/{sid}.nii.gz",

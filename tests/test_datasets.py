@@ -8,8 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocessing.datasets import (BTCV_TEST, BTCV_TRAIN, DATASET_FORMAT, Dataset, Pair, Subject,
-                                    dataset_to_json, detect_layout, load_dataset, write_dataset_json)
+from preprocessing.datasets import (
+    BTCV_TEST,
+    BTCV_TRAIN,
+    DATASET_FORMAT,
+    Dataset,
+    Pair,
+    Subject,
+    dataset_to_json,
+    detect_layout,
+    load_dataset,
+    write_dataset_json,
+)
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
 from slicreg.io import save_volume
@@ -308,8 +318,8 @@ def make_stage_input(root: Path) -> Path:
 
 def test_dataset_and_preprocess_stages(tmp_path):
     from pipelines.runner import Runner, load_pipeline
-    from preprocessing.geometry import CropRecord, field_to_preprocessed_grid
     from slicreg.fields import warp_labels
+    from slicreg.geometry import CropRecord, field_to_preprocessed_grid
     from slicreg.io import load_field, load_image, load_labels, read_json
 
     src = make_stage_input(tmp_path / "user_data")
@@ -357,7 +367,7 @@ shape = [16, 16, 16]
     assert np.allclose(field.array, expected, atol=1e-5) and np.allclose(field.affine, fixed.affine)
     # and it does what a true field should: warping the preprocessed template labels with it equals
     # preprocessing the template labels warped in the original space
-    from preprocessing.geometry import preprocess_volume
+    from slicreg.geometry import preprocess_volume
 
     orig_warp = warp_labels(load_labels(src / "labelsTr/s0.nii.gz").array, np.load(src / "u_true.npy"))
     s2_image = load_image(src / "imagesTr/s2_0000.nii.gz")

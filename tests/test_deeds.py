@@ -1,8 +1,8 @@
 """deeds interoperability: file layout, upsampling rule, warping, round trip, errors.
 
 The reference below is a deliberately naive per-voxel implementation of deeds' documented rules
-(SLICREG_SPEC.md section 2), written from the description and reading the raw file layout itself: it shares
-no code with slicreg.deeds, so agreement checks the layout, the block order, the matrix transposition, the
+(docs/deeds.md; docs/method.md, section 2), written from the description and reading the raw file layout itself: it
+shares no code with slicreg.deeds, so agreement checks the layout, the block order, the matrix transposition, the
 control-node placement and the warping rules at once.
 """
 
@@ -138,7 +138,7 @@ def test_cell_centre_upsampling_would_be_caught():
 
     axes = [torch.arange(s, dtype=torch.float32) / g - 0.375 for s in shape]  # cell-centre node placement
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-    wrong = sample(torch.from_numpy(ctrl), grid, order=1, padding="border").numpy()
+    wrong = sample(torch.from_numpy(ctrl), grid, interpolation="linear", padding="border").numpy()
     field = wrong + deeds.field_from_deeds(np.zeros_like(ctrl), shape, matrix=deeds.parse_matrix(text))
     assert np.abs(warp_image(image, field, padding="border") - ref_img).max() > 1.0
 
@@ -229,7 +229,8 @@ def test_write_read_reproduces_field_on_control_grid(tmp_path, shape, g):
 
     nodes = deeds.control_node_positions(shape, ctrl.shape[1:])
     grid = torch.stack(torch.meshgrid(*[torch.tensor(n, dtype=torch.float64) for n in nodes], indexing="ij"))
-    expected = sample(torch.from_numpy(field.astype(np.float64)), grid, order=1, padding="border").numpy()
+    expected = sample(torch.from_numpy(field.astype(np.float64)), grid, interpolation="linear",
+                      padding="border").numpy()
     np.testing.assert_allclose(back.ctrl_vox, expected, atol=1e-5)
     if all(s % g == 0 for s in shape):  # nodes are voxels 0, g, 2g...: the dense field agrees there
         dense = back.to_field()

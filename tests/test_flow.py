@@ -1,4 +1,4 @@
-"""The supervoxel flow: keypoints, features, the gather sampler, the Adam flow and the TPS dense field.
+"""The supervoxel flow: keypoints, features, the Adam flow and the TPS dense field.
 
 Synthetic supervoxel maps are Voronoi cells inside an ellipsoid (a stand-in for SLIC layers); the moving maps
 are the fixed maps pulled through a known smooth field, so the true fixed -> moving displacement is known.
@@ -52,7 +52,7 @@ def pull_maps(fixed, v):
     shape = fixed.shape[1:]
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3).astype(float)
     coords = torch.from_numpy((grid + v(grid)).T.reshape(3, *shape).astype(np.float32))
-    return sample(torch.from_numpy(fixed), coords, order=0, padding="zeros").numpy()
+    return sample(torch.from_numpy(fixed), coords, interpolation="nearest", padding="zeros").numpy()
 
 
 def true_disp(points, v, iters=60):
@@ -146,6 +146,28 @@ def test_features_equal_onehot_then_avg_pool(include_background):
     np.testing.assert_allclose(batch[0], feats, atol=1e-6)
 
 
+@pytest.mark.parametrize("pools,banded", [(((3, 2), (5, 1)), True), (((3, 1), (3, 2)), False), (((5, 3),), True)])
+def test_pooling_module_equals_avg_pool3d_of_one_hot(pools, banded):
+    """slicreg.flow.pooling's reference: avg_pool3d(one_hot(lut[labels])), pool after pool, zero padding counted;
+    both the banded integer path and the general packed path."""
+    from slicreg.flow import pooling
+
+    lab = torch.from_numpy(np.random.default_rng(4).integers(0, 128, (2, 11, 12, 10)).astype(np.uint8))
+    lut = torch.from_numpy(flow.label_channel_map(2, seed=1))  # label 0 -> -1: no channel
+    assert (pooling._pooled_onehot_coarse(lab, lut, 16, pools, 1) is not None) == banded
+    got = pooling._pooled_onehot(lab, lut, 16, pools)  # channels-last (X', Y', Z', L * 16)
+    ref = []
+    for layer in range(2):
+        onehot = F.one_hot(lut[layer][lab[layer].long()] + 1, 17)[..., 1:]  # (X, Y, Z, 16); -1 -> all zero
+        x = onehot.permute(3, 0, 1, 2)[None].double()
+        for k, s in pools:
+            x = F.avg_pool3d(x, k, s, padding=k // 2, count_include_pad=True)
+        ref.append(x[0])
+    ref = torch.cat(ref).permute(1, 2, 3, 0)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-7)
+
+
 def test_probability_upsampling_commutes_with_the_compression():
     rng = np.random.default_rng(1)
     logits = torch.from_numpy(rng.normal(size=(2, 128, 5, 6, 4)).astype(np.float32))
@@ -164,35 +186,10 @@ def test_box_pool3d_equals_avg_pool3d(kernel, stride):
 
 
 # ---------------------------------------------------------------------------------------------- sampler
-def test_gather_sampler_equals_grid_sample_values_and_gradients():
-    gen = torch.Generator().manual_seed(0)
-    feats = torch.rand(7, 6, 5, 8, generator=gen, dtype=torch.float64)
-    pts = torch.rand(200, 3, generator=gen, dtype=torch.float64) * torch.tensor([8.0, 7.0, 10.0]) - 1.0  # some outside
-    p1 = pts.clone().requires_grad_(True)
-    p2 = pts.clone().requires_grad_(True)
-    a = flow.sample_channels_last(flow.to_channels_last(feats), p1)
-    b = flow.sample_points_grid_sample(feats, p2)
-    assert a.shape == (200, 7)
-    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
-    w = torch.rand(200, 7, generator=gen, dtype=torch.float64)
-    (a * w).sum().backward()
-    (b * w).sum().backward()
-    torch.testing.assert_close(p1.grad, p2.grad, atol=1e-9, rtol=0)
-    # at voxel centres the sampler returns the stored values exactly
-    idx = torch.tensor([[0, 0, 0], [5, 4, 7], [2, 3, 1]])
-    vals = flow.sample_channels_last(flow.to_channels_last(feats), idx.double())
-    torch.testing.assert_close(vals, feats[:, idx[:, 0], idx[:, 1], idx[:, 2]].t(), atol=0, rtol=0)
-
-
-def test_gather_sampler_gradient_is_analytic():
-    feats = torch.zeros(2, 4, 4, 4, dtype=torch.float64)
-    feats[0] = torch.arange(4, dtype=torch.float64)[:, None, None] * 3.0  # 3 x
-    feats[1] = torch.arange(4, dtype=torch.float64)[None, None, :] * -2.0  # -2 z
-    p = torch.tensor([[1.3, 2.2, 0.7]], dtype=torch.float64, requires_grad=True)
-    out = flow.sample_channels_last(flow.to_channels_last(feats), p)
-    torch.testing.assert_close(out, torch.tensor([[3.9, -1.4]], dtype=torch.float64))
-    out.sum().backward()
-    torch.testing.assert_close(p.grad, torch.tensor([[3.0, 0.0, -2.0]], dtype=torch.float64))
+# the channels-last point sampler is a backend of slicreg.fields.sample: tests/test_sampler.py
+def _read_cl(feats_cl, pts):
+    """``(X, Y, Z, C)`` features at ``(N, 3)`` points -> ``(N, C)``, as the Adam flow reads them."""
+    return sample(feats_cl.permute(3, 0, 1, 2), pts.t(), backend="channels_last").t()
 
 
 # ---------------------------------------------------------------------------------------------- Adam flow
@@ -415,8 +412,6 @@ def test_bad_inputs_raise_input_error(pair):
         flow.tps_fit(np.array([[0.0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]), np.ones((5, 3)), lam=0.0)
     with pytest.raises(InputError, match="shape"):
         flow.tps_dense_field(np.zeros((5, 3)), np.zeros((5, 3)), (4, 4))
-    with pytest.raises(InputError, match="points_vox"):
-        flow.sample_channels_last(torch.zeros(4, 4, 4, 2), torch.zeros(5, 2))
     with pytest.raises(InputError, match="n_channels"):
         flow.label_channel_map(2, n_channels=10)
     with pytest.raises(InputError, match="fixed_feats, moving_feats"):
@@ -528,10 +523,10 @@ def test_gram_sampler_equals_the_gather_sampler_and_autograd():
     pts = torch.rand(40, 3, generator=g) * torch.tensor([6.0, 7.0, 8.0]) - 0.5  # a few outside the grid
     pts[0] = torch.tensor([4.0, 5.0, 6.0])  # the last voxel
     sampler = flow._GramSampler(feats, target)
-    np.testing.assert_allclose(sampler.sample(pts), flow.sample_channels_last(feats, pts).double(), atol=1e-6)
+    np.testing.assert_allclose(sampler.sample(pts), _read_cl(feats, pts).double(), atol=1e-6)
     mse, grad = sampler(pts)
     p = pts.clone().requires_grad_(True)
-    ref = ((flow.sample_channels_last(feats, p).double() - target) ** 2).mean()
+    ref = ((_read_cl(feats, p).double() - target) ** 2).mean()
     ref.backward()
     assert abs(float(mse) - float(ref.detach())) < 1e-6 * float(ref.detach())
     torch.testing.assert_close(grad, p.grad.double(), rtol=1e-4, atol=1e-7)

@@ -5,13 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocessing.geometry import (AIR_HU, CropRecord, check_ct_like, crop_or_pad, crop_start,
-                                    field_to_original_grid, field_to_preprocessed_grid, preprocess_volume,
-                                    reexpress_field, reorient_ras, resample_grid, resample_isotropic,
-                                    soft_tissue_centre, soft_tissue_weight, to_original_grid)
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
 from slicreg.fields import warp_labels
+from slicreg.geometry import (
+    AIR_HU,
+    CropRecord,
+    check_ct_like,
+    crop_or_pad,
+    crop_start,
+    field_to_original_grid,
+    field_to_preprocessed_grid,
+    preprocess_volume,
+    reexpress_field,
+    reorient_ras,
+    resample_grid,
+    resample_isotropic,
+    soft_tissue_centre,
+    soft_tissue_weight,
+    to_original_grid,
+)
 
 
 def world(affine: np.ndarray, shape) -> np.ndarray:

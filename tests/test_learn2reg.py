@@ -9,12 +9,12 @@ import json
 import os
 from pathlib import Path
 
+import helpers_own_data as h
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
 
-import helpers_own_data as h
 from slicreg.errors import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,13 +26,13 @@ def test_dice_two_cubes_known_overlap():
     # two 4x4x4 cubes overlapping in a 2x4x4 slab: |A| = |B| = 64, |A & B| = 32 -> Dice 0.5
     a = box((12, 10, 10), (2, 2, 2), (6, 6, 6))
     b = box((12, 10, 10), (4, 2, 2), (8, 6, 6))
-    assert M.dice_reference(a, b, labels=[1])[0] == pytest.approx(0.5)
-    assert M.dice_learn2reg(a, b, b, labels=[1])[0] == pytest.approx(0.5)
+    assert M.dice(a, b, labels=[1], absent="zero")[0] == pytest.approx(0.5)
+    assert M.dice(a, b, labels=[1], absent="learn2reg", moving=b)[0] == pytest.approx(0.5)
     counts = M.overlap_counts(a, b, labels=[1])
     assert counts.tolist() == [[64, 64, 32]]
     # unequal sizes: A 64 voxels, B = 2x2x2 inside A -> 2*8 / 72
     c = box((12, 10, 10), (3, 3, 3), (5, 5, 5))
-    assert M.dice_reference(a, c, labels=[1])[0] == pytest.approx(16 / 72)
+    assert M.dice(a, c, labels=[1], absent="zero")[0] == pytest.approx(16 / 72)
 
 
 def test_dice_absent_labels_both_definitions():
@@ -44,13 +44,32 @@ def test_dice_absent_labels_both_definitions():
     box(shape, (1, 6, 6), (2, 7, 7), 5, into=moving)          # label 5 in moving, fixed has none
     warped = moving.copy()
     labels = [1, 2, 3, 4, 5]
-    l2r = M.dice_learn2reg(fixed, moving, warped, labels=labels)
-    ref = M.dice_reference(fixed, warped, labels=labels)
+    l2r = M.dice(fixed, warped, labels=labels, absent="learn2reg", moving=moving)
+    ref = M.dice(fixed, warped, labels=labels, absent="zero")
     assert l2r[0] == 1.0 and ref[0] == 1.0
     assert np.isnan(l2r[1:]).all()                            # 2: not in moving, 3/5: not in fixed, 4: nowhere
     assert ref[1:].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert M.mean_learn2reg(l2r) == 1.0                       # nan-mean over label 1 only
     assert M.mean_reference(ref) == pytest.approx(0.2)        # 1/5: absent labels still averaged
+    # "nan": undefined only where absent from both maps compared (fixed and warped): 2, 3, 5 score 0, 4 is NaN
+    nan_rule = M.dice(fixed, warped, labels=labels, absent="nan")
+    assert nan_rule[[0, 1, 2, 4]].tolist() == [1.0, 0.0, 0.0, 0.0] and np.isnan(nan_rule[3])
+
+
+def test_dice_mask_and_bad_rules():
+    shape = (10, 10, 10)
+    fixed = box(shape, (1, 1, 1), (5, 5, 5), 1)               # 4^3 = 64
+    warped = box(shape, (3, 1, 1), (7, 5, 5), 1)              # overlap 2x4x4 = 32 -> 0.5
+    assert M.dice(fixed, warped, labels=[1], absent="nan")[0] == pytest.approx(0.5)
+    inside = np.zeros(shape, bool)
+    inside[:5] = True                                         # keeps all of fixed, half of warped: 2*32 / 96
+    assert M.dice(fixed, warped, labels=[1], absent="nan", mask=inside)[0] == pytest.approx(64 / 96)
+    with pytest.raises(InputError, match="needs the unwarped moving"):
+        M.dice(fixed, warped, labels=[1], absent="learn2reg")
+    with pytest.raises(InputError, match="absent must be one of"):
+        M.dice(fixed, warped, labels=[1], absent="skip")
+    with pytest.raises(InputError, match="mask: shape"):
+        M.dice(fixed, warped, labels=[1], absent="zero", mask=inside[:5])
 
 
 def test_dice_label_lost_by_warp_is_zero_not_nan_in_learn2reg():
@@ -58,29 +77,29 @@ def test_dice_label_lost_by_warp_is_zero_not_nan_in_learn2reg():
     fixed = box(shape, (2, 2, 2), (5, 5, 5), 4)
     moving = box(shape, (2, 2, 2), (5, 5, 5), 4)
     warped = np.zeros(shape, np.uint8)                        # the warp pushed label 4 out of the grid
-    assert M.dice_learn2reg(fixed, moving, warped, labels=[4]).tolist() == [0.0]
+    assert M.dice(fixed, warped, labels=[4], absent="learn2reg", moving=moving).tolist() == [0.0]
     assert M.hd95_learn2reg(fixed, moving, warped, labels=[4]).tolist() == [math.inf]
 
 
 def test_dice_empty_and_single_voxel_labels():
     shape = (6, 7, 8)
     empty = np.zeros(shape, np.uint8)
-    assert np.isnan(M.dice_learn2reg(empty, empty, empty, labels=[1])[0])
-    assert M.dice_reference(empty, empty, labels=[1])[0] == 0.0
+    assert np.isnan(M.dice(empty, empty, labels=[1], absent="learn2reg", moving=empty)[0])
+    assert M.dice(empty, empty, labels=[1], absent="zero")[0] == 0.0
     one = empty.copy()
     one[3, 3, 3] = 7
     other = empty.copy()
     other[3, 3, 4] = 7
-    assert M.dice_reference(one, one, labels=[7])[0] == 1.0
-    assert M.dice_reference(one, other, labels=[7])[0] == 0.0
-    assert M.dice_learn2reg(one, other, other, labels=[7])[0] == 0.0
+    assert M.dice(one, one, labels=[7], absent="zero")[0] == 1.0
+    assert M.dice(one, other, labels=[7], absent="zero")[0] == 0.0
+    assert M.dice(one, other, labels=[7], absent="learn2reg", moving=other)[0] == 0.0
 
 
 def test_dice_independent_cross_check_random_labels():
     rng = np.random.default_rng(0)
     f = rng.integers(0, 5, size=(9, 10, 11)).astype(np.uint8)
     w = rng.integers(0, 5, size=(9, 10, 11)).astype(np.uint8)
-    got = M.dice_reference(f, w, labels=[1, 2, 3, 4])
+    got = M.dice(f, w, labels=[1, 2, 3, 4], absent="zero")
     # independent: sets of flat indices
     for n, lab in enumerate([1, 2, 3, 4]):
         sa, sb = set(np.flatnonzero(f == lab)), set(np.flatnonzero(w == lab))
@@ -100,9 +119,9 @@ def test_group_means_btcv_and_large_organs():
 
 def test_bad_label_input_is_an_input_error():
     with pytest.raises(InputError, match="integer label map"):
-        M.dice_reference(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8))
+        M.dice(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), absent="zero")
     with pytest.raises(InputError, match="grids do not match"):
-        M.dice_reference(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 5), np.uint8))
+        M.dice(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 5), np.uint8), absent="zero")
 
 
 # ------------------------------------------------------------------------------------------------- HD95
@@ -407,5 +426,5 @@ def test_torch_inputs_accepted():
     torch = pytest.importorskip("torch")
     a = torch.zeros(6, 6, 6, dtype=torch.uint8)
     a[1:4, 1:4, 1:4] = 1
-    assert M.dice_reference(a, a, labels=[1])[0] == 1.0
+    assert M.dice(a, a, labels=[1], absent="zero")[0] == 1.0
     assert M.jacobian_stats(torch.zeros(3, 6, 6, 6))["det_mean"] == 1.0

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import ddp_config, make_dataset  # the tiny contract-layout dataset of the training tests
 
 from slicreg.errors import ConfigError
 from slicreg.io import read_json
 from slicreg.train import load_checkpoint, shard_ids
-
-from test_train import make_dataset  # the tiny contract-layout dataset of the training tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,26 +44,7 @@ def test_train_command_on_two_nodes_with_sharded_data(tmp_path):
     """`torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d ...` started twice (one per "node"): 2 steps on
     gloo; every process loaded only its half of the training scans."""
     paths = make_dataset(tmp_path, n=5)  # 5 scans: 1 held out for validation, 4 trained on, 2 per process
-    config = tmp_path / "train.toml"
-    config.write_text(f"""
-[data]
-dataset = "{paths['dataset']}"
-transferred = "{paths['transferred']}"
-template_supervoxels = "{paths['supervoxels']}"
-[output]
-dir = "{tmp_path / 'run'}"
-[run]
-threads = 1
-[train]
-iterations = 2
-batch_size = 2
-head_voxels = 32
-backward = "eager"
-channels_last = false
-val_subjects = 1
-val_every = 2
-checkpoint_every = 1
-""")
+    config = ddp_config(tmp_path, paths)
     endpoint = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(

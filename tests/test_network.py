@@ -16,13 +16,10 @@ from slicreg.network import (
     architecture_spec,
     build_model,
     count_parameters,
-    depthwise_conv3d,
-    depthwise_weight_grad,
-    dilated_conv3d_weight_grad,
-    network_input,
     neighbour_rows,
+    network_input,
 )
-
+from slicreg.network_kernels import depthwise_conv3d, depthwise_weight_grad, dilated_conv3d_weight_grad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +30,8 @@ def _model(**kw) -> SlicRegNet:
 
 def test_parameter_counts_per_part():
     counts = count_parameters(_model())
-    # exact values of this implementation (SLICREG_SPEC.md: ~217k, ~1.0M, ~590k, ~1.81M)
+    # exact values of this implementation (the paper's architecture, docs/method.md section 5: ~217k, ~1.0M, ~590k,
+    # ~1.81M)
     assert counts == {"backbone": 216_768, "aspp": 1_001_088, "head": 589_824, "total": 1_807_680}
     assert abs(counts["backbone"] - 217e3) / 217e3 < 0.01
     assert abs(counts["aspp"] - 1.0e6) / 1.0e6 < 0.02
@@ -241,7 +239,7 @@ def test_bf16_autocast_training_step_runs_with_fp32_master_weights():
 @pytest.mark.slow
 def test_compiled_depthwise_weight_gradient_matches_torch():
     """The fused kernel (torch.compile) of the default backend, on one small layer of each stride."""
-    from slicreg.network import _COMPILED_WEIGHT_GRAD
+    from slicreg.network_kernels import _COMPILED_WEIGHT_GRAD
 
     gen = torch.Generator().manual_seed(0)
     for stride in (1, 2):

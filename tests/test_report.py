@@ -55,9 +55,9 @@ def dataset_dir(tmp_path):
     root = tmp_path / "ds"
     img, lab = make_subject()
     subjects = {"f1": (img, lab), "f2": (img, lab), "m": (shifted(img, -1000), shifted(lab, 0))}
-    for sid, (i, l) in subjects.items():
-        save_volume(Volume(i, AFF), root / f"imagesTr/{sid}_0000.nii.gz")
-        save_volume(Volume(l, AFF), root / f"labelsTr/{sid}.nii.gz")
+    for sid, (image, labels) in subjects.items():
+        save_volume(Volume(image, AFF), root / f"imagesTr/{sid}_0000.nii.gz")
+        save_volume(Volume(labels, AFF), root / f"labelsTr/{sid}.nii.gz")
     truth = np.zeros((3, *SHAPE), np.float32)
     truth[0] = SHIFT  # m[p + 2] = f1[p]: fixed voxel p corresponds to moving voxel p + 2
     save_field(truth, AFF, root / "ground_truth_fields/disp_f1_m.nii.gz")

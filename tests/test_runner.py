@@ -257,7 +257,8 @@ def test_cli_list_and_dry_run(plugin, capsys):
 
 
 def test_until_leaves_later_stages_alone(plugin):
-    p = write_pipeline(plugin, CHAIN.format(value=3, unused=0) + '\n[stages.c]\ntype = "t-double"\ninputs = { src = "b" }\n')
+    p = write_pipeline(plugin, CHAIN.format(value=3, unused=0)
+                       + '\n[stages.c]\ntype = "t-double"\ninputs = { src = "b" }\n')
     plans = run(p, until="a")
     assert (count(plugin, "a"), count(plugin, "b"), count(plugin, "c")) == (1, 0, 0)
     assert [pl.cached for pl in plans] == [True, False, False]

@@ -226,6 +226,33 @@ def test_masks():
         sv.body_mask(np.full((4, 4, 4), -1000.0))
 
 
+def test_body_mask_fills_across_every_axis_and_is_the_one_threshold():
+    import inspect
+
+    from pipelines.commands.supervoxels import write_supervoxels
+    from pipelines.runner import load_stage_types
+
+    img = np.full((16, 18, 20), -1000.0, dtype=np.float32)
+    img[2:14, 2:16, 2:18] = 30
+    # a gas tunnel entering from the y = 0 side: open in 3-D and in every axial (axis 2) and axis-0 slice, but
+    # enclosed in every axis-1 slice inside the body -> filled (a 3-D + axial fill alone would leave it open)
+    img[5:9, 0:10, 8:12] = -950
+    img[2, 2, 2] = -450  # a surface voxel between -500 and -400 HU: outside the body at the -400 HU threshold
+    body = sv.body_mask(img, opening_vox=0)
+    expected = np.zeros(img.shape, dtype=bool)
+    expected[2:14, 2:16, 2:18] = True
+    expected[2, 2, 2] = False
+    assert np.array_equal(body, expected)
+    assert sv.body_mask(img, threshold=-500.0, opening_vox=0)[2, 2, 2]
+    # every default of the body threshold (core, stages, command) is the one constant
+    assert sv.BODY_THRESHOLD_HU == -400.0
+    assert inspect.signature(sv.body_mask).parameters["threshold"].default == sv.BODY_THRESHOLD_HU
+    assert inspect.signature(write_supervoxels).parameters["body_threshold_hu"].default == sv.BODY_THRESHOLD_HU
+    stages = load_stage_types()
+    assert stages["supervoxels"].params["body_threshold_hu"] == sv.BODY_THRESHOLD_HU
+    assert stages["evaluate"].params["body_threshold_hu"] == sv.BODY_THRESHOLD_HU
+
+
 def test_downsampling_follows_the_grid_convention():
     fine = np.arange(4 * 6 * 2, dtype=np.float32).reshape(4, 6, 2)
     coarse = sv.downsample_image(fine)
@@ -302,10 +329,8 @@ def test_command_writes_nifti_json_png(tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "b.json").read_text())["mask"]["kind"] == "body"
 
 
-def test_stage_on_a_dataset_folder(tmp_path):
-    from pipelines.runner import StageContext, load_stage_types
-    from slicreg.io import load_volume
-
+def _template_dataset(tmp_path):
+    """A preprocessed-dataset folder (docs/CONTRACTS.md) holding only the phantom template ``c0``."""
     _write_template(tmp_path)
     ds = tmp_path / "ds"
     (ds / "imagesTr").mkdir(parents=True)
@@ -316,6 +341,14 @@ def test_stage_on_a_dataset_folder(tmp_path):
         "format": "slicreg-dataset/1", "template": "c0",
         "subjects": {"c0": {"image": "imagesTr/c0_0000.nii.gz", "labels": "labelsTr/c0.nii.gz", "role": "template"}},
     }))
+    return ds
+
+
+def test_stage_on_a_dataset_folder(tmp_path):
+    from pipelines.runner import StageContext, load_stage_types
+    from slicreg.io import load_volume
+
+    ds = _template_dataset(tmp_path)
     st = load_stage_types()["supervoxels"]
     out = tmp_path / "out"
     out.mkdir()
@@ -359,16 +392,7 @@ def test_stage_resumes_per_layer(tmp_path, monkeypatch):
     from pipelines.runner import StageContext, load_stage_types
     from pipelines.stages import supervoxels as stage_module
 
-    _write_template(tmp_path)
-    ds = tmp_path / "ds"
-    (ds / "imagesTr").mkdir(parents=True)
-    (ds / "labelsTr").mkdir()
-    (tmp_path / "t.nii.gz").rename(ds / "imagesTr" / "c0_0000.nii.gz")
-    (tmp_path / "l.nii.gz").rename(ds / "labelsTr" / "c0.nii.gz")
-    (ds / "dataset.json").write_text(json.dumps({
-        "format": "slicreg-dataset/1", "template": "c0",
-        "subjects": {"c0": {"image": "imagesTr/c0_0000.nii.gz", "labels": "labelsTr/c0.nii.gz", "role": "template"}},
-    }))
+    ds = _template_dataset(tmp_path)
     st = load_stage_types()["supervoxels"]
     params = {**st.params, "layers": 3, "n_supervoxels": 8, "n_segments": 12, "distance_vox": 5.0}
     reference = tmp_path / "ref"

@@ -14,8 +14,7 @@ from slicreg import deeds
 from slicreg.conventions import Volume, downsample_affine
 from slicreg.errors import InputError
 from slicreg.io import atomic_write_json, load_field, load_volume, save_field, save_volume
-from slicreg.transfer import (check_transfer, reached_region, sample_layers, template_positions,
-                              transfer_supervoxels)
+from slicreg.transfer import check_transfer, reached_region, sample_layers, template_positions, transfer_supervoxels
 
 COARSE = (6, 7, 8)  # template / subject 4 mm grid
 FINE = (12, 14, 16)  # 2 mm grid
@@ -279,7 +278,7 @@ def test_stage_with_align(tmp_path, monkeypatch):
     calls = []
     masks = {}
     # the first subject has a crop record whose field of view is a slab: its mask reaches register_pair
-    from preprocessing.geometry import CropRecord
+    from slicreg.geometry import CropRecord
 
     vol = load_volume(ds / "imagesTr" / f"{SUBJECTS[0]}_0000.nii.gz")
     pad = ((0, 0), (0, 0), (2, 3))

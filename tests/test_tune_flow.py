@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from benchmarks import tune_flow
 from slicreg.metrics import jacobian_determinant, jacobian_stats, warp_labels_learn2reg
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_flow.py"
-_spec = importlib.util.spec_from_file_location("tune_flow", _PATH)
-tune_flow = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("tune_flow", tune_flow)  # dataclasses look their module up
-_spec.loader.exec_module(tune_flow)
 
 
 def _smooth_field(shape, amplitude, seed=0):

@@ -16,9 +16,15 @@ OUTPUTS = ("out_field", "out_warped_labels", "out_warped", "out_json")
 def derived_outputs(args: argparse.Namespace) -> dict[str, str | None]:
     """The two deeds files written for the stem ``--deeds-out``."""
     stem = getattr(args, "deeds_out", None)
+    found = {}
+    if getattr(args, "field_format", None) == "deeds":  # then --out-field is a deeds stem
+        from slicreg.io import field_output_files
+
+        dat, mat = field_output_files(args.out_field, "deeds")
+        found = {"--out-field": str(dat), "--out-field (deeds matrix)": str(mat)}
     if stem is None:
-        return {}
-    return {"--deeds-out": f"{stem}_displacements.dat", "--deeds-out (matrix)": f"{stem}_matrix.txt"}
+        return found
+    return {**found, "--deeds-out": f"{stem}_displacements.dat", "--deeds-out (matrix)": f"{stem}_matrix.txt"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fixed image's axis order and the field indexes its own voxels)")
     p.add_argument("--out-field", required=True,
                    help="output field (NIfTI (X, Y, Z, 3) float32, voxels, fixed -> moving, affine included)")
+    p.add_argument("--field-format", choices=("voxels", "itk", "deeds"), default="voxels",
+                   help="how --out-field is written (docs/formats.md): voxels (default) -- (X, Y, Z, 3) in voxels of "
+                        "the moving scan (Learn2Reg layout); itk -- ITK displacement field in world millimetres "
+                        "(LPS) for SimpleITK, ANTs and 3D Slicer; deeds -- --out-field is a stem for "
+                        "STEM_displacements.dat + STEM_matrix.txt (as --deeds-out)")
     p.add_argument("--preset", default="abdomen-ct",
                    help="registration preset: abdomen-ct (default), abdomen-ct-svf (diffeomorphic), affine")
     p.add_argument("--fixed-fov", metavar="FOV",
@@ -53,73 +64,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from slicreg.checks import (apply_index_map_to_field, axcodes, check_ct_like, grid_description, match_grid,
-                                orientation_index_map, reorient_like)
+    from slicreg.checks import axcodes, grid_description
     from slicreg.conventions import Volume
     from slicreg.errors import InputError
-    from slicreg.io import atomic_outputs, atomic_write_json, load_image, load_labels, save_field, save_volume
+    from slicreg.io import atomic_outputs, atomic_write_json, save_volume
 
     if bool(args.moving_labels) != bool(args.out_warped_labels):
         raise InputError("--moving-labels and --out-warped-labels go together (give both or neither)")
-    if args.deeds_out:
+    from slicreg.io import check_field_format, deeds_stem, save_field_as
+
+    check_field_format(args.field_format, args.out_field)
+    if args.deeds_out or args.field_format == "deeds":
         try:
             from slicreg import deeds
         except ImportError:
             raise InputError("--deeds-out: slicreg.deeds is not available in this installation") from None
-    fixed = load_image(args.fixed)
-    check_ct_like(fixed.array, name=args.fixed, force=args.force)
-    moving = load_image(args.moving)
-    check_ct_like(moving.array, name=args.moving, force=args.force)
-    # The registration runs on the moving image permuted / flipped to the fixed image's axis order (lossless), so
-    # that both arrays run along the same world axes; the field is mapped back to the original moving array below.
-    to_moving = orientation_index_map(moving, fixed.affine)  # reoriented moving voxel -> original moving voxel
-    moving_r = reorient_like(moving, fixed.affine)
-    sp_f, sp_m = fixed.spacing_mm, moving_r.spacing_mm
-    if not np.allclose(sp_f, sp_m, rtol=1e-3, atol=1e-3):
-        raise InputError(f"{args.moving}: voxel size {np.round(sp_m, 4).tolist()} mm (in the fixed image's axis "
-                         f"order {axcodes(fixed.affine)}; the file is {axcodes(moving.affine)}) differs from the "
-                         f"fixed image {args.fixed}'s {np.round(sp_f, 4).tolist()} mm; resample both to one voxel "
-                         f"size first")
-    if args.deeds_out and fixed.shape != moving.shape:  # deeds reads both files' arrays as they are stored
-        raise InputError(f"--deeds-out: deeds needs fixed and moving images of the same grid size, got "
+    from slicreg.api import prepare_align, run_align
+
+    # world-space handling (one axis order, voxel sizes, fields of view, labels, a starting field): in the core
+    inputs = prepare_align(args.fixed, args.moving, fixed_fov=args.fixed_fov, moving_fov=args.moving_fov,
+                           init_field=args.init_field, moving_labels=args.moving_labels, force=args.force,
+                           names={"fixed_fov": "--fixed-fov", "moving_fov": "--moving-fov"})
+    fixed, moving, moving_r, labels = inputs.fixed, inputs.moving, inputs.moving_r, inputs.moving_labels
+    if (args.deeds_out or args.field_format == "deeds") and fixed.shape != moving.shape:  # deeds reads both arrays
+        flag = "--deeds-out" if args.deeds_out else "--field-format deeds"
+        raise InputError(f"{flag}: deeds needs fixed and moving images of the same grid size, got "
                          f"{fixed.shape} ({args.fixed}) and {moving.shape} ({args.moving})")
-    labels = None
-    if args.moving_labels:
-        labels = match_grid(load_labels(args.moving_labels), moving, name=args.moving_labels,
-                            reference_name=args.moving, what="labels", reference_what="moving image", tol_mm=1e-2)
-    from pipelines.stages.align_pairs import load_fov_mask
-
-    fixed_mask = load_fov_mask(args.fixed_fov, fixed.shape, "--fixed-fov") if args.fixed_fov else None
-    moving_mask = None
-    if args.moving_fov:
-        mask = load_fov_mask(args.moving_fov, moving.shape, "--moving-fov")
-        moving_mask = reorient_like(Volume(mask, moving.affine), fixed.affine).array
-    init = None
-    if args.init_field:
-        from slicreg.io import load_field
-
-        # the file's targets are original moving voxels; the engine works with the reoriented moving array
-        init = apply_index_map_to_field(load_field(args.init_field, fixed=fixed).array, np.linalg.inv(to_moving))
-    _note_initial_placement(fixed, moving_r, started=init is not None)
+    _note_initial_placement(inputs)
 
     import torch
 
-    from slicreg.align import register_pair
     from slicreg.fields import warp_image, warp_labels
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    result = register_pair(fixed.array, moving_r.array, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                           init_disp=init, spacing_mm=tuple(float(s) for s in sp_f), preset=args.preset,
-                           device=args.device, seed=args.seed, progress=not args.quiet)
-    # back to the original moving array: x + u(x) is a voxel of the file given as --moving
-    disp = apply_index_map_to_field(result.disp_vox, to_moving)
-    affine_vox = to_moving @ result.affine_vox
+    result = run_align(inputs, preset=args.preset, device=args.device, seed=args.seed, progress=not args.quiet)
+    disp, affine_vox = result.disp_vox, result.affine_vox  # into the voxels of the file given as --moving
     written = [args.out_field]
     with atomic_outputs() as out:  # all outputs or none: a kill never leaves a mixed set
-        save_field(disp, fixed.affine, out.path(args.out_field))
+        if args.field_format == "deeds":  # the registration's own affine part goes into the matrix
+            written = [str(p) for p in _write_deeds(deeds, disp, affine_vox, deeds_stem(args.out_field),
+                                                    args.deeds_grid_spacing, out)]
+        else:
+            save_field_as(disp, fixed.affine, moving.affine, args.out_field, args.field_format, outputs=out)
         if args.out_warped:
             save_volume(Volume(warp_image(moving.array, disp, device=args.device), fixed.affine),
                         out.path(args.out_warped))
@@ -154,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_initial_placement(fixed, moving_r, *, started: bool) -> None:
+def _note_initial_placement(inputs) -> None:
     """Print a note when the engine's start (grid centre onto grid centre) is not the world identity.
 
     :func:`slicreg.align.register_pair` starts its affine stage with the fixed grid's centre on the moving grid's
@@ -162,12 +149,8 @@ def _note_initial_placement(fixed, moving_r, *, started: bool) -> None:
     scan stored in two orientations) that is the world identity; otherwise the difference is reported here."""
     import numpy as np
 
-    if started:
-        return
-    c_f = fixed.affine @ np.append((np.asarray(fixed.shape) - 1) / 2.0, 1.0)
-    c_m = moving_r.affine @ np.append((np.asarray(moving_r.shape) - 1) / 2.0, 1.0)
-    offset = float(np.linalg.norm((c_f - c_m)[:3]))
-    if offset > float(np.max(fixed.spacing_mm)):
+    offset = inputs.start_offset_mm  # None when a starting field is given
+    if offset is not None and offset > float(np.max(inputs.fixed.spacing_mm)):
         print(f"note: the grid centres are {offset:.1f} mm apart in world space; the registration starts from the "
               f"grid centres aligned (then searches translations), not from the world coordinates")
 

@@ -80,9 +80,14 @@ def _submit(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from pipelines.registration import bundle_crop_shape, load_weights, preprocess_for_registration, \
-        register_preprocessed, to_original_grid
     from preprocessing.learn2reg import submission_pairs
+    from slicreg.api import (
+        bundle_crop_shape,
+        load_weights,
+        prepared_to_original_grid,
+        preprocess_for_registration,
+        register_preprocessed,
+    )
     from slicreg.errors import InputError
     from slicreg.io import load_image, save_field
     from slicreg.register import predict_supervoxels
@@ -127,7 +132,8 @@ def _submit(args: argparse.Namespace) -> None:
         result = register_preprocessed(bundle, fixed.image.array, moving.image.array, device=args.device,
                                        seed=args.seed, refine=args.refine, fixed_sv=maps[q.fixed],
                                        moving_sv=maps[q.moving], **masks)
-        save_field(to_original_grid(result.disp_vox, fixed, moving), fixed.record.original_affine, out / q.file)
+        save_field(prepared_to_original_grid(result.disp_vox, fixed, moving), fixed.record.original_affine,
+                   out / q.file)
         seconds.append(time.perf_counter() - t0)
         for sid in (q.fixed, q.moving):
             uses[sid] -= 1

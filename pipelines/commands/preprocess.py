@@ -101,8 +101,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipelines.stages.data import preprocess_dataset, preprocess_subject_files
-    from preprocessing.datasets import (DATASET_JSON, Dataset, Subject, image_relpath, labels_relpath,
-                                        load_dataset, write_dataset_json)
+    from preprocessing.datasets import (
+        DATASET_JSON,
+        Dataset,
+        Subject,
+        image_relpath,
+        labels_relpath,
+        load_dataset,
+        write_dataset_json,
+    )
     from slicreg.errors import InputError
 
     out = Path(args.out).expanduser()

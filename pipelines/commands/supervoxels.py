@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--labels", help="template organ labels (same grid): mask = distance to organs < "
                                          "--distance-vox voxels (the reference's mask)")
     source.add_argument("--body-mask", action="store_true",
-                        help="no labels: mask = body (HU > -500, largest component, holes filled)")
+                        help="no labels: mask = body (HU > -400, largest component, holes filled)")
     p.add_argument("--out", required=True, help="output supervoxels (.nii.gz); .json and .png are written beside it")
     p.add_argument("--layers", type=int, default=16, help="number of layers (default 16)")
     p.add_argument("--supervoxels", type=int, default=127, help="supervoxels per layer, excluding background "
@@ -70,7 +70,7 @@ def write_supervoxels(
     *,
     mask_kind: str,
     distance_vox: float = 30.0,
-    body_threshold_hu: float = -500.0,
+    body_threshold_hu: float = -400.0,
     options: dict[str, Any] | None = None,
     jobs: int = 1,
     progress: Any = None,
@@ -102,8 +102,15 @@ def write_supervoxels(
     from slicreg.checks import check_ct_like, match_grid
     from slicreg.conventions import Volume, downsample_affine, spacing_from_affine
     from slicreg.errors import InputError
-    from slicreg.io import (atomic_outputs, atomic_write_bytes, atomic_write_json, load_image, load_labels, save_volume,
-                            sha256_file)
+    from slicreg.io import (
+        atomic_outputs,
+        atomic_write_bytes,
+        atomic_write_json,
+        load_image,
+        load_labels,
+        save_volume,
+        sha256_file,
+    )
 
     nii_path, json_path, png_path = output_paths(out)
     image = load_image(image_path)

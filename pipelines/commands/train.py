@@ -75,7 +75,8 @@ def read_config(path: str) -> dict:
         if not isinstance(table, dict):
             raise ConfigError(f"{p}: [{section}] must be a table")
         if keys is not None and set(table) - keys:
-            raise ConfigError(f"{p}: unknown key(s) {sorted(set(table) - keys)} in [{section}]; allowed: {sorted(keys)}")
+            raise ConfigError(f"{p}: unknown key(s) {sorted(set(table) - keys)} in [{section}]; "
+                              f"allowed: {sorted(keys)}")
     for key in ("dataset", "transferred", "template_supervoxels"):
         if key not in doc.get("data", {}):
             raise ConfigError(f"{p}: [data] {key} is required")

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--padding zeros contradicts --deeds-rules: deeds clamps coordinates to the grid "
                          "(border); drop one of the two")
     moving = load_labels(args.moving) if args.labels else load_image(args.moving)
-    field = load_field(args.field)
+    field = load_field(args.field, moving=moving)  # a voxel field, or an ITK field (mm) converted on this grid
     if args.deeds_rules:
         from slicreg.deeds import warp_image_field_deeds, warp_labels_field_deeds
 

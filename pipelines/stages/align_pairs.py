@@ -33,39 +33,12 @@ from pipelines.runner import StageContext, stage
 PAIR_SOURCES = ("registration_pairs", "atlas", "template")
 
 
-def load_fov_mask(path: str | Path, shape: tuple[int, ...], what: str) -> Any:
-    """A field-of-view mask ``(X, Y, Z)`` bool for an image of ``shape``, from a crop record (``*.json``,
-    :class:`preprocessing.geometry.CropRecord`: True where the original scan had data) or a mask NIfTI on the
-    image's grid (non-zero = inside).
-
-    Raises:
-        InputError: unreadable file, or a record / mask for another grid (``what`` names the argument).
-    """
-    import numpy as np
-
-    from slicreg.errors import InputError
-    from slicreg.io import load_image, read_json
-
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        from preprocessing.geometry import CropRecord
-
-        mask = CropRecord.from_json(read_json(path), name=f"{what} {path}").fov_mask()
-    else:
-        mask = np.asarray(load_image(path).array) != 0
-    if tuple(mask.shape) != tuple(shape):
-        raise InputError(f"{what} {path}: the field of view is for a grid of shape {tuple(mask.shape)}, the image has "
-                         f"{tuple(shape)}")
-    if not mask.any():
-        raise InputError(f"{what} {path}: the field of view is empty (no voxel inside)")
-    return mask
-
-
 def align_one(job: dict[str, Any]) -> dict[str, Any]:
     """Register one pair and write its field and record; returns the record (module level: runs in workers)."""
     import time
 
     from slicreg.align import register_pair
+    from slicreg.geometry import load_fov_mask
     from slicreg.io import atomic_write_json, load_image, save_field
 
     t0 = time.perf_counter()
@@ -114,7 +87,7 @@ def _pairs(dataset: Any, source: str) -> list[tuple[str, str]]:
        inputs={"dataset": True})
 def align_pairs_stage(ctx: StageContext) -> None:
     """Register dataset pairs with the built-in toolkit; fields + registrations.json (docs/CONTRACTS.md)."""
-    from pipelines.registration import run_pair_jobs
+    from pipelines.pair_jobs import run_pair_jobs
     from preprocessing.datasets import load_dataset
     from slicreg.align import resolve_preset
     from slicreg.errors import ConfigError

@@ -201,11 +201,13 @@ def pair_files(job: dict[str, Any]) -> dict[str, Any]:
     and scores them against the fixed labels where the moving scan has data (``overlap``)."""
     import numpy as np
 
-    from preprocessing.cohort import dice_per_label, initial_dice, true_field
+    from preprocessing.cohort import initial_dice, true_field
     from preprocessing.datasets import labels_relpath
     from slicreg.conventions import identity_grid_vox
     from slicreg.fields import warp_labels
     from slicreg.io import load_field, load_labels, save_field
+    from slicreg.labels import BTCV_IDS
+    from slicreg.metrics import dice
 
     started, cpu0 = time.perf_counter(), time.process_time()
     out = Path(job["out"])
@@ -232,7 +234,7 @@ def pair_files(job: dict[str, Any]) -> dict[str, Any]:
         warped = warp_labels(moving.array, disp)
         pos = identity_grid_vox(fixed.shape, dtype=np.float32) + disp
         overlap = np.all([(pos[a] >= -0.5) & (pos[a] < moving.shape[a] - 0.5) for a in range(3)], axis=0)
-        check = dice_per_label(fixed.array, warped, mask=overlap)
+        check = dict(zip(BTCV_IDS, dice(fixed.array, warped, BTCV_IDS, absent="nan", mask=overlap).tolist()))
         voxel_ml = float(abs(np.linalg.det(fixed.affine[:3, :3]))) / 1000.0
         volumes = {lab: float(np.count_nonzero((fixed.array == lab) & overlap)) * voxel_ml for lab in check}
         large = [check[lab] for lab in check if volumes[lab] > LARGE_ORGAN_ML and not math.isnan(check[lab])]
@@ -328,8 +330,15 @@ def write_cohort(ctx: StageContext, *, image: Path, labels: Path, tissue: Path |
     Subjects already written by an interrupted attempt (their transform exists) are kept. Subject ``i`` depends
     only on ``(seed, i)``, the knobs and its role's acquisition, so the result does not depend on ``ctx.jobs``."""
     from preprocessing.cohort import CohortConfig, registration_pairs, subject_ids
-    from preprocessing.datasets import (Dataset, Pair, Subject, field_relpath, image_relpath, labels_relpath,
-                                        write_dataset_json)
+    from preprocessing.datasets import (
+        Dataset,
+        Pair,
+        Subject,
+        field_relpath,
+        image_relpath,
+        labels_relpath,
+        write_dataset_json,
+    )
     from slicreg.errors import InputError
     from slicreg.io import atomic_write_bytes, atomic_write_json, load_volume, sha256_file
     from slicreg.labels import BTCV_LABELS

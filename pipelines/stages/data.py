@@ -8,7 +8,7 @@
   every later stage reads one format. ``partial = true`` accepts a BTCV / Learn2Reg folder holding only some of
   the scans its split or json lists (inference on the scans a user has); the absent ones are logged.
 - ``preprocess`` (input ``dataset``: a dataset folder; params ``spacing_mm``, ``shape``, ``force``,
-  ``antialias``): the SLIC-Reg preprocessing of every subject (:func:`preprocessing.geometry.preprocess_volume`)
+  ``antialias``): the SLIC-Reg preprocessing of every subject (:func:`slicreg.geometry.preprocess_volume`)
   into ``imagesTr/``, ``labelsTr/``, ``crops/<id>.json``; ground-truth fields of the input are re-expressed on
   the preprocessed grids (``ground_truth_fields/``); ``dataset.json`` lists it all (docs/CONTRACTS.md).
 """
@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from pipelines.runner import StageContext, stage
 
@@ -74,7 +75,7 @@ def preprocess_subject_files(item: dict[str, Any]) -> dict[str, Any]:
     existence means the subject is complete. Returns a small summary (id, seconds, padded/dropped voxels)."""
     import numpy as np
 
-    from preprocessing.geometry import preprocess_volume
+    from slicreg.geometry import preprocess_volume
     from slicreg.io import atomic_write_json, load_image, load_labels, save_volume
 
     started = time.perf_counter()
@@ -142,8 +143,8 @@ def reexpress_field_files(item: dict[str, Any]) -> dict[str, Any]:
     ``moving_crop`` (crop-record JSON paths), ``out`` (output path)."""
     import numpy as np
 
-    from preprocessing.geometry import CropRecord, field_to_preprocessed_grid
     from slicreg.errors import InputError
+    from slicreg.geometry import CropRecord, field_to_preprocessed_grid
     from slicreg.io import load_field, read_json, save_field
 
     fixed = CropRecord.from_json(read_json(item["fixed_crop"]), name=item["fixed_crop"])
@@ -171,7 +172,7 @@ def preprocess_dataset(dataset: Any, out_dir: Path, *, spacing_mm: float = 2.0,
         dataset: a :class:`preprocessing.datasets.Dataset` (validated).
         out_dir: output folder (``imagesTr/``, ``labelsTr/``, ``crops/``, ``ground_truth_fields/``,
             ``dataset.json``).
-        spacing_mm, shape, force, antialias: see :func:`preprocessing.geometry.preprocess_volume`.
+        spacing_mm, shape, force, antialias: see :func:`slicreg.geometry.preprocess_volume`.
         mapper: ``mapper(fn, items, desc) -> results`` (a stage passes ``ctx.map``); default a plain loop.
         done: ``done(relative_path) -> bool``: outputs already complete (a stage passes ``ctx.done``).
         reuse: also keep the subjects an earlier run into ``out_dir`` preprocessed from the same files with the
@@ -181,8 +182,15 @@ def preprocess_dataset(dataset: Any, out_dir: Path, *, spacing_mm: float = 2.0,
     """
     from dataclasses import replace
 
-    from preprocessing.datasets import (Dataset, Pair, Subject, field_relpath, image_relpath, labels_relpath,
-                                        write_dataset_json)
+    from preprocessing.datasets import (
+        Dataset,
+        Pair,
+        Subject,
+        field_relpath,
+        image_relpath,
+        labels_relpath,
+        write_dataset_json,
+    )
     from slicreg.io import read_json
 
     out_dir = Path(out_dir)

@@ -10,7 +10,7 @@ Inputs
 Parameters
     ``labels`` (default 1..13), ``figure_pair`` (index into the dataset's pairs for the overlay and Jacobian
     figures, default 0), ``hd95`` (default true), ``body_threshold_hu`` (the field-error mask is the fixed
-    scan's body, :func:`slicreg.supervoxels.body_mask`, default -500 HU), ``title``, ``paper_table`` (default
+    scan's body, :func:`slicreg.supervoxels.body_mask`, default -400 HU), ``title``, ``paper_table`` (default
     false: add the SLIC-Reg paper's Table 1 layout with its published BTCV rows, :func:`slicreg.report.paper_table`).
 
 Outputs (in the stage folder)
@@ -192,7 +192,7 @@ def _select_pairs(dataset: Any, methods: list[dict[str, Any]], choice: str, stag
 @stage(
     "evaluate",
     version="1",
-    params={"labels": list(range(1, 14)), "figure_pair": 0, "hd95": True, "body_threshold_hu": -500.0,
+    params={"labels": list(range(1, 14)), "figure_pair": 0, "hd95": True, "body_threshold_hu": -400.0,
             "title": None, "pairs": "all", "paper_table": False},
     inputs={"dataset": True, "methods": False},
 )

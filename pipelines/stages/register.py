@@ -65,7 +65,7 @@ def register_one(job: dict[str, Any]) -> dict[str, Any]:
     refine_info = None
     disp = result.disp_vox
     if job["refine"]:
-        from pipelines.stages.align_pairs import load_fov_mask
+        from slicreg.geometry import load_fov_mask
 
         moving = load_image(job["moving_image"])
         masks = {f"{side}_mask": load_fov_mask(job[f"{side}_crop"], image.shape, f"{side} crop record")
@@ -74,8 +74,6 @@ def register_one(job: dict[str, Any]) -> dict[str, Any]:
         disp, refine_info = refine_field(fixed.array, moving.array, disp, device=job["device"], seed=job["seed"],
                                          **masks, **job["refine_options"])
         wall["refine"], cpu["refine"] = time.perf_counter() - t1, time.process_time() - c1
-        refine_info = {k: v for k, v in refine_info.items() if k != "loss"} | \
-            {"final_loss": refine_info["loss"][-1] if refine_info["loss"] else None}
     save_field(np.asarray(disp, dtype=np.float32), fixed.affine, job["field_path"])
     network = {"network fixed": job["network_fixed_s"], "network moving": job["network_moving_s"]}
     runtime = sum(v for v in network.values() if v is not None) + sum(wall.values())
@@ -105,7 +103,7 @@ def _check_options(options: Any, fn: Any, key: str, where: str, reserved: tuple[
     return dict(options)
 
 
-@stage("register", version="2",
+@stage("register", version="3",
        params={"weights": None, "device": "cpu", "pairs": "registration_pairs", "atlas": False, "seed": 0,
                "flow": {}, "refine": False, "refine_options": {}, "fov_mask": True, "method": None},
        inputs={"dataset": True, "bundle": False, "predicted": False, "supervoxels": False}, path_params=["weights"])
@@ -113,12 +111,19 @@ def register_stage(ctx: StageContext) -> None:
     """Predict supervoxels of every scan once, then register each pair by the keypoint flow (CONTRACTS.md)."""
     import numpy as np
 
-    from pipelines.registration import atlas_advice, atlas_template, default_weights, load_weights, run_pair_jobs
+    from pipelines.pair_jobs import run_pair_jobs
     from preprocessing.datasets import load_dataset
+    from slicreg.api import atlas_advice, atlas_template, default_weights, load_weights
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.errors import ConfigError
     from slicreg.flow import supervoxel_flow
-    from slicreg.io import atomic_write_json, load_image, load_volume, read_json, save_volume
+    from slicreg.io import (
+        atomic_write_json,
+        load_image,
+        load_volume,
+        read_json,
+        save_volume,
+    )
     from slicreg.register import predict_supervoxels, refine_field
 
     p = ctx.params

@@ -1,4 +1,4 @@
-"""The ``supervoxels`` stage: the template's SLIC supervoxel layers (SLICREG_SPEC.md section 3).
+"""The ``supervoxels`` stage: the template's SLIC supervoxel layers (docs/method.md, section 3).
 
 Input ``dataset``: a preprocessed dataset folder (docs/CONTRACTS.md); its ``template`` subject is used. Outputs
 (docs/CONTRACTS.md)::
@@ -8,10 +8,11 @@ Input ``dataset``: a preprocessed dataset folder (docs/CONTRACTS.md); its ``temp
     supervoxels.png      three layers' boundaries over the template, axial and coronal
 
 Parameters: ``mask`` = ``"organs"`` (distance to the template's organ labels < ``distance_vox`` voxels, the
-reference's mask; needs template labels) or ``"body"`` (HU > ``body_threshold_hu``, largest component, holes
-filled; no labels needed); ``layers``, ``n_supervoxels``, ``n_segments``, ``compactness`` (``None`` = the library
-default), ``max_num_iter``, ``min_size_factor``, ``affine_sigma``, ``seed`` (``None`` = the pipeline seed). Layers
-run on ``--jobs`` processes; the result does not depend on that number.
+reference's mask; needs template labels) or ``"body"`` (:func:`slicreg.supervoxels.body_mask`: HU >
+``body_threshold_hu``, default -400, largest component, holes filled; no labels needed); ``layers``,
+``n_supervoxels``, ``n_segments``, ``compactness`` (``None`` = the library default), ``max_num_iter``,
+``min_size_factor``, ``affine_sigma``, ``seed`` (``None`` = the pipeline seed). Layers run on ``--jobs``
+processes; the result does not depend on that number.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def template_files(folder: Path) -> tuple[str, Path, Path | None]:
     "supervoxels",
     version="1",
     params={
-        "mask": "organs", "distance_vox": 30.0, "body_threshold_hu": -500.0, "layers": 16, "n_supervoxels": 127,
+        "mask": "organs", "distance_vox": 30.0, "body_threshold_hu": -400.0, "layers": 16, "n_supervoxels": 127,
         "n_segments": 208, "compactness": None, "max_num_iter": 5, "min_size_factor": 0.85, "affine_sigma": 0.05,
         "seed": None,
     },

@@ -61,7 +61,8 @@ def train_stage(ctx: StageContext) -> None:
     val = result.validation or {}
     ctx.log(f"{result.iterations} steps in {result.wall_s / 60:.1f} min, final loss {result.final_loss:.3f}, "
             f"validation loss {val.get('val_loss', float('nan')):.3f}, accuracy "
-            f"{val.get('val_accuracy', float('nan')):.3f} (foreground {val.get('val_foreground_accuracy', float('nan')):.3f})")
+            f"{val.get('val_accuracy', float('nan')):.3f} "
+            f"(foreground {val.get('val_foreground_accuracy', float('nan')):.3f})")
 
 
 @stage("predict", version="1",

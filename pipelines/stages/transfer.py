@@ -1,4 +1,4 @@
-"""The ``transfer`` stage: template supervoxels onto every training subject (SLICREG_SPEC.md section 4).
+"""The ``transfer`` stage: template supervoxels onto every training subject (docs/method.md, section 4).
 
 For each training subject S of a preprocessed dataset: the template-registration field (fixed = S, moving =
 template, voxels of S's 2 mm grid) comes from deeds' files (``F{id}_displacements.dat`` and, if present,
@@ -100,7 +100,12 @@ def transfer_one(job: dict[str, Any]) -> dict[str, Any]:
 
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.io import load_field, load_image, load_volume, save_field, save_volume
-    from slicreg.transfer import check_transfer, reached_region, sample_layers, template_positions
+    from slicreg.transfer import (
+        check_transfer,
+        reached_region,
+        sample_layers,
+        template_positions,
+    )
 
     started = time.time()
     out_dir = Path(job["out_dir"])
@@ -122,8 +127,8 @@ def transfer_one(job: dict[str, Any]) -> dict[str, Any]:
                              "grid_spacing_inferred": transform.grid_spacing_inferred})
         save_field(field, subject.affine, field_path)
     else:
-        from pipelines.stages.align_pairs import load_fov_mask
         from slicreg.align import register_pair
+        from slicreg.geometry import load_fov_mask
 
         template = load_image(job["template_image"])
         masks = {f"{side}_mask": load_fov_mask(job[f"{side}_crop"], image.shape, f"{side} crop record")

@@ -2,7 +2,8 @@
 
 - :mod:`slicreg.align.similarity` -- MSE, NCC, LNCC, NGF, mutual information, MIND-SSC (+ SSD);
 - :mod:`slicreg.align.transforms` -- affine, dense displacement, cubic B-spline FFD, stationary velocity field
-  (scaling and squaring), and :func:`~slicreg.align.transforms.grid_warp`, the one caller of ``grid_sample``;
+  (scaling and squaring), and :func:`~slicreg.align.transforms.grid_warp`, the toolkit's differentiable warp
+  (the one sampler's ``"grid_sample"`` backend, :func:`slicreg.fields.sample`);
 - :mod:`slicreg.align.regularisers` -- diffusion, bending energy, total variation;
 - :mod:`slicreg.align.engine` -- presets, the multi-resolution optimiser loop and :func:`register_pair`.
 
@@ -18,3 +19,8 @@ Typical use::
 from slicreg.align.engine import PRESETS, AlignResult, Preset, StageConfig, register_pair, resolve_preset
 
 __all__ = ["register_pair", "AlignResult", "PRESETS", "Preset", "StageConfig", "resolve_preset"]
+
+# `slicreg.align(fixed, moving)` calls slicreg.api.align (this package is also that function; slicreg._callable)
+from slicreg._callable import make_callable  # noqa: E402
+
+make_callable(__name__, "align")

@@ -15,7 +15,8 @@ Pyramid levels relate to the full-resolution grid with ``align_corners=False`` s
 :mod:`slicreg.align.transforms`): level voxel ``q`` of a grid ``n`` voxels long sits at full-resolution voxel
 ``(q + 0.5) * N / n - 0.5``. On a level the map becomes ``z = S_m^-1 A S_f (y + d(S_f y) / r_f)`` with ``S``
 the level-to-full voxel maps of the fixed and moving grids and ``r_f`` the fixed grid's coarsening factors.
-Positions stay in voxels until :func:`slicreg.align.transforms.grid_warp`, the only caller of ``grid_sample``.
+Positions stay in voxels until :func:`slicreg.align.transforms.grid_warp` (the one sampler's ``"grid_sample"``
+backend, where they become normalised coordinates).
 
 Determinism: everything is deterministic on CPU for a given thread count; the only randomness (voxel
 sampling of the ``mi`` measure) comes from a ``torch.Generator`` seeded with ``seed``.
@@ -27,8 +28,9 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +45,11 @@ from slicreg.align.transforms import (
     StationaryVelocity,
     grid_warp,
     identity_grid,
-    jacobian_determinant,
     resize_field,
 )
 from slicreg.errors import InputError
+from slicreg.fields import jacobian_determinant
+from slicreg.grid import fov_index_map
 
 __all__ = [
     "StageConfig",
@@ -128,6 +131,26 @@ class StageConfig:
             docs/align.md).
         patience, tol: early stop when the loss has not improved by more than ``tol`` (relative) for
             ``patience`` iterations; ``patience=0`` runs every iteration.
+        penalise: deformable stages: what the regulariser acts on. ``"field"`` (default): the whole
+            displacement, including the field the stage starts from (an earlier stage's or ``init_disp``).
+            ``"increment"``: only the change this stage makes; the starting field is kept as it is, on its own
+            grid (a full-resolution ``init_disp`` keeps its fine detail), and the stage's change is added to it
+            (a refinement that should not smooth away the field it refines).
+        eps: Adam's ``eps``. ``None`` (default): 1e-8 on the gradient of the loss as computed (a mean over the
+            compared voxels). A number (deformable stages): ``eps`` for the similarity *summed* over the compared
+            voxels (their weights included) with the displacement in level voxels, i.e. a damping that does not
+            depend on how many voxels are compared: a voxel's gradient far below ``eps`` -- rounding noise where
+            the field is already right or the image has no texture -- moves nothing (Adam's steps are otherwise
+            blind to the gradient's scale and would move such a field by ~``lr`` per step).
+        mask_norm: deformable stages with field-of-view masks: what the weighted similarity is divided by.
+            ``"fov"`` (default): the total weight, i.e. the mean over the compared field of view
+            (``sum(w x) / sum(w)``, :func:`slicreg.align.similarity.weighted_mean`). ``"grid"``: the number of
+            voxels the level would compare without masks, i.e. the mean over the whole grid with zero outside
+            the field of view: the similarity's pull per voxel inside the field of view then keeps the same
+            balance against the regulariser (a mean over the whole parameter grid) whatever the field of
+            view's size -- a thin slab is held by the regulariser as firmly as a full scan (docs/register.md
+            compares the two on slabs). Meant for the voxel-wise measures (``mse``, ``mind``, ``lncc``,
+            ``ngf``).
     """
 
     model: str = "dense"
@@ -150,6 +173,9 @@ class StageConfig:
     search: float = 0.0
     thin_fov: float = 0.35
     thin_similarity: str = "mind"
+    penalise: str = "field"
+    eps: float | None = None
+    mask_norm: str = "fov"
 
     def validate(self, name: str) -> None:
         where = f"preset stage {name!r}"
@@ -172,6 +198,13 @@ class StageConfig:
         spacings = self.grid_spacing if isinstance(self.grid_spacing, (tuple, list)) else (self.grid_spacing,)
         if any(int(g) < 1 for g in spacings):
             raise InputError(f"{where}: grid_spacing must be >= 1, got {self.grid_spacing}")
+        if self.penalise not in ("field", "increment"):
+            raise InputError(f"{where}: penalise must be 'field' or 'increment', got {self.penalise!r}")
+        if self.mask_norm not in ("fov", "grid"):
+            raise InputError(f"{where}: mask_norm must be 'fov' or 'grid', got {self.mask_norm!r}")
+        if self.eps is not None and (self.model == "affine" or self.optimiser != "adam" or not float(self.eps) > 0):
+            raise InputError(f"{where}: eps must be None, or a number > 0 for a deformable stage with Adam; got "
+                             f"{self.eps!r} ({self.model}, {self.optimiser})")
 
     def per_level(self, key: str, level: int) -> Any:
         value = getattr(self, key)
@@ -204,6 +237,11 @@ _AFFINE_CT = StageConfig(
     regulariser=None, weight=0.0, grid_spacing=1, subsample=1, patience=15, tol=1e-5, search=0.25,
 )
 
+_REFINE = StageConfig(
+    model="dense", similarity="mind", levels=(4, 2), iterations=(30, 15), lr=0.5, lr_final=0.1, weight=0.1,
+    grid_spacing=(1, 2), subsample=(2, 4), penalise="increment", eps=1e-2, mask_norm="grid",
+)
+
 PRESETS: dict[str, Preset] = {
     # Inter-patient abdominal CT at 2 mm (tuned on a deformed real CT pair, benchmarks/bench_align.py):
     # intensities clipped to [-400, 600] HU (air and bone flat, so their noise carries no signal); affine by
@@ -218,6 +256,14 @@ PRESETS: dict[str, Preset] = {
                              stages=(("affine", _AFFINE_CT), ("deformable", StageConfig(model="svf")))),
     # Only the affine stage (initialisation, or pairs that differ by a global map).
     "affine": Preset(name="affine", clip_hu=(-400.0, 600.0), stages=(("affine", _AFFINE_CT),)),
+    # The refinement of a given field (``init_disp``, e.g. slicreg's supervoxel flow; ``slicreg register
+    # --refine``): no affine stage; MIND-SSC SSD on the 8 and 4 mm levels, a dense displacement on nodes every
+    # 8 mm (a random 1/8, then 1/64 of the level voxels compared per iteration), the diffusion of the change only
+    # (the given field's own deformation and fine detail are kept), Adam's eps on the summed similarity so that
+    # noise-level gradients do not move an already aligned field, masked similarity normalised over the whole
+    # grid (a slab held by the regulariser as a full scan is). Chosen on the cohort's training pairs
+    # (benchmarks/bench_refine.py, docs/register.md); ``levels=(4, 2, 1)`` with a ``budget_s`` goes to 2 mm.
+    "refine": Preset(name="refine", clip_hu=(-400.0, 600.0), stages=(("deformable", _REFINE),)),
 }
 
 
@@ -273,14 +319,6 @@ def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(image, size=level_shape(image.shape[2:], factor), mode="area")
 
 
-def _level_to_full(full: Sequence[int], level: Sequence[int]) -> np.ndarray:
-    """4x4 map from level voxels to full-resolution voxels: ``x = r q + (r - 1) / 2`` with ``r = N / n``."""
-    r = np.asarray(full, dtype=np.float64) / np.asarray(level, dtype=np.float64)
-    m = np.diag([*r, 1.0])
-    m[:3, 3] = (r - 1) / 2
-    return m
-
-
 def _normalise(hu: np.ndarray, clip: tuple[float, float], device: str) -> torch.Tensor:
     lo, hi = float(clip[0]), float(clip[1])
     x = (np.clip(np.asarray(hu, dtype=np.float32), lo, hi) - lo) / (hi - lo)
@@ -304,8 +342,13 @@ class _EarlyStop:
 
 
 def _optimise(params: list[dict[str, Any]], closure_loss, cfg: StageConfig, iterations: int, desc: str,
-              progress: bool) -> tuple[int, float]:
-    """Minimise ``closure_loss()`` over ``params`` (torch param groups). Returns (iterations, final loss)."""
+              progress: bool, *, eps: float = 1e-8) -> tuple[int, float]:
+    """Minimise ``closure_loss()`` over ``params`` (torch param groups). Returns (iterations, final loss).
+
+    The one optimiser loop of the toolkit (every stage, every level, the refinement of ``slicreg register``).
+    Adam is :class:`slicreg.flow.Adam` per tensor -- the update of ``torch.optim.Adam``, number for number,
+    without ``torch.optim``, whose first step in a process imports ``torch._dynamo`` (docs/measurements.md); its step
+    follows a cosine from ``lr`` to ``lr * lr_final`` over ``iterations``; ``eps`` is Adam's."""
     from tqdm.auto import tqdm
 
     stopper = _EarlyStop(cfg.patience, cfg.tol)
@@ -314,18 +357,23 @@ def _optimise(params: list[dict[str, Any]], closure_loss, cfg: StageConfig, iter
     done = 0
     try:
         if cfg.optimiser == "adam":
-            opt = torch.optim.Adam(params)
+            from slicreg.flow.optim import Adam
+
+            tensors = [(p, float(group["lr"])) for group in params for p in group["params"]]
+            opts = [Adam(p, lr=lr, eps=float(eps)) for p, lr in tensors]
             final = float(cfg.lr_final)
             # cosine decay of the step from lr to lr * lr_final over the level's iterations
             span = max(iterations, 1)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda i: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(i, span) / span)))
             for done in range(1, iterations + 1):
-                opt.zero_grad(set_to_none=True)
+                factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(done - 1, span) / span))
+                for (p, lr), opt in zip(tensors, opts):
+                    p.grad = None
+                    opt.lr = lr * factor
                 loss = closure_loss()
                 loss.backward()
-                opt.step()
-                sched.step()
+                for (p, _), opt in zip(tensors, opts):
+                    if p.grad is not None:
+                        opt.step(p.grad)
                 last = float(loss.detach())
                 bar.update(1)
                 bar.set_postfix(loss=f"{last:.5f}")
@@ -344,7 +392,7 @@ def _optimise(params: list[dict[str, Any]], closure_loss, cfg: StageConfig, iter
                 loss.backward()
                 return loss
 
-            for done in range(1, iterations + 1):
+            for done in range(1, iterations + 1):  # noqa: B007 (the count run is returned after the loop)
                 last = float(opt.step(closure).detach())
                 bar.update(1)
                 bar.set_postfix(loss=f"{last:.5f}")
@@ -367,9 +415,31 @@ class _State:
     # field-of-view boxes (first and last voxel per axis, full resolution) of the fixed and moving images
     fov_fixed: np.ndarray | None = None  # (2, 3)
     fov_moving: np.ndarray | None = None  # (2, 3)
+    # during a stage with ``penalise="increment"``: the field the stage started from, held fixed on its own grid
+    # (full-resolution voxels); ``disp`` is then the stage's change on top of it, and d = base + disp
+    base: torch.Tensor | None = None
 
     def disp_on(self, shape: Sequence[int], device: str) -> torch.Tensor | None:
         return None if self.disp is None else resize_field(self.disp.to(device), shape)
+
+    def start_increment(self) -> None:
+        """Begin a ``penalise="increment"`` stage: the current field becomes the fixed base, the change starts
+        at zero."""
+        self.base, self.disp, self.velocity = self.disp, None, None
+
+    def end_increment(self) -> None:
+        """End such a stage: ``disp = base + change``, on the finer of the two grids (the change resampled
+        trilinearly, the base kept exactly when it is the finer)."""
+        base, change = self.base, self.disp
+        self.base = None
+        if base is None or change is None:
+            self.disp = change if base is None else base
+            return
+        self.velocity = None  # the sum is no longer the exponential of the stage's velocity
+        if math.prod(change.shape[2:]) > math.prod(base.shape[2:]):
+            self.disp = resize_field(base.to(change.device), change.shape[2:]) + change
+        else:
+            self.disp = base + resize_field(change.to(base.device), base.shape[2:])
 
 
 def _positions(matrix_level: torch.Tensor, disp_level: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
@@ -398,8 +468,9 @@ class _Level:
         if cfg.smooth_sigma > 0:
             f, m = gaussian_smooth(f, cfg.smooth_sigma), gaussian_smooth(m, cfg.smooth_sigma)
         self.shape = tuple(f.shape[2:])
-        self.s_fixed = _level_to_full(self.full_fixed, self.shape)
-        self.s_moving = _level_to_full(self.full_moving, tuple(m.shape[2:]))
+        # level voxel -> full-resolution voxel: x = r q + (r - 1) / 2 with r = N / n (slicreg.grid)
+        self.s_fixed = fov_index_map(self.shape, self.full_fixed)
+        self.s_moving = fov_index_map(tuple(m.shape[2:]), self.full_moving)
         self.r_fixed = np.diag(self.s_fixed)[:3].copy()
         self.spacing_mm = spacing_mm * self.r_fixed  # level voxel size in mm
         sim = get_similarity(cfg.similarity)
@@ -584,7 +655,7 @@ def fov_translation_search(fixed_feat: torch.Tensor, moving_feat: torch.Tensor, 
     hi = np.array([int(r[1]) for r in ranges])
     if np.any(hi < lo):
         raise InputError(f"fov_translation_search: empty shift range {list(map(tuple, ranges))}")
-    ext = tuple(int(n + h - l) for n, l, h in zip(shape, lo, hi))
+    ext = tuple(int(n + h - low) for n, low, h in zip(shape, lo, hi))
     # moving features and field of view on the extended fixed grid: voxel e <-> fixed level voxel e + lo
     grid = identity_grid(ext, device=device, dtype=torch.float32) + torch.as_tensor(
         lo, dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
@@ -770,13 +841,17 @@ def _lattice(shape: Sequence[int], stride: int, gen: torch.Generator, device: st
 
 
 def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, device: str, gen: torch.Generator,
-                    progress: bool, desc: str) -> tuple[int, float]:
+                    progress: bool, desc: str, *, plan: Any = None) -> tuple[int, float]:
     """One level of a deformable stage.
 
     The model's field lives on its own parameter grid (values in full-resolution voxels); every iteration it is
     sampled at the level voxels being compared: all of them, or (``subsample``) a random sub-lattice drawn
     from the seeded generator, which makes fine levels affordable on a CPU. The regulariser acts on the
-    parameter grid's field in mm."""
+    parameter grid's field in mm. During a ``penalise="increment"`` stage the model's field is the change and
+    the stage's starting field (``state.base``, block-averaged onto the level) is added at the compared voxels.
+
+    ``plan`` (a time budget, :class:`_Budget`): called with the wall seconds of one loss and gradient evaluation
+    (a probe on a throwaway generator, so the seeded sequence is unchanged), returns the iterations to run."""
     shape = lv.shape
     gs = int(cfg.per_level("grid_spacing", level))
     grid_shape = tuple(max(2, int(math.ceil(n / gs))) for n in shape)
@@ -806,8 +881,9 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
     mm_per_vox = torch.as_tensor(lv.spacing_mm / lv.r_fixed, dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
     grid_mm = tuple(float(lv.spacing_mm[a] * shape[a] / grid_shape[a]) for a in range(3))
     r_f = torch.as_tensor(lv.r_fixed, dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
-    to_grid = torch.as_tensor([grid_shape[a] / shape[a] for a in range(3)], dtype=torch.float32,
-                              device=device).reshape(1, 3, 1, 1, 1)
+    to_grid_map = fov_index_map(shape, grid_shape)  # level voxel -> parameter-grid voxel (same field of view)
+    to_grid = torch.tensor(np.diag(to_grid_map)[:3], dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
+    to_grid_offset = torch.as_tensor(to_grid_map[:3, 3], dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
     stride = int(cfg.per_level("subsample", level))
     full_grid = identity_grid(shape, device=device)
     loss_kw = dict(lv.loss_kw)
@@ -815,6 +891,11 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
         loss_kw["generator"] = gen
 
     sigma = float(cfg.per_level("field_sigma", level))
+    n_grid = float(math.prod(len(range(0, n, stride)) for n in shape))  # voxels compared without masks
+    base = None  # the fixed starting field of an increment stage on the level grid (block mean of a finer one)
+    if state.base is not None:
+        b = state.base.to(device)
+        base = downsample(b, lv.factor) if tuple(b.shape[2:]) == lv.full_fixed else resize_field(b, shape)
 
     def grid_field() -> torch.Tensor:
         d = model()
@@ -822,16 +903,18 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
             d = gaussian_smooth(d, sigma)
         return d if offset is None else d + offset
 
-    def loss() -> torch.Tensor:
+    def loss(generator: torch.Generator = gen) -> torch.Tensor:
         g = grid_field()
         if stride > 1 or lv.box is not None:
             # a sub-lattice, and with a fixed field of view only the voxels in its bounding box
-            cut, y = _lattice(shape, stride, gen, device, lv.box)
+            cut, y = _lattice(shape, stride, generator, device, lv.box)
             target = lv.fixed_feat[(slice(None), slice(None), *cut)]
         else:
             cut, y, target = None, full_grid, lv.fixed_feat
-        # level voxel y -> parameter-grid voxel (y + 0.5) * n_grid / n_level - 0.5 (align_corners=False grids)
-        d = g if cut is None and tuple(grid_shape) == tuple(shape) else grid_warp(g, (y + 0.5) * to_grid - 0.5)
+        # level voxel y -> parameter-grid voxel r y + (r - 1) / 2, r = n_grid / n_level (fov_index_map)
+        d = g if cut is None and tuple(grid_shape) == tuple(shape) else grid_warp(g, y * to_grid + to_grid_offset)
+        if base is not None:
+            d = d + (base if cut is None else base[(slice(None), slice(None), *cut)])
         pos = _points(matrix, y + d / r_f)
         warped = grid_warp(lv.moving_feat, pos, align_corners=True, padding_mode="border")
         voxel_weight = lv.weight(cut, pos)
@@ -839,11 +922,36 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
             value = lv.loss_fn(target, warped, **loss_kw)
         else:
             value = lv.loss_fn(target, warped, weight=voxel_weight, **loss_kw)
+            if cfg.mask_norm == "grid":  # the mean over the whole grid's sub-lattice, zero outside the view
+                value = value * (voxel_weight.sum() / n_grid)
         if reg is not None and weight > 0:
             value = value + weight * reg(g * mm_per_vox, spacing=grid_mm)
         return value
 
-    its, last = _optimise(params, loss, cfg, int(cfg.per_level("iterations", level)), desc, progress)
+    eps = 1e-8
+    if cfg.eps is not None:
+        # eps for the similarity summed over the compared voxels, per level voxel of displacement: the loss is a
+        # (weighted) mean over ~n_compared voxels and the parameters hold full-resolution voxels (r per level voxel)
+        box = lv.box or tuple(slice(0, n) for n in shape)
+        n_compared = math.prod(len(range(b.start, b.stop, stride)) for b in box)
+        if lv.fixed_mask is not None:
+            n_compared *= float(lv.fixed_mask[(slice(None), slice(None), *box)].mean())
+        if cfg.mask_norm == "grid" and (lv.fixed_mask is not None or lv.moving_mask is not None):
+            n_compared = n_grid  # the loss is divided by the whole grid's count
+        eps = float(cfg.eps) / (max(n_compared, 1.0) * float(np.mean(lv.r_fixed)))
+    iterations = int(cfg.per_level("iterations", level))
+    if plan is not None:
+        probe_gen = torch.Generator(device="cpu").manual_seed(0)
+        if "generator" in loss_kw:
+            loss_kw["generator"] = probe_gen
+        t_probe = time.perf_counter()
+        loss(probe_gen).backward()
+        iterations = int(plan(time.perf_counter() - t_probe))
+        for p in model.parameters():
+            p.grad = None
+        if "generator" in loss_kw:
+            loss_kw["generator"] = gen
+    its, last = _optimise(params, loss, cfg, iterations, desc, progress, eps=eps)
     with torch.no_grad():
         state.disp = grid_field().detach()
     if cfg.model == "svf" and offset is None:
@@ -998,6 +1106,80 @@ def fill_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return img[tuple(idx)]
 
 
+def _level_cost(shape: Sequence[int], factor: int, cfg: StageConfig, level: int, box_fraction: float) -> dict:
+    """What a deformable level costs, in the units of :class:`_Budget`: ``voxels`` of the level grid (the set-up:
+    pyramid images and features of both images), ``work`` per iteration (compared voxels -- a sub-lattice of the
+    fixed field of view's box, ``box_fraction`` of the grid -- plus parameter nodes, times ``1 + svf_steps`` for
+    a velocity field) and the configured ``iterations``."""
+    ls = level_shape(shape, factor)
+    gs = int(cfg.per_level("grid_spacing", level))
+    nodes = math.prod(ls) if cfg.model == "bspline" else math.prod(max(2, math.ceil(n / gs)) for n in ls)
+    if cfg.model == "svf":
+        nodes *= 1 + int(cfg.svf_steps)
+    stride = int(cfg.per_level("subsample", level))
+    compared = float(box_fraction) * math.prod(math.ceil(n / stride) for n in ls)
+    return {"voxels": float(math.prod(ls)), "work": compared + nodes,
+            "iterations": int(cfg.per_level("iterations", level))}
+
+
+class _Budget:
+    """A wall-clock budget for the deformable levels of :func:`register_pair` (``budget_s``).
+
+    Cost model, calibrated while running: a level's set-up costs ``a`` seconds per level voxel and one of its
+    iterations ``b`` seconds per unit of work (:func:`_level_cost`); ``a`` is re-measured on every level built,
+    ``b`` by one probe evaluation of the loss and its gradient at the start of every level. With ``R`` seconds
+    left, the configured iterations ``n_j`` of the current level ``k`` and the later levels up to ``m`` are
+    scaled by one factor ``s = min(1, (R - set-ups of levels k+1..m) / sum_j n_j b W_j)``; ``m`` is the finest
+    level for which ``s n_m >= 1`` (finer ones are dropped). A level is skipped before its set-up when that
+    plan, made with the rates measured so far, leaves it no iteration; once one is skipped, so are the finer.
+    ``reserve_s`` is kept back for what follows the last level: the field on the full grid, its Jacobian and
+    the fields-of-view overlap (:func:`register_pair` reserves three times its input preparation, which is also
+    a few passes over the full grid; docs/register.md compares budgets with the times they gave).
+    """
+
+    def __init__(self, seconds: float, t_start: float, levels: list[dict], reserve_s: float = 0.0) -> None:
+        self.seconds, self.t_start, self.levels = float(seconds) - float(reserve_s), float(t_start), levels
+        self.a: float | None = None  # set-up seconds per level voxel
+        self.b: float | None = None  # seconds per unit of iteration work
+        self.stopped = False
+
+    def _remaining(self) -> float:
+        return self.seconds - (time.perf_counter() - self.t_start)
+
+    def _fit(self, k: int, built: bool) -> float:
+        """The common scale of the iterations of level ``k`` (set-up done when ``built``) and the kept later ones."""
+        lv = self.levels
+        remaining = self._remaining()
+        for m in range(len(lv) - 1, k - 1, -1):
+            setup = sum(self.a * lv[j]["voxels"] for j in range(k + 1 if built else k, m + 1))
+            work = sum(lv[j]["iterations"] * self.b * lv[j]["work"] for j in range(k, m + 1))
+            s = (remaining - setup) / work if work > 0 else 1.0
+            if m == k or math.floor(s * lv[m]["iterations"]) >= 1:
+                return min(1.0, s)
+        return 0.0
+
+    def skip(self, k: int) -> bool:
+        """Before level ``k``'s set-up: True when it no longer fits (it and every finer level are dropped)."""
+        if not self.stopped and self.a is not None and self.b is not None:
+            self.stopped = math.floor(self._fit(k, built=False) * self.levels[k]["iterations"]) < 1
+        return self.stopped
+
+    def planner(self, k: int, setup_s: float, record: list) -> Any:
+        """After level ``k``'s set-up (``setup_s`` seconds): the function that takes the probe's seconds and
+        returns the iterations to run (appending the plan to ``record``)."""
+        self.a = float(setup_s) / max(self.levels[k]["voxels"], 1.0)
+
+        def plan(probe_s: float) -> int:
+            self.b = float(probe_s) / max(self.levels[k]["work"], 1.0)
+            scale = max(0.0, self._fit(k, built=True))
+            n = math.floor(scale * self.levels[k]["iterations"])
+            record.append({"level": k, "iterations": n, "of": self.levels[k]["iterations"],
+                           "scale": round(scale, 4), "remaining_s": round(self._remaining(), 3)})
+            return n
+
+        return plan
+
+
 def _check_init(init: Any, shape: Sequence[int]) -> np.ndarray | None:
     if init is None:
         return None
@@ -1023,6 +1205,7 @@ def register_pair(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = False,
+    budget_s: float | None = None,
     **overrides: Any,
 ) -> AlignResult:
     """Register ``moving`` to ``fixed`` (both CT in HU) and return the fixed -> moving voxel field.
@@ -1051,6 +1234,14 @@ def register_pair(
         device: torch device (``"cpu"`` or ``"cuda"``...).
         seed: seed of the generator used by randomised measures (``mi``); results are reproducible.
         progress: show tqdm progress bars per level.
+        budget_s: optional wall-clock budget in seconds for the whole call, honoured approximately
+            (:class:`_Budget`): before each deformable level the engine measures what the levels so far cost
+            (features per level voxel, one loss and gradient evaluation of the level) and scales the iterations
+            of this and the remaining deformable levels by one common factor <= 1 so that they fit the time
+            left; levels whose feature set-up alone would not fit are dropped, finest first
+            (``info["budget"]``). The preset's iterations stay the upper limit. The final composition on the
+            full grid gets a reserve estimated from the input preparation (:class:`_Budget`). A budgeted
+            result depends on the machine's speed, so it is not reproducible bit for bit.
         **overrides: see :func:`resolve_preset` (e.g. ``deformable={"iterations": (50, 40)}``,
             ``deformable=None`` for affine only, ``clip_hu=(-200, 400)``).
 
@@ -1104,38 +1295,71 @@ def register_pair(
     total_its = 0
     last = math.nan
     pyramid: dict[Any, Any] = {}
+    budget = None
+    if budget_s is not None:
+        box = 1.0 if f_mask is None else float(np.prod(state.fov_fixed[1] - state.fov_fixed[0] + 1) / np.prod(shape))
+        prep_s = time.perf_counter() - t_start  # checks, fill_outside, normalisation: passes over the full grid
+        budget = _Budget(float(budget_s), t_start, [
+            _level_cost(shape, int(factor), st, i, box) for _, st in stages if st.model != "affine"
+            for i, factor in enumerate(st.levels)], reserve_s=3.0 * prep_s)
+        info["budget"] = {"seconds": float(budget_s), "reserve_s": round(3.0 * prep_s, 3), "planned": [],
+                          "skipped_levels": []}
+    k = 0  # index of the deformable level in the budget's plan
     for stage_name, stage in stages:
         t0 = time.perf_counter()
         if stage.model == "affine":
             stage, thin_info = _thin_stage(stage, state, fixed_arr.shape, moving_arr.shape)
             if thin_info:
                 info.setdefault("thin", {})[stage_name] = thin_info
+        elif stage.penalise == "increment":
+            state.start_increment()
         for i, factor in enumerate(stage.levels):
             t1 = time.perf_counter()
-            lv = _Level(f_img, m_img, int(factor), stage, spacing, pyramid, f_mask_t, m_mask_t)
             desc = f"{stage_name} 1/{factor}"
-            run = _run_affine if stage.model == "affine" else _run_deformable
-            its, last = run(state, lv, stage, i, device, gen, progress, desc)
+            plan = None
+            if budget is not None and stage.model != "affine":
+                k += 1
+                if budget.skip(k - 1):  # its features alone would not fit: this and the finer levels are dropped
+                    info["budget"]["skipped_levels"].append({"stage": stage_name, "factor": int(factor)})
+                    continue
+            lv = _Level(f_img, m_img, int(factor), stage, spacing, pyramid, f_mask_t, m_mask_t)
+            if budget is not None and stage.model != "affine":
+                plan = budget.planner(k - 1, time.perf_counter() - t1, info["budget"]["planned"])
+            if stage.model == "affine":
+                its, last = _run_affine(state, lv, stage, i, device, gen, progress, desc)
+            else:
+                its, last = _run_deformable(state, lv, stage, i, device, gen, progress, desc, plan=plan)
             total_its += its
             info["levels"].append({"stage": stage_name, "factor": int(factor), "shape": list(lv.shape),
                                    "iterations": its, "loss": last, "seconds": round(time.perf_counter() - t1, 3)})
+        if stage.model != "affine" and stage.penalise == "increment":
+            state.end_increment()
         info["stages"][stage_name] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        grid = identity_grid(shape, device=device)
         d_full = state.disp_on(shape, device)
-        a = torch.as_tensor(state.affine, dtype=torch.float32, device=device)
-        pos = _positions(a, d_full, shape)
-        disp = (pos - grid)[0]
+        pos = None
+        if d_full is not None and np.array_equal(state.affine, np.eye(4)):
+            disp = d_full[0]  # no affine part (an initial field, a preset without affine stage): the field, exactly
+        else:
+            grid = identity_grid(shape, device=device)
+            a = torch.as_tensor(state.affine, dtype=torch.float32, device=device)
+            pos = _positions(a, d_full, shape)
+            disp = (pos - grid)[0]
         det = jacobian_determinant(disp)
         folding = float((det <= 0).float().mean())
         disp_np = disp.cpu().numpy().astype(np.float32)
         if f_mask_t is not None or m_mask_t is not None:
-            # the share of the fixed field of view that the final map puts inside the moving field of view
-            w_f = torch.ones_like(pos[:, :1]) if f_mask_t is None else f_mask_t
+            # the share of the fixed field of view that the final map puts inside the moving field of view, on
+            # every 2nd voxel per axis (an eighth of the cost of the full grid's moving-mask samples)
+            sub = (slice(None), slice(None), *(slice(0, None, 2),) * 3)
+            w_f = torch.ones_like(disp[None, :1][sub]) if f_mask_t is None else f_mask_t[sub]
+            if m_mask_t is not None:
+                pos_sub = pos[sub] if pos is not None else \
+                    2 * identity_grid([len(range(0, n, 2)) for n in shape], device=device) + disp[None][sub]
             w_m = torch.ones_like(w_f) if m_mask_t is None else \
-                grid_warp(m_mask_t, pos, align_corners=True, padding_mode="border")
+                grid_warp(m_mask_t, pos_sub, align_corners=True, padding_mode="border")
             info["fov"]["overlap"] = round(float((w_f * w_m).sum() / w_f.sum().clamp_min(1e-12)), 6)
     info["stages"]["compose"] = round(time.perf_counter() - t0, 3)
     info.update({

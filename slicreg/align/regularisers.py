@@ -19,7 +19,7 @@ mixed differences (each mixed term counted twice, as in the continuous ``sum_bc`
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -15,21 +15,22 @@ Models (``torch.nn.Module``; call ``model(shape)`` for the displacement on a gri
 - :class:`DenseDisplacement` -- one free vector per node of a (possibly coarser) grid, trilinear in between;
 - :class:`BSplineDisplacement` -- cubic B-spline free-form deformation (Rueckert et al., IEEE TMI 1999) on a
   control grid of a given spacing, evaluated exactly with separable transposed convolutions;
-- :class:`StationaryVelocity` -- a stationary velocity field integrated by scaling and squaring (Arsigny et
-  al., MICCAI 2006; Ashburner, NeuroImage 2007), which gives diffeomorphic (fold-free) maps.
+- :class:`StationaryVelocity` -- a stationary velocity field integrated by scaling and squaring
+  (:func:`slicreg.fields.scaling_and_squaring`; Arsigny et al., MICCAI 2006; Ashburner, NeuroImage 2007), which
+  gives diffeomorphic (fold-free) maps.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slicreg.conventions import vox_to_normalised
 from slicreg.errors import InputError
+from slicreg.fields import sample, scaling_and_squaring
 
 __all__ = [
     "grid_warp",
@@ -41,9 +42,7 @@ __all__ = [
     "bspline_control_shape",
     "bspline_evaluate",
     "BSplineDisplacement",
-    "scaling_and_squaring",
     "StationaryVelocity",
-    "jacobian_determinant",
 ]
 
 
@@ -62,18 +61,17 @@ def grid_warp(
     mode: str = "bilinear",
     padding_mode: str = "border",
 ) -> torch.Tensor:
-    """Sample ``image`` at voxel positions with ``grid_sample`` (differentiable in image and positions).
-
-    This is the only function of the toolkit that calls ``grid_sample``; voxel positions become normalised
-    coordinates here (:func:`slicreg.conventions.vox_to_normalised`) and nowhere else.
+    """Sample ``image`` at voxel positions, differentiable in image and positions: the toolkit's name for the
+    one sampler's ``"grid_sample"`` backend (:func:`slicreg.fields.sample`), in ``grid_sample``'s vocabulary.
 
     Args:
         image: ``(B, C, X', Y', Z')`` float tensor (the moving image or its features).
         coords_vox: ``(B, 3, X, Y, Z)`` positions in voxels of ``image``'s grid (axis order 0, 1, 2).
         align_corners: passed to ``grid_sample``; the conversion accounts for it, so the result is the same
             either way for positions inside the grid (default True).
-        mode: ``"bilinear"`` (trilinear in 3-D) or ``"nearest"``.
-        padding_mode: ``"border"`` (default, edge values continue), ``"zeros"`` or ``"reflection"``.
+        mode: ``"bilinear"`` (trilinear in 3-D; the sampler's ``"linear"``) or ``"nearest"``.
+        padding_mode: ``"border"`` (default, edge values continue) or ``"zeros"`` (the grid surrounded by
+            zero-valued voxels: the sampler's ``"zero_voxels"``).
 
     Returns:
         ``(B, C, X, Y, Z)``.
@@ -83,10 +81,13 @@ def grid_warp(
                          f"{tuple(image.shape)} and {tuple(coords_vox.shape)}")
     if coords_vox.shape[0] != image.shape[0]:
         raise InputError(f"grid_warp: batch sizes differ: image {image.shape[0]}, coords {coords_vox.shape[0]}")
-    size = tuple(image.shape[2:])
-    grid = torch.stack([vox_to_normalised(c, size, align_corners=align_corners) for c in coords_vox])
-    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
-                         align_corners=align_corners)
+    interpolation = {"bilinear": "linear", "nearest": "nearest"}.get(mode)
+    padding = {"border": "border", "zeros": "zero_voxels"}.get(padding_mode)
+    if interpolation is None or padding is None:
+        raise InputError(f"grid_warp: expected mode 'bilinear' or 'nearest' and padding_mode 'border' or 'zeros', "
+                         f"got {mode!r}, {padding_mode!r}")
+    return sample(image, coords_vox, interpolation=interpolation, padding=padding, backend="grid_sample",  # type: ignore[arg-type]
+                  align_corners=align_corners)
 
 
 def resize_field(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -234,42 +235,6 @@ class BSplineDisplacement(torch.nn.Module):
 
 
 # -------------------------------------------------------------------------------------- velocity fields
-def scaling_and_squaring(
-    velocity: torch.Tensor,
-    *,
-    steps: int = 7,
-    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-    align_corners: bool = True,
-) -> torch.Tensor:
-    """Exponential of a stationary velocity field: ``u = exp(v) - id`` by scaling and squaring.
-
-    ``u_0 = v / 2^steps``, then ``steps`` times ``u <- u + u o (id + u)`` (trilinear resampling, border
-    padding). For a smooth ``v`` whose scaled step is small the result is a diffeomorphism.
-
-    Args:
-        velocity: ``(B, 3, X, Y, Z)``; values in some length unit (e.g. full-resolution voxels).
-        steps: number of squarings (default 7, i.e. 128 Euler steps).
-        voxel_size: the size of one voxel of ``velocity``'s grid in the unit of its values, per axis (default
-            1: values in voxels of this grid). The engine keeps fields in full-resolution voxels on coarser
-            grids and passes the coarsening factor here.
-        align_corners: passed on to :func:`grid_warp`.
-
-    Returns:
-        ``(B, 3, X, Y, Z)`` displacement in the unit of ``velocity``.
-    """
-    if velocity.ndim != 5 or velocity.shape[1] != 3:
-        raise InputError(f"scaling_and_squaring: expected (B, 3, X, Y, Z), got {tuple(velocity.shape)}")
-    if steps < 0:
-        raise InputError(f"scaling_and_squaring: steps must be >= 0, got {steps}")
-    scale = torch.tensor([1.0 / float(v) for v in voxel_size], dtype=velocity.dtype,
-                         device=velocity.device).reshape(1, 3, 1, 1, 1)
-    grid = identity_grid(velocity.shape[2:], device=velocity.device, dtype=velocity.dtype)
-    disp = velocity / (2.0 ** steps)
-    for _ in range(steps):
-        disp = disp + grid_warp(disp, grid + disp * scale, align_corners=align_corners, padding_mode="border")
-    return disp
-
-
 class StationaryVelocity(torch.nn.Module):
     """A stationary velocity field on a grid of ``grid_shape``; ``model(shape)`` integrates it by scaling and
     squaring on that grid and resizes the displacement to ``shape``.
@@ -277,7 +242,7 @@ class StationaryVelocity(torch.nn.Module):
     Args:
         grid_shape: grid of the velocity parameters (may be coarser than the image).
         voxel_size: size of one velocity-grid voxel in the unit of the values, per axis (see
-            :func:`scaling_and_squaring`).
+            :func:`slicreg.fields.scaling_and_squaring`).
         steps: squaring steps (default 7).
         init: optional initial velocity ``(1, 3, ...)`` (any grid; resized).
     """
@@ -294,26 +259,3 @@ class StationaryVelocity(torch.nn.Module):
     def forward(self, shape: Sequence[int] | None = None) -> torch.Tensor:
         disp = scaling_and_squaring(self.velocity, steps=self.steps, voxel_size=self.voxel_size)
         return disp if shape is None else resize_field(disp, shape)
-
-
-# ---------------------------------------------------------------------------------------- diagnostics
-def jacobian_determinant(disp_vox: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """``det(I + grad u)`` by central differences (one-sided at the borders), ``(3, X, Y, Z)`` -> ``(X, Y, Z)``.
-
-    Numpy in -> numpy out. Values <= 0 mark folding."""
-    is_numpy = not isinstance(disp_vox, torch.Tensor)
-    u = torch.as_tensor(np.asarray(disp_vox, dtype=np.float64)) if is_numpy else disp_vox
-    if u.ndim != 4 or u.shape[0] != 3:
-        raise InputError(f"jacobian_determinant: expected (3, X, Y, Z), got {tuple(u.shape)}")
-    rows = []
-    for a in range(3):
-        row = []
-        for b in range(3):
-            g = torch.gradient(u[a], dim=b)[0] if u.shape[1 + b] > 1 else torch.zeros_like(u[a])
-            row.append(g + (1.0 if a == b else 0.0))
-        rows.append(row)
-    j = rows
-    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-           - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-    return det.numpy() if is_numpy else det

@@ -62,8 +62,9 @@ Acquisition
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ class ParallelBeam:
 
     @classmethod
     def uniform(cls, n_angles: int, n_detectors: int, *, detector_spacing_mm: float = 1.0,
-                full_turn: bool = False) -> "ParallelBeam":
+                full_turn: bool = False) -> ParallelBeam:
         """``n_angles`` angles ``k * pi / n_angles`` (or ``k * 2 pi / n_angles`` with ``full_turn``)."""
         n = _count(n_angles, "ParallelBeam.uniform: n_angles")
         span = 2 * math.pi if full_turn else math.pi
@@ -200,7 +201,7 @@ class FanBeam:
 
     @classmethod
     def uniform(cls, n_angles: int, n_detectors: int, *, detector_spacing_mm: float, source_distance_mm: float,
-                detector_distance_mm: float) -> "FanBeam":
+                detector_distance_mm: float) -> FanBeam:
         """``n_angles`` source angles ``k * 2 pi / n_angles`` (a full turn)."""
         n = _count(n_angles, "FanBeam.uniform: n_angles")
         return cls(tuple(k * 2 * math.pi / n for k in range(n)), n_detectors, detector_spacing_mm,
