@@ -352,14 +352,15 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
     """Instance refinement of a dense field: the align engine (:func:`slicreg.align.register_pair`) started from
     ``init_disp_vox`` with the preset ``preset`` (default ``"refine"``, :data:`slicreg.align.PRESETS`).
 
-    The default preset compares MIND-SSC descriptors of both images (clipped to [-400, 600] HU, on the 8 mm
-    pyramid level) by SSD, optimises a dense displacement on that level's voxels by Adam on a random 1/8 of
-    them per iteration, and penalises the diffusion of the change it makes (``penalise="increment"``): the
-    result is ``init_disp_vox`` plus the upsampled change, so the initial field's fine detail is kept. With
-    field-of-view masks the engine compares only fixed voxels inside ``fixed_mask`` whose warped position lands
-    inside ``moving_mask`` and fills each image's padding with its nearest field-of-view voxel before the
-    features (:func:`slicreg.align.register_pair`), so the preprocessing's padding around a partial scan pulls
-    nothing. ``"refine-svf"`` makes the change a stationary velocity field.
+    The default preset compares MIND-SSC descriptors of both images (clipped to [-400, 600] HU, on the 8 mm and
+    then the 4 mm pyramid level) by SSD, optimises a dense displacement on nodes every 8 mm by Adam on a random
+    sub-lattice of the level voxels per iteration, and penalises the diffusion of the change it makes
+    (``penalise="increment"``): the result is ``init_disp_vox`` plus the upsampled change, so the initial field's
+    fine detail is kept. With field-of-view masks the engine compares only fixed voxels inside ``fixed_mask``
+    whose warped position lands inside ``moving_mask`` and fills each image's padding with its nearest
+    field-of-view voxel before the features (:func:`slicreg.align.register_pair`), so the preprocessing's padding
+    around a partial scan pulls nothing (``mask_norm="grid"``: a slab is held by the regulariser as a full scan
+    is). Its settings and how they were chosen: docs/register.md ("Refinement").
 
     Args:
         fixed_hu: ``(X, Y, Z)`` fixed image in HU (preprocessed, 2 mm), numpy or torch.

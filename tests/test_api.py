@@ -9,51 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from test_register import PREP, ct_like
+from test_register import bundle_dir as registration_bundle  # the tiny bundle (with its template) of those tests
 
 import slicreg
 from slicreg import api
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
-from slicreg.io import load_field, load_labels, save_field, save_volume, sha256_file
+from slicreg.io import load_field, load_labels, save_field, save_volume
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
-SV_GRID = (8, 8, 12)  # template supervoxel grid of the tiny bundle -> network grid 16 x 16 x 24 at 2 mm
-PREP = tuple(2 * s for s in SV_GRID)
 AFF = np.diag([2.0, 2.0, 2.0, 1.0])
-
-
-def ct_like(shape, seed=0):
-    """A tiny CT in HU: air around an ellipsoidal body of soft tissue with a few denser blobs."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
-    centre, radius = (np.array(shape) - 1) / 2, np.array(shape) * 0.4
-    body = (((grid - centre[:, None, None, None]) / radius[:, None, None, None]) ** 2).sum(0) <= 1
-    img = np.where(body, 40.0, -1000.0) + rng.normal(0, 10, shape)
-    for _ in range(4):
-        c = centre + rng.uniform(-0.5, 0.5, 3) * radius
-        img += 300 * body * np.exp(-(((grid - c[:, None, None, None]) * 2.0 / 6) ** 2).sum(0))
-    return img.astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    from slicreg.bundle import save_bundle
-    from slicreg.network import build_model
-
-    tmp = tmp_path_factory.mktemp("bundle")
-    model = build_model(seed=3, backward="eager")
-    model.train()
-    model(torch.randn(2, 1, *SV_GRID, generator=torch.Generator().manual_seed(0)))  # move BatchNorm statistics
-    sv = np.random.default_rng(0).integers(0, 128, (16, *SV_GRID)).astype(np.uint8)
-    save_volume(Volume(sv, np.diag([4.0, 4.0, 4.0, 1.0])), tmp / "src" / "supervoxels.nii.gz")
-    save_volume(Volume(ct_like(PREP, seed=3).astype(np.int16), AFF), tmp / "src" / "template_0000.nii.gz")
-    return save_bundle(tmp / "bundle", model.eval(), template_supervoxels=tmp / "src" / "supervoxels.nii.gz",
-                       training={"iterations": 1},
-                       data_provenance={"name": "test",
-                                        "template_image_sha256": sha256_file(tmp / "src" / "template_0000.nii.gz")})
+bundle_dir = registration_bundle  # a module-scoped pytest fixture, shared
 
 
 @pytest.fixture

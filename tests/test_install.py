@@ -104,6 +104,33 @@ def test_wheel_installs_and_registers_with_the_default_weights_outside_the_clone
     info = json.loads((work / "info.json").read_text())
     assert Path(info["weights"]).resolve() == shipped.resolve()  # the default weights of the installed wheel
 
+    # the same with the moving scan as a DICOM series (LPS, as scanners store it), read by the installed copy
+    from test_dicom import write_series
+
+    lps = affine.copy()
+    lps[:2] *= -1  # the same world positions listed from the other side: i -> L, j -> P
+    moving = _body_ct(2)[::-1, ::-1, :]
+    write_series(work / "moving_dicom", np.round(moving).astype(np.int16), lps, intercept=-1024.0)
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "register", "--fixed", "fixed.nii.gz", "--moving",
+                          "moving_dicom", "--out-field", "u_dicom.nii.gz", "--field-format", "voxels"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    u_dicom = nib.load(str(work / "u_dicom.nii.gz")).get_fdata()
+    assert u_dicom.shape == (*PREP_SHAPE, 3)
+    # x + u(x) indexes the DICOM series' own voxels (its i and j run the other way): the same correspondence
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "register", "--fixed", "fixed.nii.gz", "--moving",
+                          "moving.nii.gz", "--out-field", "u_vox.nii.gz", "--field-format", "voxels"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    u_nifti = nib.load(str(work / "u_vox.nii.gz")).get_fdata()
+    ident = np.indices(PREP_SHAPE, dtype=np.float64).transpose(1, 2, 3, 0)
+    target_nifti = ident + u_nifti
+    target_dicom = ident + u_dicom
+    flipped = target_dicom.copy()
+    flipped[..., 0] = PREP_SHAPE[0] - 1 - target_dicom[..., 0]
+    flipped[..., 1] = PREP_SHAPE[1] - 1 - target_dicom[..., 1]
+    assert np.median(np.abs(flipped - target_nifti)) < 0.5  # the same registration up to HU rounding
+
     script = target / "bin" / "slicreg"  # the console script the wheel declares
     version = subprocess.run([sys.executable, str(script), "--version"], cwd=work, env=env, capture_output=True,
                              text=True, timeout=120)

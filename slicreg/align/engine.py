@@ -1132,19 +1132,21 @@ class _Budget:
     scaled by one factor ``s = min(1, (R - set-ups of levels k+1..m) / sum_j n_j b W_j)``; ``m`` is the finest
     level for which ``s n_m >= 1`` (finer ones are dropped). A level is skipped before its set-up when that
     plan, made with the rates measured so far, leaves it no iteration; once one is skipped, so are the finer.
-    ``reserve_s`` is kept back for what follows the last level: the field on the full grid, its Jacobian and
-    the fields-of-view overlap (:func:`register_pair` reserves three times its input preparation, which is also
-    a few passes over the full grid; docs/register.md compares budgets with the times they gave).
+    What follows the last level -- the field on the full grid, its Jacobian and the fields-of-view overlap --
+    is kept back as five times the set-up of the first level built (both are dominated by passes over the
+    full-resolution tensors: that set-up block-averages the images, masks and starting field of the full grid;
+    the factor is an estimate, docs/register.md compares budgets with the times they gave).
     """
 
-    def __init__(self, seconds: float, t_start: float, levels: list[dict], reserve_s: float = 0.0) -> None:
-        self.seconds, self.t_start, self.levels = float(seconds) - float(reserve_s), float(t_start), levels
+    def __init__(self, seconds: float, t_start: float, levels: list[dict]) -> None:
+        self.seconds, self.t_start, self.levels = float(seconds), float(t_start), levels
         self.a: float | None = None  # set-up seconds per level voxel
         self.b: float | None = None  # seconds per unit of iteration work
+        self.reserve: float | None = None  # seconds kept for the work after the last level
         self.stopped = False
 
     def _remaining(self) -> float:
-        return self.seconds - (time.perf_counter() - self.t_start)
+        return self.seconds - (self.reserve or 0.0) - (time.perf_counter() - self.t_start)
 
     def _fit(self, k: int, built: bool) -> float:
         """The common scale of the iterations of level ``k`` (set-up done when ``built``) and the kept later ones."""
@@ -1168,13 +1170,16 @@ class _Budget:
         """After level ``k``'s set-up (``setup_s`` seconds): the function that takes the probe's seconds and
         returns the iterations to run (appending the plan to ``record``)."""
         self.a = float(setup_s) / max(self.levels[k]["voxels"], 1.0)
+        if self.reserve is None:
+            self.reserve = 5.0 * float(setup_s)
 
         def plan(probe_s: float) -> int:
             self.b = float(probe_s) / max(self.levels[k]["work"], 1.0)
             scale = max(0.0, self._fit(k, built=True))
             n = math.floor(scale * self.levels[k]["iterations"])
             record.append({"level": k, "iterations": n, "of": self.levels[k]["iterations"],
-                           "scale": round(scale, 4), "remaining_s": round(self._remaining(), 3)})
+                           "scale": round(scale, 4), "remaining_s": round(self._remaining(), 3),
+                           "reserve_s": round(self.reserve or 0.0, 3)})
             return n
 
         return plan
@@ -1240,7 +1245,7 @@ def register_pair(
             of this and the remaining deformable levels by one common factor <= 1 so that they fit the time
             left; levels whose feature set-up alone would not fit are dropped, finest first
             (``info["budget"]``). The preset's iterations stay the upper limit. The final composition on the
-            full grid gets a reserve estimated from the input preparation (:class:`_Budget`). A budgeted
+            full grid gets a reserve estimated from the first level's set-up (:class:`_Budget`). A budgeted
             result depends on the machine's speed, so it is not reproducible bit for bit.
         **overrides: see :func:`resolve_preset` (e.g. ``deformable={"iterations": (50, 40)}``,
             ``deformable=None`` for affine only, ``clip_hu=(-200, 400)``).
@@ -1298,12 +1303,10 @@ def register_pair(
     budget = None
     if budget_s is not None:
         box = 1.0 if f_mask is None else float(np.prod(state.fov_fixed[1] - state.fov_fixed[0] + 1) / np.prod(shape))
-        prep_s = time.perf_counter() - t_start  # checks, fill_outside, normalisation: passes over the full grid
         budget = _Budget(float(budget_s), t_start, [
             _level_cost(shape, int(factor), st, i, box) for _, st in stages if st.model != "affine"
-            for i, factor in enumerate(st.levels)], reserve_s=3.0 * prep_s)
-        info["budget"] = {"seconds": float(budget_s), "reserve_s": round(3.0 * prep_s, 3), "planned": [],
-                          "skipped_levels": []}
+            for i, factor in enumerate(st.levels)])
+        info["budget"] = {"seconds": float(budget_s), "planned": [], "skipped_levels": []}
     k = 0  # index of the deformable level in the budget's plan
     for stage_name, stage in stages:
         t0 = time.perf_counter()
