@@ -1,4 +1,4 @@
-"""Benchmark of the built-in registration (``slicreg.align.register_pair``): runtime, Dice, field error, folding.
+"""Benchmark of the built-in registration (``slicreg.alignment.register_pair``): runtime, Dice, field error, folding.
 
 Pairs come from one of two sources:
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from slicreg.align import register_pair
+    from slicreg.alignment import register_pair
 
     torch.set_num_threads(args.threads)
     if args.dataset:

@@ -1,9 +1,9 @@
-"""The per-layer argmax of the network's logits: ``slicreg.register._argmax_rows`` (int16 bit patterns as integer
+"""The per-layer argmax of the network's logits: ``slicreg.registration._argmax_rows`` (int16 bit patterns as integer
 keys, a vectorised ``amax``) against ``torch.argmax`` and ``torch.max(...).indices``, on the same logits.
 
 One network pass of a real preprocessed scan (the shipped weights, bf16 autocast, channels-last, as
 ``slicreg register`` runs it): the head's last convolution runs two x-planes at a time as in
-``slicreg.register._head_labels``, and each slab's logits -- ``(2 * Y' * Z' * 16, 128)`` bf16 rows, 128
+``slicreg.registration._head_labels``, and each slab's logits -- ``(2 * Y' * Z' * 16, 128)`` bf16 rows, 128
 contiguous classes -- are reduced by every method in turn (the order rotates from slab to slab, so that no
 method always finds the logits hot in cache), ``--repeats`` times. Prints the seconds summed over the slabs
 of one pass (wall and process CPU), and whether every method gives the same labels as ``torch.argmax``.
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from slicreg.bundle import load_bundle, network_pass_input
     from slicreg.network import HU_SCALE, N_CLASSES, network_input
-    from slicreg.register import _argmax_rows
+    from slicreg.registration import _argmax_rows
 
     if args.image:
         from slicreg.io import load_image

@@ -7,16 +7,16 @@ maps predicted by the bundle (cached), the moving side the bundle's own template
 slabs simulated from training subjects (``--slabs``; the cohort's real slabs are test subjects). Test subjects
 are refused.
 
-Per pair: the supervoxel field (``slicreg.register.register_supervoxel_maps`` with the registration defaults,
+Per pair: the supervoxel field (``slicreg.registration.register_supervoxel_maps`` with the registration defaults,
 what the ``register`` stage runs), then every method refines that same field with the fields of view as the
 stage passes them (the crop records: ``fixed_mask`` / ``moving_mask``):
 
 - ``old``: ``refine_field`` of the git revision ``--old`` (default ``HEAD``), loaded from ``git show`` into a
   private module -- the previous implementation with its own optimisation loop, not kept in the tree;
-- each ``--variant NAME=PRESET[:key=value;...]``: today's ``slicreg.register.refine_field`` (the align engine),
+- each ``--variant NAME=PRESET[:key=value;...]``: today's ``slicreg.registration.refine_field`` (the align engine),
   e.g. ``new=refine``, ``4-2=refine:levels=(4,2);iterations=(80,40)``, ``budget2=refine:budget_s=2.0``;
   ``iterations``, ``budget_s`` and ``clip_hu`` are ``refine_field`` arguments, every other key a field of the
-  deformable stage (``slicreg.align.StageConfig``).
+  deformable stage (``slicreg.alignment.StageConfig``).
 
 The methods run alternately in the same process (their order rotates from pair to pair) after one warm-up
 call each on a small volume; seconds are wall and process CPU of the refinement call alone. Scores (every
@@ -56,8 +56,8 @@ REFINE_ARGS = ("iterations", "budget_s", "clip_hu")
 
 
 def load_old_refine(rev: str) -> Any:
-    """``refine_field`` of ``slicreg/register.py`` at git revision ``rev``, as a private module."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:slicreg/register.py"], check=True,
+    """``refine_field`` of ``slicreg/registration.py`` at git revision ``rev``, as a private module."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:slicreg/registration.py"], check=True,
                             capture_output=True, text=True).stdout
     tmp = Path(tempfile.mkdtemp(prefix="bench_refine_")) / "register_old.py"
     tmp.write_text(source)
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from tune_flow import Tuner, select_subjects
 
-    from slicreg.align import PRESETS
+    from slicreg.alignment import PRESETS
     from slicreg.io import atomic_write_json, atomic_write_text
-    from slicreg.register import FLOW_DEFAULTS, refine_field, register_supervoxel_maps
+    from slicreg.registration import FLOW_DEFAULTS, refine_field, register_supervoxel_maps
 
     variants = [parse_variant(v) for v in (args.variant or ["new=refine"])]
     for name, preset, _, _ in variants:

@@ -2,7 +2,7 @@
 96 x 80 x 128 at 4 mm): what each step of ``slicreg register`` costs on preprocessed scans.
 
 Part 1 -- ``network``: one network pass with the per-layer argmax on the stride-2 grid, by
-``slicreg.bundle.predict(..., grid="output")`` and by ``slicreg.register.network_labels`` (the registration's
+``slicreg.bundle.predict(..., grid="output")`` and by ``slicreg.registration.network_labels`` (the registration's
 path: the same labels, argmax over the contiguous classes of the channels-last logits), in each setting: fp32
 or bf16 autocast, contiguous or channels-last 3-D memory, 1 or 2 torch threads; median of ``--repeats`` after
 a warm-up. Weights: ``--weights BUNDLE`` or random (``build_model(seed=0)``; the time does not depend on the
@@ -20,7 +20,7 @@ them (a fresh process per part). The maps the flow works on:
   through a known smooth map, as in ``bench_flow.py``) and the keypoint error against the known displacement
   is printed -- the check that speed changes leave the result alone;
 - ``--maps network``: the maps the network predicted (meaningful with trained ``--weights``); the whole
-  registration then runs as ``slicreg register`` runs it (``slicreg.register.register_preprocessed`` with the
+  registration then runs as ``slicreg register`` runs it (``slicreg.registration.register_preprocessed`` with the
   model: network passes on the stride-2 grid, ``label_upsample=2``).
 
 ``--compare`` (with ``--maps network``) also runs the previous algorithms -- ``network_labels(argmax="torch")``,
@@ -103,7 +103,7 @@ def part_network(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from slicreg.bundle import predict
-    from slicreg.register import network_labels
+    from slicreg.registration import network_labels
 
     image = synthetic_ct(NET_SHAPE, seed=0)
     rows = []
@@ -148,7 +148,7 @@ def _register_previous(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarray, 
     bitwise the same values, and already faster than the original code; see docs/register.md for its numbers.)"""
     import torch
 
-    from slicreg.register import _predict_stride2, register_preprocessed, upsample_labels_stride2
+    from slicreg.registration import _predict_stride2, register_preprocessed, upsample_labels_stride2
 
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -170,7 +170,7 @@ def part_pair(args: argparse.Namespace) -> dict[str, Any]:
 
     from slicreg.fields import warp_image, warp_labels
     from slicreg.io import load_image, save_field
-    from slicreg.register import _predict_stride2, register_preprocessed
+    from slicreg.registration import _predict_stride2, register_preprocessed
 
     torch.set_num_threads(args.threads)
     if args.fixed:

@@ -24,8 +24,8 @@ elastix        itk-elastix (PyPI)    elastix default ``affine`` + ``bspline`` pa
                                      4 resolutions, 256 iterations each, final B-spline grid 10 mm)
 deeds          binaries (not on a    ``linearBCV`` then ``deedsBCV`` with defaults, read back with
                registry)             :func:`slicreg.deeds.read_deeds`
-slicreg-align  this repository       :func:`slicreg.align.register_pair`, preset ``abdomen-ct``
-slicreg        this repository       :func:`slicreg.register.register_preprocessed` with a trained weights
+slicreg-align  this repository       :func:`slicreg.alignment.register_pair`, preset ``abdomen-ct``
+slicreg        this repository       :func:`slicreg.registration.register_preprocessed` with a trained weights
                                      bundle (``--slicreg-bundle``); atlas mode when the moving scan is the
                                      template (the bundle's template supervoxels stand for it)
 ============== ===================== =========================================================================
@@ -114,14 +114,14 @@ PEERS: dict[str, dict[str, str]] = {
                             "iterations, final grid 10 mm)"},
     "deeds": {"label": "deeds", "kind": "binary", "module": "", "dist": "",
               "settings": "linearBCV + deedsBCV, defaults (-G 8x7x6x5x4, -a 1.6); grid spacing 4 when read back"},
-    "slicreg-align": {"label": "slicreg align", "kind": "slicreg", "module": "slicreg.align", "dist": "slicreg",
-                      "settings": "slicreg.align.register_pair, preset abdomen-ct (built-in, no network)"},
-    "slicreg": {"label": "slicreg", "kind": "slicreg", "module": "slicreg.register", "dist": "slicreg",
-                "settings": "slicreg.register.register_preprocessed, trained bundle, atlas mode (template's own "
+    "slicreg-align": {"label": "slicreg align", "kind": "slicreg", "module": "slicreg.alignment", "dist": "slicreg",
+                      "settings": "slicreg.alignment.register_pair, preset abdomen-ct (built-in, no network)"},
+    "slicreg": {"label": "slicreg", "kind": "slicreg", "module": "slicreg.registration", "dist": "slicreg",
+                "settings": "slicreg.registration.register_preprocessed, trained bundle, atlas mode (template's own "
                             "supervoxels), flow defaults"},
-    "slicreg-refine": {"label": "slicreg + refine", "kind": "slicreg", "module": "slicreg.register",
+    "slicreg-refine": {"label": "slicreg + refine", "kind": "slicreg", "module": "slicreg.registration",
                        "dist": "slicreg",
-                       "settings": "as slicreg, then slicreg.register.refine_field (MIND-SSC instance "
+                       "settings": "as slicreg, then slicreg.registration.refine_field (MIND-SSC instance "
                                    "refinement: the align engine's preset 'refine'), as `slicreg register --refine`"},
 }
 DEEDS_BINARIES = ("linearBCV", "deedsBCV")
@@ -355,10 +355,10 @@ def run_deeds(fixed_path: Path, moving_path: Path, work: Path, *, threads: int, 
 
 def run_slicreg_align(fixed_path: Path, moving_path: Path, work: Path, *, threads: int, seed: int, quick: bool
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The built-in toolkit (:func:`slicreg.align.register_pair`, preset abdomen-ct)."""
+    """The built-in toolkit (:func:`slicreg.alignment.register_pair`, preset abdomen-ct)."""
     import torch
 
-    from slicreg.align import register_pair
+    from slicreg.alignment import register_pair
     from slicreg.io import load_image
 
     torch.set_num_threads(threads)
@@ -384,7 +384,7 @@ def run_slicreg(fixed_path: Path, moving_path: Path, work: Path, *, threads: int
 
     from slicreg.bundle import load_bundle
     from slicreg.io import load_image
-    from slicreg.register import register_preprocessed
+    from slicreg.registration import register_preprocessed
 
     if not bundle:
         raise ValueError("slicreg needs --slicreg-bundle (a trained weights bundle)")
@@ -523,7 +523,7 @@ def locate_peers(names: list[str], *, peers_python: str, deeds_dir: str | None, 
             if name in ("slicreg", "slicreg-refine"):
                 import importlib.util
 
-                have = [m for m in ("slicreg.register", "slicreg.bundle") if importlib.util.find_spec(m) is None]
+                have = [m for m in ("slicreg.registration", "slicreg.bundle") if importlib.util.find_spec(m) is None]
                 if have:
                     ok, what = False, f"{', '.join(have)} not in this checkout yet"
                 elif not slicreg_bundle:

@@ -19,10 +19,10 @@ depend on the weights).
 Stages (``--only`` takes these names): ``preprocess`` (reorient + 2 mm + crop of the example), ``cohort-source``
 (preparation of the source scan), ``cohort-subject`` (one subject), ``cohort-true-field`` (one pair's true
 field), ``supervoxels`` (16 template layers, one process), ``deeds-import`` (files -> dense field),
-``align`` (:func:`slicreg.align.register_pair`), ``flow`` (:func:`slicreg.flow.supervoxel_flow`; keypoints,
+``align`` (:func:`slicreg.alignment.register_pair`), ``flow`` (:func:`slicreg.flow.supervoxel_flow`; keypoints,
 features, Adam, dense field reported separately), ``warp`` (image + labels), ``evaluate`` (Learn2Reg warp, Dice,
 HD95, Jacobian, field error), ``inference-fp32`` / ``inference-bf16`` (one scan's supervoxel maps as
-:func:`slicreg.register.predict_supervoxels` makes them: network, argmax on the stride-2 grid, nearest
+:func:`slicreg.registration.predict_supervoxels` makes them: network, argmax on the stride-2 grid, nearest
 upsampling), ``inference-linear`` (bf16 with the reference's linear upsampling of the logits, the ``"linear"``
 option), ``train-step-faithful`` (fp32, dense head, torch's own backward, batch 1), ``train-step-optimised``
 (the :class:`slicreg.train.TrainConfig` defaults -- bf16, channels-last, compiled depthwise backward, head on
@@ -299,7 +299,7 @@ def case_deeds_import(work: Path, scale: float, opts: dict[str, Any]) -> dict[st
 
 
 def case_align(work: Path, scale: float, opts: dict[str, Any]) -> dict[str, Any]:
-    from slicreg.align import register_pair
+    from slicreg.alignment import register_pair
 
     fixed, _, _ = template(work, scale)
     moving = moving_scan(fixed, seed=3)
@@ -314,7 +314,7 @@ def case_flow(work: Path, scale: float, opts: dict[str, Any]) -> dict[str, Any]:
 
     fixed, moving = voronoi_pair(scale, seed=0)
     try:  # the settings registration uses on top of the flow's defaults
-        from slicreg.register import FLOW_DEFAULTS
+        from slicreg.registration import FLOW_DEFAULTS
     except ImportError:
         FLOW_DEFAULTS = {}
     kwargs: dict[str, Any] = dict(FLOW_DEFAULTS)
@@ -362,14 +362,14 @@ def _network_image(work: Path, scale: float) -> np.ndarray:
 
 
 def _inference(work: Path, scale: float, dtype_name: str) -> dict[str, Any]:
-    """The registration's prediction path (:func:`slicreg.register.predict_supervoxels`): network, per-layer
+    """The registration's prediction path (:func:`slicreg.registration.predict_supervoxels`): network, per-layer
     argmax on the stride-2 grid, nearest upsampling to the 4 mm grid -- with the precision chosen here;
     ``linear`` = bf16 with the reference's linear upsampling of the logits before the argmax."""
     import torch
 
     from slicreg.bundle import predict
     from slicreg.network import build_model
-    from slicreg.register import upsample_labels_stride2
+    from slicreg.registration import upsample_labels_stride2
 
     img4 = _network_image(work, scale)
     model = build_model(seed=0, backward="native").eval().to(memory_format=torch.channels_last_3d)
@@ -437,12 +437,12 @@ SHIPPED_WEIGHTS = REPO / "weights" / "slicreg-cohort-v3"
 
 def _register(work: Path, scale: float, atlas: bool) -> dict[str, Any]:
     """The whole ``slicreg register`` computation on preprocessed scans with the shipped weights bundle
-    (:func:`slicreg.register.register_preprocessed`: network pass(es) in bf16, keypoints, features, Adam, dense
+    (:func:`slicreg.registration.register_preprocessed`: network pass(es) in bf16, keypoints, features, Adam, dense
     field) plus warping the moving image with the field; loading the bundle and the files is not included.
     ``atlas``: the moving scan is the template, whose own supervoxels stand for it (one network pass)."""
     from slicreg.bundle import load_bundle
     from slicreg.fields import warp_image
-    from slicreg.register import register_preprocessed
+    from slicreg.registration import register_preprocessed
 
     fixed, _, _ = template(work, scale)
     moving = moving_scan(fixed, seed=3)

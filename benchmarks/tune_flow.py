@@ -1,7 +1,7 @@
 """Tune the supervoxel flow's knobs on the cohort's TRAINING pairs only (never on test pairs).
 
 Pairs: each training subject (fixed) <- the template (moving), in atlas mode as the demo registers its test
-pairs: the fixed side is the network's prediction (``slicreg.register.predict_supervoxels``, bf16 on CPU,
+pairs: the fixed side is the network's prediction (``slicreg.registration.predict_supervoxels``, bf16 on CPU,
 nearest upsampling), the moving side the bundle's own template supervoxels. Every prediction is made once and
 cached in ``--cache`` (keyed by the bundle's model sha256 and the subject), so reruns skip the network.
 
@@ -13,7 +13,7 @@ the cohort's own rule -- and preprocessed exactly as the ``preprocess`` stage do
 
 Per pair the keypoints, the features and the centre-matching initialisation are computed once; then a
 coordinate-wise sweep runs around the registration defaults (``slicreg.flow.DEFAULTS`` updated by
-``slicreg.register.FLOW_DEFAULTS``, i.e. what the ``register`` stage and ``slicreg register`` use):
+``slicreg.registration.FLOW_DEFAULTS``, i.e. what the ``register`` stage and ``slicreg register`` use):
 
 1. ``adam``: one knob at a time (k, alpha, lr, iterations, patience, init, keypoints), dense field at its
    defaults; plus the plain ``slicreg.flow.DEFAULTS`` (zero init, no early stop) for reference;
@@ -100,11 +100,11 @@ CROP = 2  # Learn2Reg's border crop for the Jacobian statistics (slicreg.metrics
 # ----------------------------------------------------------------------------------------------- configs
 def registration_defaults() -> dict[str, Any]:
     """The knobs the ``register`` stage uses: ``slicreg.flow.DEFAULTS`` + ``supervoxel_flow``'s keyword defaults,
-    updated by ``slicreg.register.FLOW_DEFAULTS``."""
+    updated by ``slicreg.registration.FLOW_DEFAULTS``."""
     import inspect
 
     from slicreg.flow import DEFAULTS, supervoxel_flow
-    from slicreg.register import FLOW_DEFAULTS
+    from slicreg.registration import FLOW_DEFAULTS
 
     sig = {n: p.default for n, p in inspect.signature(supervoxel_flow).parameters.items()
            if p.default is not inspect.Parameter.empty}
@@ -442,7 +442,7 @@ class Tuner:
 
     def _predict(self, name: str, image_hu: np.ndarray) -> tuple[np.ndarray, float | None, bool]:
         """The predicted maps (cached), the network's wall seconds when made, and whether they came from the cache."""
-        from slicreg.register import predict_supervoxels
+        from slicreg.registration import predict_supervoxels
 
         path = self.cache / f"pred_{self.bundle_sha[:16]}_{name}.npz"
         hit = _load_npz(path)
@@ -943,7 +943,7 @@ def render_markdown(doc: dict[str, Any], tuner: Tuner, base: dict[str, Any]) -> 
         f"- wall time {doc['total_wall_s'] / 60:.1f} min; phases: " + ", ".join(
             f"{k} {v['wall_s']:.0f} s wall / {v['cpu_s']:.0f} s CPU" for k, v in doc["phase_time_s"].items()),
         "",
-        "Baseline = the registration defaults (`slicreg.flow.DEFAULTS` + `slicreg.register.FLOW_DEFAULTS`): " +
+        "Baseline = the registration defaults (`slicreg.flow.DEFAULTS` + `slicreg.registration.FLOW_DEFAULTS`): " +
         ", ".join(f"{k}={fmt_value(v)}" for k, v in base.items()) + ".",
         "",
     ]

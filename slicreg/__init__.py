@@ -18,18 +18,13 @@ from slicreg.errors import ConfigError, InputError
 __all__ = ["ConfigError", "Evaluation", "InputError", "Registration", "__version__", "align", "evaluate",
            "register"]
 
-# The public API (slicreg.api, docs/api.md), imported on first use so that `import slicreg` stays cheap:
-# slicreg.register(fixed, moving) / slicreg.align(fixed, moving) call the modules of those names, which forward
-# to slicreg.api (slicreg._callable); slicreg.evaluate, Registration and Evaluation come from slicreg.api.
-_API_MODULES = ("register", "align")
-_API_NAMES = ("evaluate", "Registration", "Evaluation")
+# The public API (slicreg.api, docs/api.md), imported on first use so that `import slicreg` stays cheap.
+_API_NAMES = ("register", "align", "evaluate", "Registration", "Evaluation")
 
 
 def __getattr__(name: str):
     import importlib
 
-    if name in _API_MODULES:
-        return importlib.import_module(f"slicreg.{name}")
     if name in _API_NAMES:
         value = getattr(importlib.import_module("slicreg.api"), name)
         globals()[name] = value

@@ -10,7 +10,7 @@
   passes -> keypoint flow -> thin-plate spline (-> MIND-SSC refinement) -> the field mapped back to the fixed
   scan's own grid. Loaded weights bundles are cached per folder and device, so repeated calls in one process
   reuse the network.
-- :func:`align` -- the built-in conventional registration (:func:`slicreg.align.register_pair`) on two scans in
+- :func:`align` -- the built-in conventional registration (:func:`slicreg.alignment.register_pair`) on two scans in
   world coordinates (any axis order; the field indexes the moving scan's own voxels).
 - :func:`evaluate` -- Learn2Reg-exact per-organ scores (Dice, HD95, Jacobian, field error) of a field.
 
@@ -19,9 +19,8 @@ objects, in HU for images. Results (:class:`Registration`) hold the field ``(3, 
 scan's original grid, in voxels of the moving scan's original grid, fixed -> moving (the project's convention,
 :mod:`slicreg.conventions`), with both grids' affines; ``warp`` / ``warp_labels`` / ``save`` use them.
 
-``slicreg.register`` and ``slicreg.align`` are also the names of the modules that hold the method
-(:mod:`slicreg.register`) and the toolkit (:mod:`slicreg.align`); calling those modules calls :func:`register` and
-:func:`align` here (:mod:`slicreg._callable`).
+``slicreg.register`` / ``slicreg.align`` / ``slicreg.evaluate`` are these functions; the method on preprocessed
+scans lives in :mod:`slicreg.registration`, the built-in toolkit in :mod:`slicreg.alignment`.
 
 Bad input raises :class:`slicreg.errors.InputError` naming the argument (a command passes its flag names as
 ``names``). Heavy modules (torch, nibabel, scipy) are imported inside the functions, so importing this module is
@@ -426,9 +425,9 @@ def register_preprocessed(bundle: Any, fixed_hu: np.ndarray, moving_hu: np.ndarr
     ``template_supervoxels``, default the bundle's own; check with :func:`atlas_template` that the moving scan is
     that template).
 
-    See :func:`slicreg.register.register_preprocessed`; returns its :class:`~slicreg.register.RegistrationResult`
-    (field ``(3, X, Y, Z)`` on the preprocessed fixed grid)."""
-    from slicreg.register import register_preprocessed as register_maps
+    See :func:`slicreg.registration.register_preprocessed`; returns its
+    :class:`~slicreg.registration.RegistrationResult` (field ``(3, X, Y, Z)`` on the preprocessed fixed grid)."""
+    from slicreg.registration import register_preprocessed as register_maps
 
     template = None
     if moving_is_template:
@@ -470,7 +469,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, weights: str | Path | None 
     Each scan is brought onto the network's grid (RAS, 2 mm, twice the bundle's template supervoxel grid:
     192 x 160 x 256 for the shipped weights; :func:`preprocess_for_registration`) unless it already is; the
     network predicts both scans' supervoxels, the keypoint flow and the thin-plate spline give the field on the
-    preprocessed fixed grid (:func:`slicreg.register.register_preprocessed`), optionally refined on MIND-SSC
+    preprocessed fixed grid (:func:`slicreg.registration.register_preprocessed`), optionally refined on MIND-SSC
     features inside both fields of view, and the field is mapped back to the scans as given
     (:func:`slicreg.geometry.field_to_original_grid`).
 
@@ -480,7 +479,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, weights: str | Path | None 
             per folder and device in a process (:func:`cached_weights`).
         refine: polish the field by a short MIND-SSC instance optimisation (a few seconds).
         refine_iterations: Adam steps per level of the refinement (default: the align engine's preset
-            :data:`slicreg.register.REFINE_PRESET` in :data:`slicreg.align.PRESETS`).
+            :data:`slicreg.registration.REFINE_PRESET` in :data:`slicreg.alignment.PRESETS`).
         atlas: the moving scan is the bundle's template (atlas mode: its own supervoxels, no network pass); refused
             for any other image (the moving scan must then be given as a file).
         template_supervoxels: with ``atlas``: template supervoxels made on ``moving`` (proves it is the template).
@@ -686,7 +685,7 @@ def prepare_align(fixed: ImageLike, moving: ImageLike, *, fixed_fov: str | Path 
 
 def run_align(inputs: AlignInputs, *, preset: str = "abdomen-ct", device: str = "cpu", seed: int = 0,
               progress: bool = False) -> Registration:
-    """Register prepared scans with the built-in toolkit (:func:`slicreg.align.register_pair`) and map the field
+    """Register prepared scans with the built-in toolkit (:func:`slicreg.alignment.register_pair`) and map the field
     back to the moving scan as stored.
 
     Returns:
@@ -694,7 +693,7 @@ def run_align(inputs: AlignInputs, *, preset: str = "abdomen-ct", device: str = 
         ``affine_vox`` (fixed voxel -> moving file voxel), ``info`` the engine's (``seconds``, ``stages``,
         ``iterations``, ``final_loss``, ``folding_fraction``, ``fov``, the resolved preset, ...).
     """
-    from slicreg.align import register_pair
+    from slicreg.alignment import register_pair
     from slicreg.checks import apply_index_map_to_field
 
     result = register_pair(inputs.fixed.array, inputs.moving_r.array, fixed_mask=inputs.fixed_mask,
@@ -712,7 +711,7 @@ def align(fixed: ImageLike, moving: ImageLike, *, preset: str = "abdomen-ct", fi
           moving_fov: str | Path | None = None, init_field: ImageLike | None = None,
           moving_labels: ImageLike | None = None, device: str = "cpu", seed: int = 0, force: bool = False,
           progress: bool = False) -> Registration:
-    """Register two CTs with the built-in toolkit (affine + deformable; :data:`slicreg.align.PRESETS`) in world
+    """Register two CTs with the built-in toolkit (affine + deformable; :data:`slicreg.alignment.PRESETS`) in world
     coordinates: :func:`prepare_align` then :func:`run_align` (see both for the arguments and the result)."""
     inputs = prepare_align(fixed, moving, fixed_fov=fixed_fov, moving_fov=moving_fov, init_field=init_field,
                            moving_labels=moving_labels, force=force)

@@ -5,7 +5,7 @@
 explicit padding rule and a backend; :func:`sample_affine` does the same for positions that are an affine map
 of another grid's voxels (resampling a volume onto another grid). Everything in the project that samples a
 volume calls one of the two: warping images and label maps, composing and integrating fields, the align
-engine's differentiable warps (:func:`slicreg.align.transforms.grid_warp`), the keypoint flow's feature reads,
+engine's differentiable warps (:func:`slicreg.alignment.transforms.grid_warp`), the keypoint flow's feature reads,
 the transfer of supervoxels, deeds' and Learn2Reg's label rules, the inference geometry's resampling, the
 cohort maker's big volumes and the training augmentation.
 
@@ -628,7 +628,7 @@ def scaling_and_squaring(velocity: Any, *, steps: int = 7, voxel_size: tuple[flo
     trilinear through :func:`sample`'s ``"grid_sample"`` backend, border values continued outwards). For a smooth
     ``v`` whose scaled step is small (``|grad u_0| < 1``) the result is a diffeomorphism (Arsigny et al., MICCAI 2006;
     Ashburner, NeuroImage 2007). The one integrator of the project: the registration toolkit's
-    :class:`slicreg.align.transforms.StationaryVelocity` and the cohort maker's deformations use it.
+    :class:`slicreg.alignment.transforms.StationaryVelocity` and the cohort maker's deformations use it.
 
     Args:
         velocity: ``(3, X, Y, Z)`` or ``(B, 3, X, Y, Z)``, numpy array or torch tensor (differentiable);

@@ -1,4 +1,4 @@
-"""Tests of the registration toolkit (slicreg.align) on tiny synthetic volumes with analytic answers."""
+"""Tests of the registration toolkit (slicreg.alignment) on tiny synthetic volumes with analytic answers."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from slicreg.align import PRESETS, register_pair, resolve_preset
-from slicreg.align.engine import downsample, gaussian_smooth
-from slicreg.align.regularisers import bending_energy, diffusion, total_variation
-from slicreg.align.similarity import (
+from slicreg.alignment import PRESETS, register_pair, resolve_preset
+from slicreg.alignment.engine import downsample, gaussian_smooth
+from slicreg.alignment.regularisers import bending_energy, diffusion, total_variation
+from slicreg.alignment.similarity import (
     box_filter,
     lncc_loss,
     mi_loss,
@@ -19,7 +19,7 @@ from slicreg.align.similarity import (
     ncc_loss,
     ngf_loss,
 )
-from slicreg.align.transforms import (
+from slicreg.alignment.transforms import (
     AffineTransform,
     BSplineDisplacement,
     StationaryVelocity,
@@ -377,7 +377,7 @@ def test_mi_measure_is_deterministic_under_a_seed_and_changes_with_it():
 
 
 def test_translation_search_finds_a_large_whole_voxel_shift():
-    from slicreg.align.engine import translation_search
+    from slicreg.alignment.engine import translation_search
 
     fixed = _phantom((24, 22, 26), centre=(12, 11, 13))
     moving = _phantom((24, 22, 26), centre=(12 + 5, 11 - 4, 13 + 6))  # the same blobs, moved by (5, -4, 6)

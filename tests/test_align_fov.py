@@ -1,4 +1,4 @@
-"""Field-of-view masks, voxel weights of the similarity measures and initial fields in slicreg.align."""
+"""Field-of-view masks, voxel weights of the similarity measures and initial fields in slicreg.alignment."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from slicreg.align import register_pair
-from slicreg.align.engine import fill_outside, mask_box, thin_axes, translation_search
-from slicreg.align.similarity import (
+from slicreg.alignment import register_pair
+from slicreg.alignment.engine import fill_outside, mask_box, thin_axes, translation_search
+from slicreg.alignment.similarity import (
     SIMILARITIES,
     lncc_loss,
     mi_loss,
@@ -169,7 +169,7 @@ def test_thin_axes_compares_the_shorter_field_of_view_with_the_longer():
 
 
 def test_fft_translation_search_matches_a_direct_evaluation_and_slides_a_slab():
-    from slicreg.align.engine import fov_translation_search
+    from slicreg.alignment.engine import fov_translation_search
 
     shape = (24, 20, 48)
     moving = _body(shape)

@@ -172,8 +172,8 @@ def test_atlas_template_rules(tmp_path):
 
 
 def test_register_help_states_the_refinement_default(capsys):
-    from slicreg.align import PRESETS
-    from slicreg.register import REFINE_PRESET
+    from slicreg.alignment import PRESETS
+    from slicreg.registration import REFINE_PRESET
 
     with pytest.raises(SystemExit):
         _main(["register", "--help"])

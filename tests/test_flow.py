@@ -450,7 +450,7 @@ def coarse_maps(shape, n_layers, seed):
 
 
 def test_upsample_labels_takes_the_nearest_coarse_voxel():
-    from slicreg.register import upsample_labels_stride2
+    from slicreg.registration import upsample_labels_stride2
 
     lab = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5).astype(np.uint8)
     for f in (1, 2, 3):

@@ -13,7 +13,7 @@ import torch
 from slicreg.conventions import Volume
 from slicreg.errors import InputError
 from slicreg.io import load_field, load_labels, save_volume, sha256_file
-from slicreg.register import (
+from slicreg.registration import (
     predict_supervoxels,
     refine_field,
     register_preprocessed,
@@ -162,7 +162,7 @@ def test_refine_keeps_a_correct_field_and_zero_iterations_change_nothing(deforme
 
 
 def test_refine_from_a_zero_field_equals_register_pair_with_its_preset(deformed_pair):
-    from slicreg.align import register_pair
+    from slicreg.alignment import register_pair
 
     fixed, moving, _, _ = deformed_pair
     zero = np.zeros((3, *SHAPE), np.float32)
@@ -467,7 +467,7 @@ def test_register_stage_plain_and_refined(bundle_dir, tmp_path):
 def test_network_labels_equal_bundle_predict_in_both_memory_formats():
     from slicreg.bundle import predict
     from slicreg.network import build_model
-    from slicreg.register import network_labels
+    from slicreg.registration import network_labels
 
     model = build_model(seed=1, backward="eager")
     model.train()
@@ -504,7 +504,7 @@ def test_predict_command_output_grid_equals_bundle_predict(bundle_dir, tmp_path)
 
 # ------------------------------------------------------------------------------------------------ speed paths
 def test_fast_argmax_equals_torch_max_with_ties_and_negative_rows():
-    from slicreg.register import _argmax_rows
+    from slicreg.registration import _argmax_rows
 
     g = torch.Generator().manual_seed(0)
     rows = (torch.randn(3000, 128, generator=g) * 4).to(torch.bfloat16)  # bf16: many exact ties
@@ -528,7 +528,7 @@ def test_fast_argmax_equals_torch_max_with_ties_and_negative_rows():
 
 def test_network_labels_fast_path_equals_the_whole_logits_path():
     from slicreg.network import build_model
-    from slicreg.register import network_labels
+    from slicreg.registration import network_labels
 
     model = build_model(seed=2, backward="eager", channels_last=True)
     model.train()
@@ -544,7 +544,7 @@ def test_network_labels_fast_path_equals_the_whole_logits_path():
 
 
 def test_stride2_labels_recognises_upsampled_network_maps():
-    from slicreg.register import stride2_labels
+    from slicreg.registration import stride2_labels
 
     coarse = np.random.default_rng(1).integers(0, 128, (16, 5, 4, 6)).astype(np.uint8)
     up = upsample_labels_stride2(torch.from_numpy(coarse)).numpy()
@@ -558,7 +558,7 @@ def test_stride2_labels_recognises_upsampled_network_maps():
 
 def test_registration_on_stride2_maps_equals_the_registration_on_4mm_maps():
     from slicreg.network import build_model
-    from slicreg.register import _predict_stride2
+    from slicreg.registration import _predict_stride2
 
     sv_f = blocks((24, 20, 28), 6)
     sv_m = blocks((24, 20, 28), 6, offset=(1, 0, 2))

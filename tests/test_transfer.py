@@ -304,12 +304,12 @@ def test_stage_with_align(tmp_path, monkeypatch):
         return Result(disp, {"preset": preset, "runtime_s": 0.0})
 
     try:
-        import slicreg.align as align_module
+        import slicreg.alignment as align_module
         monkeypatch.setattr(align_module, "register_pair", fake_register_pair)
     except ImportError:  # the toolkit is being written in parallel; a stand-in module keeps this test honest
-        module = types.ModuleType("slicreg.align")
+        module = types.ModuleType("slicreg.alignment")
         module.register_pair = fake_register_pair
-        monkeypatch.setitem(sys.modules, "slicreg.align", module)
+        monkeypatch.setitem(sys.modules, "slicreg.alignment", module)
     ctx = _ctx(tmp_path, ds, sv_dir, field_source="align", align_preset="fast")
     transfer_stage(ctx)
     assert sorted(c[0] for c in calls) == SUBJECTS

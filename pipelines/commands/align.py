@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 def _note_initial_placement(inputs) -> None:
     """Print a note when the engine's start (grid centre onto grid centre) is not the world identity.
 
-    :func:`slicreg.align.register_pair` starts its affine stage with the fixed grid's centre on the moving grid's
+    :func:`slicreg.alignment.register_pair` starts its affine stage with the fixed grid's centre on the moving grid's
     centre (then searches translations); it takes no initial affine. For two grids of the same world box (e.g. one
     scan stored in two orientations) that is the world identity; otherwise the difference is reported here."""
     import numpy as np

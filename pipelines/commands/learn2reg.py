@@ -90,7 +90,7 @@ def _submit(args: argparse.Namespace) -> None:
     )
     from slicreg.errors import InputError
     from slicreg.io import load_image, save_field
-    from slicreg.register import predict_supervoxels
+    from slicreg.registration import predict_supervoxels
 
     if args.threads is not None:
         if args.threads < 1:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from slicreg.errors import InputError
     from slicreg.io import load_image, save_volume
     from slicreg.network import HU_SCALE, network_input
-    from slicreg.register import network_labels
+    from slicreg.registration import network_labels
 
     t0 = time.perf_counter()
     img = load_image(args.image)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                          f"192 x 160 x 256 gives 96 x 80 x 128)")
     t1 = time.perf_counter()
     dtype = torch.float32 if args.fp32 else None
-    if args.grid == "output":  # the same labels, with the cheaper argmax of slicreg.register.network_labels
+    if args.grid == "output":  # the same labels, with the cheaper argmax of slicreg.registration.network_labels
         labels = network_labels(bundle, hu, device=args.device, dtype=dtype)
     else:
         labels = predict(bundle, hu, output="labels", grid=args.grid, device=args.device, dtype=dtype)

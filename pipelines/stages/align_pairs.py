@@ -1,16 +1,16 @@
-"""The ``align-pairs`` stage: register pairs of a dataset with the built-in toolkit (:mod:`slicreg.align`).
+"""The ``align-pairs`` stage: register pairs of a dataset with the built-in toolkit (:mod:`slicreg.alignment`).
 
 Input ``dataset``: a (preprocessed) dataset folder (docs/CONTRACTS.md), read with
 ``preprocessing.datasets.load_dataset``. Parameters:
 
-- ``preset``: registration preset of :data:`slicreg.align.PRESETS` (default ``"abdomen-ct"``);
+- ``preset``: registration preset of :data:`slicreg.alignment.PRESETS` (default ``"abdomen-ct"``);
 - ``device``: torch device (default ``"cpu"``);
 - ``pairs``: ``"registration_pairs"`` (default: the dataset's list), ``"atlas"`` (the listed pairs whose moving
   scan is the template) or ``"template"`` (every training subject as fixed with the template as moving, the
   direction the supervoxel transfer needs);
 - ``fov_mask``: (default true) pass each scan's field of view to the registration as a mask, read from its
   crop record (``crops/<id>.json`` of a preprocessed dataset, the subject's ``"crop"`` file): the similarity
-  then ignores the preprocessing's -1000 HU padding (:func:`slicreg.align.register_pair`). A subject without
+  then ignores the preprocessing's -1000 HU padding (:func:`slicreg.alignment.register_pair`). A subject without
   a crop record counts as covering its whole grid (logged). false: the whole grids, as before.
 
 Outputs (docs/CONTRACTS.md, "Registration results")::
@@ -37,7 +37,7 @@ def align_one(job: dict[str, Any]) -> dict[str, Any]:
     """Register one pair and write its field and record; returns the record (module level: runs in workers)."""
     import time
 
-    from slicreg.align import register_pair
+    from slicreg.alignment import register_pair
     from slicreg.geometry import load_fov_mask
     from slicreg.io import atomic_write_json, load_image, save_field
 
@@ -89,7 +89,7 @@ def align_pairs_stage(ctx: StageContext) -> None:
     """Register dataset pairs with the built-in toolkit; fields + registrations.json (docs/CONTRACTS.md)."""
     from pipelines.pair_jobs import run_pair_jobs
     from preprocessing.datasets import load_dataset
-    from slicreg.align import resolve_preset
+    from slicreg.alignment import resolve_preset
     from slicreg.errors import ConfigError
     from slicreg.io import atomic_write_json
 

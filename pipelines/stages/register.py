@@ -16,7 +16,7 @@ Learn2Reg list), ``atlas`` (the template side uses the template's own supervoxel
 the template the bundle was trained on -- the dataset's template image is the bundle's, or the ``supervoxels``
 input proves it, :func:`slicreg.bundle.atlas_template_problem` -- anything else is refused before any work),
 ``seed``, ``flow`` (options of :func:`slicreg.flow.supervoxel_flow`), ``refine`` (false by default: the MIND-SSC
-instance refinement, :func:`slicreg.register.refine_field`), ``refine_options`` (its keyword arguments),
+instance refinement, :func:`slicreg.registration.refine_field`), ``refine_options`` (its keyword arguments),
 ``fov_mask`` (default true: the refinement ignores the preprocessing's padding, i.e. compares only inside each
 scan's field of view, from its crop record ``crops/<id>.json``; a subject without one counts as whole),
 ``method`` (the name in registrations.json; default ``"slicreg"`` or ``"slicreg+refine"``).
@@ -53,7 +53,7 @@ def register_one(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from slicreg.io import atomic_write_json, load_image, load_volume, save_field
-    from slicreg.register import refine_field, register_supervoxel_maps
+    from slicreg.registration import refine_field, register_supervoxel_maps
 
     t0 = time.perf_counter()
     fixed_sv = load_volume(job["fixed_sv"], kind="labels", channels=True).array
@@ -124,7 +124,7 @@ def register_stage(ctx: StageContext) -> None:
         read_json,
         save_volume,
     )
-    from slicreg.register import predict_supervoxels, refine_field
+    from slicreg.registration import predict_supervoxels, refine_field
 
     p = ctx.params
     where = f"[stages.{ctx.stage_id}]"

@@ -2,7 +2,7 @@
 
 For each training subject S of a preprocessed dataset: the template-registration field (fixed = S, moving =
 template, voxels of S's 2 mm grid) comes from deeds' files (``F{id}_displacements.dat`` and, if present,
-``F{id}_matrix.txt`` in ``deeds_folder``) or from the built-in ``slicreg.align``; the template's 16 supervoxel
+``F{id}_matrix.txt`` in ``deeds_folder``) or from the built-in ``slicreg.alignment``; the template's 16 supervoxel
 layers are sampled through it onto S's 4 mm grid (nearest). Outputs (docs/CONTRACTS.md)::
 
     transferred/<id>.nii.gz              uint8 (96, 80, 128, 16) on S's 4 mm grid
@@ -127,7 +127,7 @@ def transfer_one(job: dict[str, Any]) -> dict[str, Any]:
                              "grid_spacing_inferred": transform.grid_spacing_inferred})
         save_field(field, subject.affine, field_path)
     else:
-        from slicreg.align import register_pair
+        from slicreg.alignment import register_pair
         from slicreg.geometry import load_fov_mask
 
         template = load_image(job["template_image"])

@@ -63,7 +63,7 @@ voxels for 96 x 80 x 128 -- an anisotropic unit):
   becomes ``6.5e-6``.
 
 The defaults (:data:`DEFAULTS`) were chosen on synthetic supervoxel maps (docs/flow.md). Registration uses
-:data:`slicreg.register.FLOW_DEFAULTS` on top of them, tuned on the cohort's training pairs only with the shipped
+:data:`slicreg.registration.FLOW_DEFAULTS` on top of them, tuned on the cohort's training pairs only with the shipped
 weights (``benchmarks/tune_flow.py``, docs/flow_tuning.md: random keypoints, ``alpha = 6.5e-6``, ``lam = 10``).
 """
 

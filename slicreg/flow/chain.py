@@ -112,7 +112,7 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
         device: where to compute.
         label_upsample: label maps given on a grid this many times coarser than the supervoxel grid, to be
             nearest-upsampled (:func:`upsample_labels`; 2 for the network's stride-2 argmax ``(16, 48, 40, 64)``,
-            whose 4 mm maps are :func:`slicreg.register.upsample_labels_stride2` of it); one integer for both
+            whose 4 mm maps are :func:`slicreg.registration.upsample_labels_stride2` of it); one integer for both
             sides or ``(fixed, moving)`` (e.g. ``(2, 1)``: predicted fixed maps, the template's own 4 mm maps).
             Keypoints, the centre initialisation and the features are computed on the coarse maps -- bitwise the
             same as for the upsampled maps, with ~8x less work. Ignored for probabilities. Default 1.

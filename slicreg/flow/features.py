@@ -108,7 +108,7 @@ def supervoxel_features(sv: Array, *, seed: int = 0, n_channels: int = DEFAULTS[
             trilinearly (``align_corners=False``, i.e. coarse voxel q = fine voxel ``f q + (f - 1) / 2``) first;
             upsampling the compressed maps instead of the 128 probabilities keeps memory at ~60 MB per layer.
             Label maps: nearest upsampling (:func:`upsample_labels`: coarse voxel q = fine voxel ``f q``, the
-            network's argmax maps as :func:`slicreg.register.upsample_labels_stride2` upsamples them); the
+            network's argmax maps as :func:`slicreg.registration.upsample_labels_stride2` upsamples them); the
             result is bitwise that of the upsampled maps, computed on the coarse grid (integer counts; for the
             standard 48 x 40 x 64 maps ~10x less work). Default 1.
         device: where to compute.

@@ -36,7 +36,7 @@ __all__ = ["centre_matching_init", "coarse_to_fine_vox", "foreground_keypoints",
 def _nearest_index(n_coarse: int, factor: int) -> np.ndarray:
     """Nearest upsampling by ``factor``: fine voxel ``p`` (``0 <= p < factor * n_coarse``) takes coarse voxel
     ``min(floor(p / factor + 1/2), n_coarse - 1)`` -- coarse voxel ``q`` is centred on fine voxel ``factor * q``
-    (the network's stride-2 output, :func:`slicreg.register.upsample_labels_stride2`)."""
+    (the network's stride-2 output, :func:`slicreg.registration.upsample_labels_stride2`)."""
     p = np.arange(int(n_coarse) * int(factor))
     return np.minimum((2 * p + int(factor)) // (2 * int(factor)), int(n_coarse) - 1)
 
@@ -45,7 +45,7 @@ def upsample_labels(labels: Array, factor: int) -> Array:
     """Nearest upsampling of label maps ``(..., x, y, z)`` by an integer ``factor`` along the last three axes.
 
     Fine voxel ``p`` takes coarse voxel ``min(floor(p / factor + 1/2), x - 1)`` (coarse voxel ``q`` is centred on
-    fine voxel ``factor * q``; for ``factor = 2`` the rule of :func:`slicreg.register.upsample_labels_stride2`).
+    fine voxel ``factor * q``; for ``factor = 2`` the rule of :func:`slicreg.registration.upsample_labels_stride2`).
     The functions that take ``upsample=`` for label maps give exactly the result they would give for these
     upsampled maps, without building them. numpy or torch (same type out)."""
     torch = _torch()

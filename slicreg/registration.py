@@ -5,7 +5,7 @@ maps of each scan; the template's own supervoxels may stand for the template sid
 put in correspondence by the Adam keypoint flow of :mod:`slicreg.flow`, whose thin-plate spline gives the dense
 field on the fixed 2 mm grid (voxels, fixed -> moving). :func:`refine_field` optionally polishes that field by
 a short instance optimisation on MIND-SSC image features (``refine=True``): the align engine
-(:func:`slicreg.align.register_pair`, preset ``"refine"``) started from the supervoxel field.
+(:func:`slicreg.alignment.register_pair`, preset ``"refine"``) started from the supervoxel field.
 
 Prediction: the network's logits ``(16, 128, X/4, Y/4, Z/4)`` (stride 2 of its 4 mm input) -> per-layer argmax ->
 nearest upsampling to the 4 mm supervoxel grid. Output voxel ``q`` of the network is centred on 4 mm voxel
@@ -48,7 +48,7 @@ cohort's 20 training pairs with the shipped weights (``benchmarks/tune_flow.py``
 docs/flow_tuning.md, "Conclusions")."""
 
 REFINE_PRESET = "refine"
-"""The align engine preset of :func:`refine_field` (``slicreg.align.PRESETS``: its settings live there, in one
+"""The align engine preset of :func:`refine_field` (``slicreg.alignment.PRESETS``: its settings live there, in one
 place; the ``register`` stage's ``refine_options`` override them)."""
 
 
@@ -349,8 +349,8 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
                  deformable: dict[str, Any] | None = None, clip_hu: tuple[float, float] | None = None,
                  fixed_mask: Any = None, moving_mask: Any = None, seed: int = 0,
                  device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Instance refinement of a dense field: the align engine (:func:`slicreg.align.register_pair`) started from
-    ``init_disp_vox`` with the preset ``preset`` (default ``"refine"``, :data:`slicreg.align.PRESETS`).
+    """Instance refinement of a dense field: the align engine (:func:`slicreg.alignment.register_pair`) started from
+    ``init_disp_vox`` with the preset ``preset`` (default ``"refine"``, :data:`slicreg.alignment.PRESETS`).
 
     The default preset compares MIND-SSC descriptors of both images (clipped to [-400, 600] HU, on the 8 mm and
     then the 4 mm pyramid level) by SSD, optimises a dense displacement on nodes every 8 mm by Adam on a random
@@ -358,7 +358,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
     (``penalise="increment"``): the result is ``init_disp_vox`` plus the upsampled change, so the initial field's
     fine detail is kept. With field-of-view masks the engine compares only fixed voxels inside ``fixed_mask``
     whose warped position lands inside ``moving_mask`` and fills each image's padding with its nearest
-    field-of-view voxel before the features (:func:`slicreg.align.register_pair`), so the preprocessing's padding
+    field-of-view voxel before the features (:func:`slicreg.alignment.register_pair`), so the preprocessing's padding
     around a partial scan pulls nothing (``mask_norm="grid"``: a slab is held by the regulariser as a full scan
     is). Its settings and how they were chosen: docs/register.md ("Refinement").
 
@@ -372,7 +372,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
         budget_s: optional wall-clock budget in seconds, honoured approximately: the engine scales the
             iterations per level (and drops the finest levels if needed) to fit it (``register_pair(budget_s=)``;
             ``iterations`` stays the upper limit).
-        deformable: other :class:`slicreg.align.StageConfig` fields of the deformable stage, e.g.
+        deformable: other :class:`slicreg.alignment.StageConfig` fields of the deformable stage, e.g.
             ``{"levels": (4, 2), "weight": 0.05}``.
         clip_hu: ``(lo, hi)`` intensity window (default: the preset's).
         fixed_mask, moving_mask: optional bool arrays of the images' shapes, True where the scan has data (e.g.
@@ -389,7 +389,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
     Raises:
         InputError: bad shapes or values, unknown preset or stage fields.
     """
-    from slicreg.align import register_pair
+    from slicreg.alignment import register_pair
 
     torch_out = hasattr(init_disp_vox, "detach")
     fixed, moving, init = _numpy(fixed_hu), _numpy(moving_hu), _numpy(init_disp_vox)
@@ -493,9 +493,3 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
     result.info["timings_s"] = wall
     result.info["cpu_s"] = cpu
     return result
-
-
-# `slicreg.register(fixed, moving)` calls slicreg.api.register (this module is also that function; _callable)
-from slicreg._callable import make_callable  # noqa: E402
-
-make_callable(__name__, "register")

@@ -12,10 +12,10 @@ so ``det J_phi = det A * det(I + grad d)``: a diffeomorphic ``d`` (the ``svf`` m
 The returned field is ``phi(x) - x`` on the full fixed grid (so it includes the affine part).
 
 Pyramid levels relate to the full-resolution grid with ``align_corners=False`` semantics (see
-:mod:`slicreg.align.transforms`): level voxel ``q`` of a grid ``n`` voxels long sits at full-resolution voxel
+:mod:`slicreg.alignment.transforms`): level voxel ``q`` of a grid ``n`` voxels long sits at full-resolution voxel
 ``(q + 0.5) * N / n - 0.5``. On a level the map becomes ``z = S_m^-1 A S_f (y + d(S_f y) / r_f)`` with ``S``
 the level-to-full voxel maps of the fixed and moving grids and ``r_f`` the fixed grid's coarsening factors.
-Positions stay in voxels until :func:`slicreg.align.transforms.grid_warp` (the one sampler's ``"grid_sample"``
+Positions stay in voxels until :func:`slicreg.alignment.transforms.grid_warp` (the one sampler's ``"grid_sample"``
 backend, where they become normalised coordinates).
 
 Determinism: everything is deterministic on CPU for a given thread count; the only randomness (voxel
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slicreg.align.regularisers import get_regulariser
-from slicreg.align.similarity import get_similarity
-from slicreg.align.transforms import (
+from slicreg.alignment.regularisers import get_regulariser
+from slicreg.alignment.similarity import get_similarity
+from slicreg.alignment.transforms import (
     AffineTransform,
     BSplineDisplacement,
     DenseDisplacement,
@@ -86,7 +86,7 @@ class StageConfig:
 
     Attributes:
         model: ``"affine"``, ``"dense"``, ``"bspline"`` or ``"svf"``.
-        similarity: a name of :data:`slicreg.align.similarity.SIMILARITIES` (``mse``, ``ncc``, ``lncc``,
+        similarity: a name of :data:`slicreg.alignment.similarity.SIMILARITIES` (``mse``, ``ncc``, ``lncc``,
             ``ngf``, ``mi``, ``mind``).
         similarity_kwargs: keyword arguments for the features / loss of that measure (e.g. ``radius``).
         levels: pyramid downsampling factors, coarse to fine (1 = full resolution).
@@ -144,7 +144,7 @@ class StageConfig:
             blind to the gradient's scale and would move such a field by ~``lr`` per step).
         mask_norm: deformable stages with field-of-view masks: what the weighted similarity is divided by.
             ``"fov"`` (default): the total weight, i.e. the mean over the compared field of view
-            (``sum(w x) / sum(w)``, :func:`slicreg.align.similarity.weighted_mean`). ``"grid"``: the number of
+            (``sum(w x) / sum(w)``, :func:`slicreg.alignment.similarity.weighted_mean`). ``"grid"``: the number of
             voxels the level would compare without masks, i.e. the mean over the whole grid with zero outside
             the field of view: the similarity's pull per voxel inside the field of view then keeps the same
             balance against the regulariser (a mean over the whole parameter grid) whatever the field of
