@@ -451,26 +451,26 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
     # maps predicted here stay on the network's stride-2 grid (label_upsample 2: the flow gives the result of
     # their nearest upsampling, predict_supervoxels' 4 mm maps, without building them); maps passed in that are
     # such an upsampling are taken back to it (stride2_labels); the template's own maps are 4 mm maps
-    factors = [1, 1]
-    if fixed_sv is None:
-        started = clock.start()
-        fixed_sv = _predict_stride2(model, fixed_hu, device=device, dtype=network_dtype)
-        factors[0] = 2
-        clock.stop("network fixed", started)
-    elif "label_upsample" not in flow_options and (coarse := stride2_labels(fixed_sv)) is not None:
-        fixed_sv, factors[0] = coarse, 2
-    if moving_sv is None:
-        if moving_is_template:
-            if template_supervoxels is None:
-                raise InputError("register_preprocessed: moving_is_template needs template_supervoxels")
-            moving_sv = np.asarray(template_supervoxels)
-        else:
+    def maps(sv: Any, hu: Any, side: str) -> tuple[Any, int]:
+        """``(maps, factor)``: predicted on the stride-2 grid, or given (taken back to it when they are such an
+        upsampling)."""
+        if sv is None:
             started = clock.start()
-            moving_sv = _predict_stride2(model, moving_hu, device=device, dtype=network_dtype)
-            factors[1] = 2
-            clock.stop("network moving", started)
-    elif "label_upsample" not in flow_options and (coarse := stride2_labels(moving_sv)) is not None:
-        moving_sv, factors[1] = coarse, 2
+            sv = _predict_stride2(model, hu, device=device, dtype=network_dtype)
+            clock.stop(f"network {side}", started)
+            return sv, 2
+        if "label_upsample" not in flow_options and (coarse := stride2_labels(sv)) is not None:
+            return coarse, 2
+        return sv, 1
+
+    fixed_sv, f_fixed = maps(fixed_sv, fixed_hu, "fixed")
+    if moving_sv is None and moving_is_template:  # the template's own 4 mm maps, as they are
+        if template_supervoxels is None:
+            raise InputError("register_preprocessed: moving_is_template needs template_supervoxels")
+        moving_sv, f_moving = np.asarray(template_supervoxels), 1
+    else:
+        moving_sv, f_moving = maps(moving_sv, moving_hu, "moving")
+    factors = [f_fixed, f_moving]
     sizes = [tuple(np.shape(sv)[:1]) + tuple(f * s for s in np.shape(sv)[1:])
              for f, sv in zip(factors, (fixed_sv, moving_sv))]
     if sizes[0] != sizes[1]:

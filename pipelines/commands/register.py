@@ -81,17 +81,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_output(path: str | None, flag: str) -> None:
-    from pathlib import Path
-
     from slicreg.errors import InputError
 
     if path is None:
         return
+    # where it may be written (a folder, writable, not an input) is checked by pipelines.cli.check_paths
     if not str(path).endswith((".nii", ".nii.gz")):
         raise InputError(f"{flag} {path}: output name must end in .nii or .nii.gz")
-    parent = Path(path).expanduser().resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"{flag} {path}: {parent} is not a folder")
 
 
 def _check_input(path: str | None, flag: str) -> None:
