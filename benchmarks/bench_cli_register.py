@@ -47,14 +47,18 @@ sys.exit(main())
 """
 
 VARIANTS = {
-    # name: (allocator mode, gzip, output suffix)
-    "before (reexec + zlib)": ("reexec", "zlib", ".nii.gz"),
-    "mallopt + zlib": ("mallopt", "zlib", ".nii.gz"),
-    "reexec + isal": ("reexec", "isal", ".nii.gz"),
-    "after (mallopt + isal)": ("mallopt", "isal", ".nii.gz"),
-    "after + .nii outputs": ("mallopt", "isal", ".nii"),
-    "glibc allocator + isal": ("glibc", "isal", ".nii.gz"),
+    # name: (allocator mode, gzip, output suffix, extra arguments); all but the last on the fast path (--fast), whose
+    # wall time issue 20 asks for; the last is the command's default (the supervoxel field + the refinement)
+    "before (reexec + zlib)": ("reexec", "zlib", ".nii.gz", ("--fast",)),
+    "mallopt + zlib": ("mallopt", "zlib", ".nii.gz", ("--fast",)),
+    "reexec + isal": ("reexec", "isal", ".nii.gz", ("--fast",)),
+    "after (mallopt + isal)": ("mallopt", "isal", ".nii.gz", ("--fast",)),
+    "after + .nii outputs": ("mallopt", "isal", ".nii", ("--fast",)),
+    "glibc allocator + isal": ("glibc", "isal", ".nii.gz", ("--fast",)),
+    "after + refine (default)": ("mallopt", "isal", ".nii.gz", ()),
 }
+"""Variants of this tree; ``--rev REV`` adds the command of git revision REV as it was (its own defaults, run
+from a temporary worktree), e.g. ``--rev be06285`` for the state before issue 20."""
 # the network pass alone, as benchmarks/bench_allocator.py measures it: one warm-up and REPEAT timed bf16 passes of a
 # random 96 x 80 x 128 input with the shipped weights; the allocator set by the variable at start-up ("env"), by
 # mallopt at run time ("mallopt") or not at all ("glibc"); also whether a 200 MB block came from the heap
@@ -81,21 +85,27 @@ for _ in range(repeat):
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"walls": walls, "heap": heap, "user_s": r.ru_utime, "sys_s": r.ru_stime}))
 """
-STEPS = ("load weights", "load images", "network fixed", "network moving", "flow", "warp", "save")
+STEPS = ("imports + read scans", "load weights", "load images", "network fixed", "network moving", "flow", "refine",
+         "registration", "warp", "save")
 FLOW_STEPS = ("keypoints", "features", "adam", "dense field")
 
 
-def run_once(name: str, fixed: Path, moving: Path, out: Path, threads: int | None) -> dict:
-    allocator, gzip, suffix = VARIANTS[name]
+def run_once(name: str, fixed: Path, moving: Path, out: Path, threads: int | None,
+             trees: dict[str, Path] | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "SLICREG_ALLOCATOR")}
-    env["SLICREG_ALLOCATOR"] = {"reexec": "reexec", "mallopt": "", "glibc": "default"}[allocator]
-    env["BENCH_GZIP"] = gzip
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if name in VARIANTS:
+        allocator, gzip, suffix, extra = VARIANTS[name]
+        env["SLICREG_ALLOCATOR"] = {"reexec": "reexec", "mallopt": "", "glibc": "default"}[allocator]
+        env["BENCH_GZIP"] = gzip
+        tree = REPO
+    else:  # a git revision's own command in its worktree, with its defaults
+        suffix, extra, tree = ".nii.gz", (), (trees or {})[name]
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     for old in out.iterdir():
         old.unlink()
     field, warped, info = out / f"u{suffix}", out / f"w{suffix}", out / "info.json"
     cmd = [sys.executable, "-c", WRAPPER, "register", "--fixed", str(fixed), "--moving", str(moving),
-           "--out-field", str(field), "--out-warped", str(warped), "--out-info", str(info)]
+           "--out-field", str(field), "--out-warped", str(warped), "--out-info", str(info), *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -109,6 +119,7 @@ def run_once(name: str, fixed: Path, moving: Path, out: Path, threads: int | Non
     doc = json.loads(info.read_text())
     steps = dict(doc["timings_s"])
     steps["flow"] = sum(steps.get(k, 0.0) for k in FLOW_STEPS)
+    steps["registration"] = sum(steps.get(k, 0.0) for k in ("network fixed", "network moving", "refine", *FLOW_STEPS))
     return {"wall": wall, "cpu": cpu, "inside": doc["total_s"], "steps": steps,
             "bytes": field.stat().st_size + warped.stat().st_size}
 
@@ -122,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs of every variant (interleaved; default 3)")
     ap.add_argument("--threads", type=int, default=None, help="--threads of the command (default: torch's choice)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--rev", action="append", default=[], metavar="REV",
+                    help="also run the command of this git revision as it was (repeatable), e.g. be06285")
     ap.add_argument("--network-repeat", type=int, default=3,
                     help="timed network passes per allocator mode in the second table (0: skip it; default 3)")
     args = ap.parse_args(argv)
@@ -137,14 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    revs = {f"git {rev}": rev for rev in args.rev}
+    names = [*revs, *names]
     results: dict[str, list[dict]] = {n: [] for n in names}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_cli_register_") as tmp:
-        out = Path(tmp)
-        run_once(names[-1], fixed, moving, out, args.threads)  # warm the page cache and the file system
-        for _ in range(args.repeat):
-            for name in names:
-                results[name].append(run_once(name, fixed, moving, out, args.threads))
+        out = Path(tmp) / "out"
+        out.mkdir()
+        trees = {}
+        for name, rev in revs.items():
+            trees[name] = Path(tmp) / rev
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(trees[name]), rev],
+                           check=True, capture_output=True)
+        try:
+            run_once(names[-1], fixed, moving, out, args.threads, trees)  # warm the page cache and the file system
+            for _ in range(args.repeat):
+                for name in names:
+                    results[name].append(run_once(name, fixed, moving, out, args.threads, trees))
+        finally:
+            for tree in trees.values():
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False,
+                               capture_output=True)
     load_after = os.getloadavg()[0]
 
     def med(values: list[float]) -> float:
@@ -169,14 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     print("all runs (wall): " + "; ".join(f"{n}: {v}" for n, v in runs.items()))
     if args.network_repeat > 0:
         network_table(args.network_repeat, rounds=args.repeat)
-    before, after = "before (reexec + zlib)", "after (mallopt + isal)"
-    if before in results and after in results:
+    after = "after (mallopt + isal)"
+    for before in [*revs, "before (reexec + zlib)"]:
+        if before not in results or after not in results:
+            continue
         for what, pick in (("median wall", lambda rows: med([r["wall"] for r in rows])),
                            ("best wall", lambda rows: min(r["wall"] for r in rows)),
                            ("median CPU", lambda rows: med([r["cpu"] for r in rows])),
-                           ("median save step", lambda rows: med([r["steps"]["save"] for r in rows]))):
+                           ("median save step",
+                            lambda rows: med([r["steps"].get("save", float("nan")) for r in rows]))):
             b, a = pick(results[before]), pick(results[after])
-            print(f"ratio before / after, {what}: {b / a:.2f}x ({b:.2f} s -> {a:.2f} s)")
+            print(f"ratio {before} / after, {what}: {b / a:.2f}x ({b:.2f} s -> {a:.2f} s)")
     return 0
 
 

@@ -16,9 +16,15 @@ Configurations:
   one lever switched off at a time, plus ``optimised, 1 thread`` / ``2 threads`` and ``+ checkpointing``;
 - inference: eval-mode forward at batch 1, fp32 vs bf16, channels-first vs channels-last, and :func:`predict`.
 
+``--model unet`` runs the same configurations with the U-Net baseline (:mod:`slicreg.unet`; its ``backward`` setting
+changes nothing), ``--model both`` runs every configuration with the DeepLab and then the U-Net back to back and
+adds a table of their ratios (the fair comparison on a shared machine: the two steps of a pair see the same load).
+
     .venv/bin/python benchmarks/bench_train_step.py                     # everything (slow: the faithful steps)
     .venv/bin/python benchmarks/bench_train_step.py --only optimised    # names containing a substring
     .venv/bin/python benchmarks/bench_train_step.py --check-kernels     # fast backward vs torch's, real sizes
+    .venv/bin/python benchmarks/bench_train_step.py --names optimised --model both --no-inference
+        # the shipped training step, DeepLab vs U-Net side by side
     .venv/bin/python benchmarks/bench_train_step.py --weights weights/slicreg-cohort \\
         --dataset runs/demo/preprocess/current --transferred runs/demo/transfer/current
         # bf16 vs fp32 argmax agreement, time per scan, accuracy on the held-out scans
@@ -56,6 +62,7 @@ class StepConfig:
     threads: int = 2
     warmup: int = 1
     steps: int = 1
+    model: str = "deeplab"  # slicreg.network.build_model(model=...): "deeplab" or "unet"
 
 
 FAITHFUL = StepConfig("faithful")
@@ -119,7 +126,7 @@ def _run_steps(cfg: StepConfig) -> dict[str, Any]:
     images = torch.randn(BATCH, 1, *SHAPE, generator=gen)
     targets = torch.randint(0, 128, (BATCH, 16, *SHAPE), generator=gen, dtype=torch.uint8)
     model = build_model(seed=0, backward=cfg.backward, checkpointing=cfg.checkpointing,
-                        channels_last=cfg.channels_last)
+                        channels_last=cfg.channels_last, model=cfg.model)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=0.004)
     out_size = int(np.prod([s // 2 for s in SHAPE]))
@@ -182,14 +189,14 @@ def run_isolated(fn: Any, arg: Any, timeout: float) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- inference
 
 
-def _inference_worker(threads: int, queue: Any) -> None:
+def _inference_worker(arg: tuple[int, str], queue: Any) -> None:
     try:
-        queue.put(_inference(threads))
+        queue.put(_inference(*arg))
     except Exception as exc:
         queue.put({"name": "inference", "error": f"{type(exc).__name__}: {exc}"})
 
 
-def _inference(threads: int) -> dict[str, Any]:
+def _inference(threads: int, model_name: str = "deeplab") -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -202,7 +209,7 @@ def _inference(threads: int) -> dict[str, Any]:
     out = {}
     for name, cl, bf16 in (("fp32, channels-first", False, False), ("fp32, channels-last", True, False),
                            ("bf16, channels-first", False, True), ("bf16, channels-last", True, True)):
-        model = build_model(seed=0, channels_last=cl).eval()
+        model = build_model(seed=0, channels_last=cl, model=model_name).eval()
         xi = x.contiguous(memory_format=torch.channels_last_3d) if cl else x
         times = []
         with torch.no_grad():
@@ -215,14 +222,14 @@ def _inference(threads: int) -> dict[str, Any]:
                     model(xi)
                 times.append(time.perf_counter() - t0)
         out[name] = float(np.median(times[1:]))
-    model = build_model(seed=0, channels_last=True).eval()
+    model = build_model(seed=0, channels_last=True, model=model_name).eval()
     img = (x[0, 0] * 300).numpy()
     predict(model, img)
     t0 = time.perf_counter()
     predict(model, img)
     out["predict() labels on the 4 mm grid, bf16"] = time.perf_counter() - t0
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return {"name": "inference", "forward_s": out}
+    return {"name": f"inference [{model_name}]", "forward_s": out}
 
 
 # --------------------------------------------------------------------------------------- kernel checks
@@ -350,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=4, help="scans for --weights (default 4)")
     ap.add_argument("--truth", action="store_true",
                     help="score the test scans against the template supervoxels carried by the true fields")
+    ap.add_argument("--model", choices=("deeplab", "unet", "both"), default="deeplab",
+                    help="the network: the DeepLab (default), the U-Net baseline, or both side by side (each "
+                         "configuration with the DeepLab, then with the U-Net)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration (default 3600)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -369,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"--names: unknown configuration(s) {unknown}; known: {sorted(known)}")
         cfgs = [known[n] for n in wanted]
+    models = ("deeplab", "unet") if args.model == "both" else (args.model,)
+    cfgs = [replace(c, model=m, name=c.name if m == "deeplab" and args.model != "both" else f"{c.name} [{m}]")
+            for c in cfgs for m in models]
     print(f"training step, batch {BATCH}, input {'x'.join(map(str, SHAPE))}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start", flush=True)
     results = []
@@ -381,21 +394,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {cfg.name:<34} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU  peak RSS "
                   f"{r['peak_rss_gb']:5.2f} GB  (warm-up {cfg.warmup} step(s) {r['warmup_s']:.0f} s; "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
-    base = next((r for r in results if r["name"] == "faithful" and "error" not in r), None)
-    if base is not None:
-        print("\nratio to the faithful step of this run (wall, CPU):")
-        for r in results:
-            if "error" not in r:
-                print(f"  {r['name']:<34} {base['wall_s'] / r['wall_s']:6.1f}x {base['cpu_s'] / r['cpu_s']:6.1f}x")
+    for model in models:
+        faithful = "faithful" if model == "deeplab" and args.model != "both" else f"faithful [{model}]"
+        base = next((r for r in results if r["name"] == faithful and "error" not in r), None)
+        if base is not None:
+            print(f"\nratio to the {faithful} step of this run (wall, CPU):")
+            for r in results:
+                if "error" not in r and r["config"]["model"] == model:
+                    print(f"  {r['name']:<34} {base['wall_s'] / r['wall_s']:6.1f}x "
+                          f"{base['cpu_s'] / r['cpu_s']:6.1f}x")
+    if args.model == "both":
+        print("\nU-Net / DeepLab per configuration (wall, CPU; > 1: the U-Net is slower):")
+        done = {r["name"]: r for r in results if "error" not in r}
+        for cfg in cfgs:
+            if cfg.model == "unet":
+                name = cfg.name[: -len(" [unet]")]
+                d, u = done.get(f"{name} [deeplab]"), done.get(cfg.name)
+                if d is not None and u is not None:
+                    print(f"  {name:<34} {u['wall_s'] / d['wall_s']:6.2f}x {u['cpu_s'] / d['cpu_s']:6.2f}x")
     inference = None
     if not args.no_inference and (args.only is None or "inference" in args.only):
-        inference = run_isolated(_inference_worker, args.threads, args.timeout)
-        print("\ninference, batch 1, eval mode, dense head:")
-        if "error" in inference:
-            print(f"  FAILED: {inference['error']}")
-        else:
-            for k, v in inference["forward_s"].items():
-                print(f"  {k:<42} {v:6.2f} {'GB' if k == 'peak_rss_gb' else 's'}")
+        inference = []
+        for model in models:
+            result = run_isolated(_inference_worker, (args.threads, model), args.timeout)
+            inference.append(result)
+            print(f"\ninference, batch 1, eval mode, dense head ({model}):")
+            if "error" in result:
+                print(f"  FAILED: {result['error']}")
+            else:
+                for k, v in result["forward_s"].items():
+                    print(f"  {k:<42} {v:6.2f} {'GB' if k == 'peak_rss_gb' else 's'}")
+        inference = inference[0] if len(inference) == 1 else inference
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": results, "inference": inference,
                                                "load_average_end": os.getloadavg()}, indent=2) + "\n")

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_paths(args._module, args)
         check_counts(args)
-        if getattr(args, "device", None) is not None:
+        if getattr(args, "device", None) not in (None, "cpu"):  # "cpu" is always there: no torch import here
             from slicreg.device import resolve_device
 
             resolve_device(args.device)

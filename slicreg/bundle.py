@@ -2,7 +2,7 @@
 
 A bundle is a folder::
 
-    model.pt              state_dict of slicreg.network.SlicRegNet (torch.save; loaded with weights_only=True)
+    model.pt              state_dict of the network of the bundle's kind (torch.save; loaded with weights_only=True)
     supervoxels.nii.gz    the template supervoxels the logits index: uint8 (X, Y, Z, 16) on disk = (16, X, Y, Z)
     model_card.json       architecture (incl. the logit layout), training data provenance, full training config,
                           iterations, wall time, hardware, validation metrics, template sha256, sha256 of the files
@@ -15,6 +15,18 @@ file's sha256, the state_dict keys and shapes and the supervoxels' shape and val
 :class:`~slicreg.errors.InputError` naming the bundle and the problem.
 
 :func:`predict` runs the network in eval mode (bf16 autocast on CPU, fp16 on CUDA unless ``dtype=torch.float32``).
+
+**Kinds.** The card's ``"kind"`` (:class:`BundleKind`) says which network ``model.pt`` holds and what it predicts:
+``{"model": "deeplab" | "unet", "target": "supervoxels" | "displacement"}`` -- SLIC-Reg's DeepLab
+(``deeplab/supervoxels``), the paper's Slic-UNet baseline (``unet/supervoxels``, :mod:`slicreg.unet`) or its
+Regression baseline (``deeplab/displacement``, :mod:`slicreg.regression`). A card without ``"kind"`` is
+``deeplab/supervoxels`` (every bundle made before kinds, e.g. the shipped ones). The format is the same for all
+kinds (a displacement bundle carries its template's supervoxels too: they fix the preprocessed grid and identify the
+template for atlas mode); the architecture is checked against the kind's
+(:func:`slicreg.network.architecture_spec`), and :func:`load_bundle` builds the kind's network
+(:func:`slicreg.network.build_model`). What needs supervoxel maps refuses a displacement bundle in one line
+(:func:`require_target`); registration runs a displacement bundle's regression instead
+(:func:`slicreg.registration.register_preprocessed`, atlas mode only).
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +50,15 @@ from slicreg.network import (
     N_CLASSES,
     N_LAYERS,
     SlicRegNet,
+    _check_kind,
     architecture_spec,
+    build_model,
     count_parameters,
 )
 
-__all__ = ["BUNDLE_FORMAT", "Bundle", "save_bundle", "load_bundle", "verify_bundle", "predict",
-           "upsample_logits_x2", "upsampled_argmax_x2", "model_card_markdown", "atlas_template_problem"]
+__all__ = ["BUNDLE_FORMAT", "Bundle", "BundleKind", "save_bundle", "load_bundle", "verify_bundle", "predict",
+           "upsample_logits_x2", "upsampled_argmax_x2", "model_card_markdown", "atlas_template_problem",
+           "bundle_kind", "model_kind", "require_target", "displacement_atlas_problem"]
 
 BUNDLE_FORMAT = "slicreg-bundle/1"
 MODEL_FILE = "model.pt"
@@ -113,14 +129,138 @@ def portable_paths(value: Any, bases: list[Path] | None = None) -> Any:
     return value
 
 
+TARGET_NOUNS = {"supervoxels": "supervoxel", "displacement": "displacement-regression"}
+"""How messages call a bundle of each target."""
+
+
+@dataclass(frozen=True)
+class BundleKind:
+    """What a bundle's network is and predicts: ``model`` (:data:`slicreg.network.MODELS`: ``"deeplab"``,
+    ``"unet"``) and ``target`` (:data:`slicreg.network.TARGETS`: ``"supervoxels"``, ``"displacement"``); the
+    default, ``deeplab/supervoxels``, is SLIC-Reg's and that of every card without a ``"kind"``."""
+
+    model: str = "deeplab"
+    target: str = "supervoxels"
+
+    def __str__(self) -> str:
+        return f"{self.model}/{self.target}"
+
+    @property
+    def noun(self) -> str:
+        """``"supervoxel"`` or ``"displacement-regression"`` (as in "a supervoxel bundle")."""
+        return TARGET_NOUNS[self.target]
+
+    def as_dict(self) -> dict[str, str]:
+        """The card's ``"kind"`` entry."""
+        return {"model": self.model, "target": self.target}
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> BundleKind:
+        """A kind from a :class:`BundleKind`, a mapping ``{"model", "target"}`` (a card's entry), a ``(model,
+        target)`` pair or ``"model/target"``; ``None`` is the default kind.
+
+        Raises:
+            InputError: another type, missing or unknown entries, or a combination
+                :func:`slicreg.network.build_model` cannot build (``unet/displacement``); ``where`` names the source.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, BundleKind):
+            kind = value
+        elif isinstance(value, Mapping) and set(value) <= {"model", "target"}:
+            kind = cls(**{k: v for k, v in value.items()})
+        elif isinstance(value, (tuple, list)) and len(value) == 2:
+            kind = cls(*value)
+        elif isinstance(value, str) and value.count("/") == 1:
+            kind = cls(*value.split("/"))
+        else:
+            raise InputError(f"{where}: expected a kind {{'model': ..., 'target': ...}} (or 'model/target'), got "
+                             f"{value!r:.80}")
+        if not isinstance(kind.model, str) or not isinstance(kind.target, str):
+            raise InputError(f"{where}: kind entries must be strings, got {kind.as_dict()!r:.80}")
+        _check_kind(kind.model, kind.target, where)
+        return kind
+
+
+def bundle_kind(card: dict[str, Any], where: Any = CARD_JSON) -> BundleKind:
+    """The kind a model card records (``deeplab/supervoxels`` without a ``"kind"`` entry); ``where`` names the card
+    in errors (:meth:`BundleKind.parse`)."""
+    return BundleKind.parse(card.get("kind"), f"{where}: entry 'kind'")
+
+
+def model_kind(model: Any) -> BundleKind:
+    """The kind of a network (or of a :class:`Bundle`: its recorded kind): :class:`slicreg.unet.SlicUNet` ->
+    ``unet/supervoxels``, :class:`slicreg.regression.RegressionNet` -> ``deeplab/displacement``, anything else
+    ``deeplab/supervoxels``."""
+    if isinstance(model, Bundle):
+        return model.kind
+    from slicreg.unet import SlicUNet
+
+    if isinstance(model, SlicUNet):
+        return BundleKind("unet", "supervoxels")
+    from slicreg.regression import RegressionNet
+
+    if isinstance(model, RegressionNet):
+        return BundleKind("deeplab", "displacement")
+    return BundleKind()
+
+
+def require_target(model_or_bundle: Any, target: str = "supervoxels", *, what: str,
+                   error: type[InputError] = InputError) -> None:
+    """Refuse a bundle (or a network) of another target, in one line: ``"<bundle>: a displacement-regression bundle
+    (kind deeplab/displacement); <what> needs a supervoxel bundle"``.
+
+    Args:
+        model_or_bundle: a :class:`Bundle` or a network (:func:`model_kind`).
+        target: the target needed (``"supervoxels"``: everything that uses supervoxel maps).
+        what: what needs it, e.g. ``"`slicreg predict`"``.
+        error: the exception type (a stage raises :class:`slicreg.errors.ConfigError`).
+    """
+    kind = model_kind(model_or_bundle)
+    if kind.target != target:
+        name = getattr(model_or_bundle, "path", None) or f"a {type(model_or_bundle).__name__} network"
+        raise error(f"{name}: a {kind.noun} bundle (kind {kind}); {what} needs a {TARGET_NOUNS[target]} bundle")
+
+
+def displacement_atlas_problem(bundle: Bundle) -> str:
+    """Why a displacement bundle cannot register a pair of two scans (the caller adds how to switch to atlas mode)."""
+    return (f"{bundle.path}: a {bundle.kind.noun} bundle (kind {bundle.kind}) registers a scan to the bundle's own "
+            f"template only (its network regresses the field scan -> template; a pair of two scans would need the "
+            f"inverse of such a field, which slicreg does not compute)")
+
+
 @dataclass
 class Bundle:
-    """A loaded bundle: ``model`` (eval mode), ``template_supervoxels`` ((16, X, Y, Z) uint8 volume), ``card``."""
+    """A loaded bundle: ``model`` (eval mode), ``card``, and ``template_supervoxels`` ((16, X, Y, Z) uint8 volume),
+    read and checked on first use (atlas mode only: the 16 layers are ~0.2 s to decompress);
+    :attr:`template_shape` is the file header's ``(X, Y, Z)``; ``kind`` what the network is and predicts
+    (:class:`BundleKind`, from the card)."""
 
     path: Path
-    model: SlicRegNet
-    template_supervoxels: Volume
+    model: torch.nn.Module  # the kind's network: SlicRegNet, SlicUNet or RegressionNet
     card: dict[str, Any]
+    _supervoxels: Volume | None = None
+    kind: BundleKind = field(default_factory=BundleKind)
+
+    @property
+    def template_supervoxels(self) -> Volume:
+        if self._supervoxels is None:
+            from slicreg.io import load_volume
+
+            where = self.path / SUPERVOXELS_FILE
+            sv = load_volume(where, kind="labels", channels=True)
+            _check_supervoxels(sv.array, where)
+            self._supervoxels = Volume(sv.array.astype(np.uint8, copy=False), sv.affine, sv.meta)
+        return self._supervoxels
+
+    @property
+    def template_shape(self) -> tuple[int, ...]:
+        """The template supervoxel grid ``(X, Y, Z)`` (4 mm), from the file header without reading the layers."""
+        if self._supervoxels is not None:
+            return tuple(int(s) for s in self._supervoxels.array.shape[1:])
+        import nibabel as nib
+
+        return tuple(int(s) for s in nib.load(str(self.path / SUPERVOXELS_FILE)).shape[:3])
 
 
 # --------------------------------------------------------------------------------------------------- save
@@ -129,7 +269,8 @@ class Bundle:
 def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_supervoxels: str | os.PathLike,
                 training: dict[str, Any], data_provenance: dict[str, Any],
                 curves_png: str | os.PathLike | None = None, intended_use: str | None = None,
-                limitations: list[str] | None = None) -> Path:
+                limitations: list[str] | None = None, kind: BundleKind | Mapping[str, str] | str | None = None
+                ) -> Path:
     """Write a bundle folder (see the module docstring); every file is written atomically, SHA256SUMS last.
 
     Args:
@@ -142,6 +283,10 @@ def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_sup
         curves_png: optional curves figure to include.
         intended_use, limitations: the card's statements (default :data:`INTENDED_USE` and :data:`LIMITATIONS`,
             plus :data:`COHORT_LIMITATION` when the data provenance names a slicreg cohort).
+        kind: the network's kind (:class:`BundleKind`, ``{"model", "target"}`` or ``"model/target"``), recorded in
+            the card with the kind's architecture; default: the model's own (:func:`model_kind`:
+            ``deeplab/supervoxels`` for :class:`~slicreg.network.SlicRegNet`). The model's state_dict must fit the
+            kind's network.
 
     Absolute paths in ``training``, ``data_provenance`` and the supervoxels' sidecar are written relative to the
     working folder or the repository, or as names (:func:`portable_paths`).
@@ -156,6 +301,10 @@ def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_sup
         sha256_file,
     )
 
+    kind = model_kind(model) if kind is None else BundleKind.parse(kind, "save_bundle: kind")
+    problem = _state_problem(model.state_dict(), kind)
+    if problem:
+        raise InputError(f"save_bundle: the model is not a {kind} network ({problem})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sv_src = Path(template_supervoxels)
@@ -197,19 +346,22 @@ def save_bundle(directory: str | os.PathLike, model: SlicRegNet, *, template_sup
 
     if limitations is None:
         limitations = [*LIMITATIONS, *([COHORT_LIMITATION] if "cohort" in data_provenance else [])]
+    architecture = architecture_spec(kind.model, kind.target)
     card = {
         "format": BUNDLE_FORMAT,
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "slicreg_version": __version__,
         "intended_use": INTENDED_USE if intended_use is None else intended_use,
         "limitations": list(limitations),
-        "architecture": architecture_spec(),
+        "kind": kind.as_dict(),
+        "architecture": architecture,
         "parameters": count_parameters(model),
-        "logit_layout": LOGIT_LAYOUT,
+        **({"logit_layout": LOGIT_LAYOUT} if kind.target == "supervoxels" else {}),
         "input": {"spacing_mm": 4.0, "normalisation": f"HU / {HU_SCALE:g}, no clipping",
                   "from_preprocessed_2mm": "2x2x2 average pooling (192 x 160 x 256 -> 96 x 80 x 128)"},
-        "output": {"layers": N_LAYERS, "classes": N_CLASSES, "stride": 2,
-                   "voxel_centres": "output voxel q is centred on input voxel 2q"},
+        "output": ({"layers": N_LAYERS, "classes": N_CLASSES, "stride": 2,
+                    "voxel_centres": "output voxel q is centred on input voxel 2q"} if kind.target == "supervoxels"
+                   else {"components": 3, "stride": 2, **architecture.get("output", {})}),
         "template": portable_paths(template),
         "training_data": portable_paths(data_provenance),
         "training": portable_paths(training),
@@ -274,21 +426,23 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
             raise InputError(f"{directory}: {name} is listed in the model card but missing")
         if sha256_file(p) != entry.get("sha256"):
             raise InputError(f"{p}: sha256 does not match the model card (the file is corrupted or was changed)")
-    want = architecture_spec()
+    kind = bundle_kind(card, directory / CARD_JSON)
+    want = architecture_spec(kind.model, kind.target)
     got = card.get("architecture")
     if got != want:
         keys = sorted(k for k in set(want) | set(got or {}) if (got or {}).get(k) != want.get(k))
-        raise InputError(f"{directory / CARD_JSON}: the bundle's architecture differs from this slicreg's network in "
-                         f"{keys} (bundle: {[(got or {}).get(k) for k in keys]}, code: {[want.get(k) for k in keys]})")
-    if card.get("logit_layout") != LOGIT_LAYOUT:
+        raise InputError(f"{directory / CARD_JSON}: the bundle's architecture differs from this slicreg's {kind} "
+                         f"network in {keys} (bundle: {[(got or {}).get(k) for k in keys]}, code: "
+                         f"{[want.get(k) for k in keys]})")
+    if kind.target == "supervoxels" and card.get("logit_layout") != LOGIT_LAYOUT:
         raise InputError(f"{directory / CARD_JSON}: logit layout {card.get('logit_layout')!r} differs from the "
                          f"network's {LOGIT_LAYOUT!r}")
     return card
 
 
 CARD_TYPES: dict[str, type] = {
-    "created": str, "architecture": dict, "parameters": dict, "logit_layout": str, "input": dict, "output": dict,
-    "template": dict, "training_data": dict, "training": dict, "files": dict,
+    "created": str, "kind": dict, "architecture": dict, "parameters": dict, "logit_layout": str, "input": dict,
+    "output": dict, "template": dict, "training_data": dict, "training": dict, "files": dict,
     "slicreg_version": str, "intended_use": str, "limitations": list,
 }
 """Top-level entries of ``model_card.json`` and their JSON types (an entry may be absent)."""
@@ -317,36 +471,68 @@ def _check_card_types(card: dict[str, Any], where: Path) -> None:
             raise InputError(f"{where}: entry files.{name} must be an object with a 'sha256' string, got {entry!r:.60}")
 
 
-def load_weights(directory: str | os.PathLike, *, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The verified network weights of a bundle (a state_dict of :class:`SlicRegNet`, float32 on the CPU).
+def _state_problem(state: dict[str, Any], kind: BundleKind, want: dict[str, Any] | None = None) -> str | None:
+    """What keeps ``state`` from being a state_dict of the ``kind``'s network (``want``: that network's state_dict,
+    built here if not given): missing or unexpected keys, other shapes; or ``None``."""
+    if want is None:
+        want = build_model(seed=0, backward="native", model=kind.model, target=kind.target).state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        parts.append("shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} != {tuple(want[k].shape)}"
+                                                    for k in wrong[:5]))
+    return "; ".join(parts) or None
 
-    Checks the bundle (:func:`verify_bundle`), that every key and shape fits the network and that all values are
-    finite; raises one :class:`InputError` naming the file otherwise. Used by :func:`load_bundle` and to start a
-    training run from a bundle (``TrainConfig.init_weights``)."""
+
+def load_weights(directory: str | os.PathLike, *, verify: bool = True,
+                 kind: BundleKind | Mapping[str, str] | str | None = None) -> dict[str, torch.Tensor]:
+    """The verified network weights of a bundle (a state_dict of its kind's network, float32 on the CPU).
+
+    Checks the bundle (:func:`verify_bundle`), that every key and shape fits the network of the card's kind
+    (:func:`bundle_kind`) and that all values are finite; raises one :class:`InputError` naming the file otherwise.
+    Used by :func:`load_bundle` and to start a training run from a bundle (``TrainConfig.init_weights``).
+
+    ``kind``: the kind the caller needs (e.g. the network it will load the weights into); a bundle of another kind
+    is refused in one line. With ``verify=False`` a given ``kind`` is taken as the bundle's (the card is not read)."""
     directory = Path(directory)
+    needed = None if kind is None else BundleKind.parse(kind, "load_weights: kind")
     if verify:
-        verify_bundle(directory)
+        own = bundle_kind(verify_bundle(directory), directory / CARD_JSON)
+    elif needed is not None:
+        own = needed
+    else:
+        try:
+            own = bundle_kind(json.loads((directory / CARD_JSON).read_text(encoding="utf-8")), directory / CARD_JSON)
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+            raise InputError(f"{directory / CARD_JSON}: not a readable model card ({exc})") from None
+    if needed is not None and needed != own:
+        raise InputError(f"{directory}: a {own.noun} bundle (kind {own}); a {needed} network needs a {needed} "
+                         f"bundle")
+    return _read_state(directory, own)
+
+
+def _read_state(directory: Path, kind: BundleKind, reference: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """``model.pt`` of a bundle, checked against the ``kind``'s network (``reference``: its state_dict, if built
+    already) and for finite values."""
     try:
         state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{directory / MODEL_FILE}: not a readable state_dict ({type(exc).__name__}: {exc})") from None
-    want = SlicRegNet(backward="native").state_dict()
     if not isinstance(state, dict):
         raise InputError(f"{directory / MODEL_FILE}: expected a state_dict, got {type(state).__name__}")
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    wrong = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} != {tuple(want[k].shape)}"
-                                                        for k in wrong[:5]))
-        raise InputError(f"{directory / MODEL_FILE}: weights do not fit the network: {'; '.join(parts)}")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    problem = _state_problem(state, kind, reference)
+    if problem:
+        raise InputError(f"{directory / MODEL_FILE}: weights do not fit the {kind} network: {problem}")
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    bad = []
+    if floats and not bool(torch.isfinite(torch.cat([v.reshape(-1).float() for v in floats.values()])).all()):
+        bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]  # one pass, names only if needed
     if bad:
         raise InputError(f"{directory / MODEL_FILE}: non-finite values in {bad[:5]}")
     return state
@@ -355,22 +541,19 @@ def load_weights(directory: str | os.PathLike, *, verify: bool = True) -> dict[s
 def load_bundle(directory: str | os.PathLike, *, device: Any = "cpu", channels_last: bool | None = None) -> Bundle:
     """Load and verify a bundle (see :func:`verify_bundle`); the model is returned in eval mode on ``device``.
 
-    ``channels_last`` (default: on for the CPU) converts the model to channels-last 3-D memory format."""
-    from slicreg.io import load_volume
-
+    The network is the one of the card's kind (:func:`bundle_kind`, built by :func:`slicreg.network.build_model`);
+    ``Bundle.kind`` says which. ``channels_last`` (default: on for the CPU) converts the model to channels-last 3-D
+    memory format."""
     directory = Path(directory)
     card = verify_bundle(directory)
-    state = load_weights(directory, verify=False)
-    model = SlicRegNet(backward="native")
-    model.load_state_dict(state)
+    kind = bundle_kind(card, directory / CARD_JSON)
+    model = build_model(seed=0, backward="native", model=kind.model, target=kind.target)
+    model.load_state_dict(_read_state(directory, kind, model.state_dict()))
     dev = torch.device(device)
     model = model.to(dev).eval()
     if channels_last if channels_last is not None else dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)
-    sv = load_volume(directory / SUPERVOXELS_FILE, kind="labels", channels=True)
-    _check_supervoxels(sv.array, directory / SUPERVOXELS_FILE)
-    sv = Volume(sv.array.astype(np.uint8, copy=False), sv.affine, sv.meta)
-    return Bundle(directory, model, sv, card)
+    return Bundle(directory, model, card, kind=kind)
 
 
 def atlas_template_problem(bundle: Bundle, *, template_sha256: str, supervoxels: np.ndarray | None = None,
@@ -493,6 +676,7 @@ def predict(model_or_bundle: SlicRegNet | Bundle, image_hu_4mm: Any, *, output: 
         numpy: labels uint8 ``(16, X, Y, Z)`` (``grid="input"``) or ``(16, X/2, Y/2, Z/2)``; probs / logits float32
         ``(16, 128, X/2, Y/2, Z/2)``.
     """
+    require_target(model_or_bundle, what="supervoxel prediction (slicreg.bundle.predict)")
     model = model_or_bundle.model if isinstance(model_or_bundle, Bundle) else model_or_bundle
     if output not in ("labels", "probs", "logits"):
         raise InputError(f"predict: output must be 'labels', 'probs' or 'logits', got {output!r}")
@@ -544,25 +728,45 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     par = card.get("parameters", {})
     val = tr.get("validation") or {}
     hw = tr.get("hardware", {})
+    kind = BundleKind.parse(card.get("kind"), "model card: entry 'kind'")
+    out = card["output"]
+    if kind.target == "supervoxels":
+        what = "predicting 16 layers x 128 template supervoxel classes at stride 2 of a 4 mm CT input."
+        use = "slicreg predict --weights <this folder> --image preprocessed_2mm.nii.gz --out supervoxels.nii.gz"
+        output = [f"- output: {out['layers']} layers x {out['classes']} classes at stride {out['stride']} "
+                  f"({out['voxel_centres']})", f"- **logit layout: {card['logit_layout']}**"]
+    else:
+        what = ("regressing the dense displacement from a scan to the template (the paper's Regression baseline) at "
+                "stride 2 of a 4 mm CT input.")
+        use = ("slicreg register --weights <this folder> --atlas --fixed scan.nii.gz --moving <the template image> "
+               "--out-field field.nii.gz")
+        output = [f"- output: {out.get('quantity', 'displacement')}, {out.get('unit', '?')}, at stride "
+                  f"{out.get('stride', '?')} ({out.get('voxel_centres', '?')})"]
+    network = {"deeplab/supervoxels": "3-D DeepLab (MobileNetV2 backbone, ASPP rates 2/4/8/16, grouped head)",
+               "unet/supervoxels": "3-D U-Net (the paper's Slic-UNet baseline: plain conv encoder-decoder, the "
+                                   "DeepLab's grouped head)",
+               "deeplab/displacement": "3-D DeepLab (MobileNetV2 backbone, ASPP rates 2/4/8/16, displacement head)"}
+    if "backbone" in par or not par:
+        counts = (f"backbone {par.get('backbone', 0):,}, ASPP {par.get('aspp', 0):,}, head {par.get('head', 0):,}, "
+                  f"total {par.get('total', 0):,}")
+    else:
+        counts = ", ".join(f"{k} {v:,}" for k, v in par.items() if k != "total") + f", total {par.get('total', 0):,}"
     lines = [
         "# SLIC-Reg weights bundle",
         "",
-        "3-D DeepLab (MobileNetV2 backbone, ASPP rates 2/4/8/16, grouped head) predicting 16 layers x 128 template "
-        "supervoxel classes at stride 2 of a 4 mm CT input.",
+        f"{network[str(kind)]} {what}",
         "",
         "## Use",
         "",
         "```",
-        "slicreg predict --weights <this folder> --image preprocessed_2mm.nii.gz --out supervoxels.nii.gz",
+        use,
         "```",
         "",
         f"- input: {card['input']['normalisation']}, {card['input']['spacing_mm']:g} mm grid "
         f"({card['input']['from_preprocessed_2mm']})",
-        f"- output: {card['output']['layers']} layers x {card['output']['classes']} classes at stride "
-        f"{card['output']['stride']} ({card['output']['voxel_centres']})",
-        f"- **logit layout: {card['logit_layout']}**",
-        f"- parameters: backbone {par.get('backbone', 0):,}, ASPP {par.get('aspp', 0):,}, head {par.get('head', 0):,}, "
-        f"total {par.get('total', 0):,}",
+        *output,
+        *([f"- kind: {kind}"] if "kind" in card else []),
+        f"- parameters: {counts}",
         f"- template supervoxels: `{SUPERVOXELS_FILE}` {tuple(card['template'].get('supervoxels_shape', []))}, "
         f"sha256 `{card['template'].get('supervoxels_sha256', '?')}`",
         f"- template image sha256: `{card['template'].get('image_sha256', 'not recorded')}`",
@@ -591,8 +795,11 @@ def model_card_markdown(card: dict[str, Any]) -> str:
            f"are those of this run only"] if tr.get("init_weights") else []),
         f"- training scans: {len(tr.get('train_ids', []))}; validation scans: {tr.get('val_ids', [])}",
         f"- final training loss (mean of the last 25 steps): {_fmt(tr.get('final_train_loss_mean_last_25'))}",
-        f"- validation: loss {_fmt(val.get('val_loss'))}, accuracy {_fmt(val.get('val_accuracy'))}, "
-        f"foreground accuracy {_fmt(val.get('val_foreground_accuracy'))} (eval mode, mean over the 16 layers)",
+        (f"- validation: loss {_fmt(val.get('val_loss'))}, accuracy {_fmt(val.get('val_accuracy'))}, "
+         f"foreground accuracy {_fmt(val.get('val_foreground_accuracy'))} (eval mode, mean over the 16 layers)"
+         if kind.target == "supervoxels" else
+         f"- validation: loss {_fmt(val.get('val_loss'))}, mean end-point error {_fmt(val.get('val_epe_mm'))} mm "
+         f"(eval mode)"),
         "",
         "Full configuration:",
         "",
@@ -607,8 +814,10 @@ def model_card_markdown(card: dict[str, Any]) -> str:
                   f"the configuration above is the final one", ""]
     curve = tr.get("validation_curve") or []
     if curve:
-        lines += ["Validation curve:", "", "| step | val loss | val accuracy |", "|---|---|---|"]
-        lines += [f"| {c['iteration']} | {_fmt(c['val_loss'])} | {_fmt(c['val_accuracy'])} |" for c in curve]
+        metric, title = (("val_accuracy", "val accuracy") if kind.target == "supervoxels"
+                         else ("val_epe_mm", "val end-point error (mm)"))
+        lines += ["Validation curve:", "", f"| step | val loss | {title} |", "|---|---|---|"]
+        lines += [f"| {c.get('iteration')} | {_fmt(c.get('val_loss'))} | {_fmt(c.get(metric))} |" for c in curve]
         lines.append("")
     if CURVES_FILE in card.get("files", {}):
         lines += [f"![curves]({CURVES_FILE})", ""]

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slicreg.errors import InputError
+from slicreg.errors import ConfigError, InputError
 from slicreg.network_kernels import (  # the speed kernels, beside the model; re-exported for old imports
     DEPTHWISE_BACKENDS,
     DepthwiseConv3d,
@@ -65,6 +65,8 @@ __all__ = [
     "BACKBONE_BLOCKS",
     "ASPP_RATES",
     "HU_SCALE",
+    "MODELS",
+    "TARGETS",
     "architecture_spec",
     "network_input",
     "depthwise_conv3d",
@@ -80,6 +82,7 @@ __all__ = [
     "build_model",
     "init_weights",
     "count_parameters",
+    "fold_batchnorm",
     "neighbour_rows",
 ]
 
@@ -112,9 +115,39 @@ HEAD_CHANNELS = 512
 HEAD_GROUPS = N_LAYERS
 DROPOUT = 0.5
 
+MODELS = ("deeplab", "unet")
+"""Feature extractors of :func:`build_model`: this module's DeepLab, or the U-Net baseline (:mod:`slicreg.unet`)."""
+TARGETS = ("supervoxels", "displacement")
+"""What a network predicts: template supervoxel logits (SLIC-Reg), or a dense displacement (the regression baseline,
+:mod:`slicreg.regression`, DeepLab only)."""
 
-def architecture_spec() -> dict[str, Any]:
-    """A JSON-able description of the architecture; two models with equal specs have equal state_dict shapes."""
+
+def _check_kind(model: str, target: str, where: str) -> None:
+    """One :class:`ConfigError` for a (model, target) pair :func:`build_model` cannot build."""
+    if model not in MODELS:
+        raise ConfigError(f"{where}: model must be one of {MODELS}, got {model!r}")
+    if target not in TARGETS:
+        raise ConfigError(f"{where}: target must be one of {TARGETS}, got {target!r}")
+    if target == "displacement" and model != "deeplab":
+        raise ConfigError(f"{where}: target 'displacement' (the regression baseline) is built on model 'deeplab' "
+                          f"only, got model {model!r}")
+
+
+def architecture_spec(model: str = "deeplab", target: str = "supervoxels") -> dict[str, Any]:
+    """A JSON-able description of the architecture; two models with equal specs have equal state_dict shapes.
+
+    ``model`` / ``target`` as :func:`build_model`'s: the default is this module's DeepLab; ``model="unet"`` gives
+    :func:`slicreg.unet.unet_architecture_spec`, ``target="displacement"``
+    :func:`slicreg.regression.regression_architecture_spec`."""
+    _check_kind(model, target, "architecture_spec")
+    if model == "unet":
+        from slicreg.unet import unet_architecture_spec
+
+        return unet_architecture_spec()
+    if target == "displacement":
+        from slicreg.regression import regression_architecture_spec
+
+        return regression_architecture_spec()
     return {
         "name": "slicreg-deeplab3d",
         "version": ARCHITECTURE_VERSION,
@@ -192,8 +225,9 @@ class InvertedResidual(nn.Module):
         self.residual = c_in == c_out and stride == 1 and not first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu6(self.bn1(self.expand(x)))
-        h = F.relu6(self.bn2(self.depthwise(h)))
+        inplace = not torch.is_grad_enabled()  # inference: no copy (the conv / BN outputs are not kept)
+        h = F.relu6(self.bn1(self.expand(x)), inplace=inplace)
+        h = F.relu6(self.bn2(self.depthwise(h)), inplace=inplace)
         h = self.bn3(self.project(h))
         return x + h if self.residual else h
 
@@ -244,7 +278,7 @@ class ASPP(nn.Module):
         # the 1x1x1 projection is a per-sample bias -- the same function without a full-size broadcast copy
         conv, bn, relu = self.project
         n = cat.shape[1]
-        y = F.conv3d(cat, conv.weight[:, :n]) + F.conv3d(pooled.to(cat.dtype), conv.weight[:, n:])
+        y = F.conv3d(cat, conv.weight[:, :n], conv.bias) + F.conv3d(pooled.to(cat.dtype), conv.weight[:, n:])
         return relu(bn(y))
 
 
@@ -328,6 +362,9 @@ class GroupedHead(nn.Module):
         In eval mode this equals :meth:`forward` at those voxels (same logit layout). In training mode the
         BatchNorm statistics come from the evaluated samples: the 3x3x3 neighbourhoods of the voxels for the
         first BN, the voxels themselves for the second -- a random sample of what the dense head would use."""
+        if isinstance(self.bn1, nn.Identity):
+            raise InputError("GroupedHead: a head with folded BatchNorm (fold_batchnorm) is evaluated densely only; "
+                             "voxels= needs the trained model")
         b, n_vox = voxels.shape
         g, c_mid = self.groups, self.conv1.out_channels
         cg = c_mid // g
@@ -479,19 +516,92 @@ def init_weights(model: nn.Module, *, generator: torch.Generator | None = None) 
 
 
 def build_model(*, seed: int | None = 0, backward: str = "compiled", checkpointing: bool = False,
-                device: Any = "cpu", channels_last: bool = False) -> SlicRegNet:
-    """A freshly initialised :class:`SlicRegNet` (``seed`` makes the initialisation reproducible)."""
-    model = SlicRegNet(backward=backward, checkpointing=checkpointing)
+                device: Any = "cpu", channels_last: bool = False, model: str = "deeplab",
+                target: str = "supervoxels") -> nn.Module:
+    """A freshly initialised network (``seed`` makes the initialisation reproducible).
+
+    Args:
+        seed, backward, checkpointing: see :class:`SlicRegNet`.
+        device, channels_last: where the weights live, and whether in channels-last 3-D memory format.
+        model: ``"deeplab"`` (default: :class:`SlicRegNet`) or ``"unet"`` (the U-Net baseline,
+            :func:`slicreg.unet.build_unet`).
+        target: ``"supervoxels"`` (default: the supervoxel logits) or ``"displacement"`` (the regression baseline on
+            the DeepLab, :func:`slicreg.regression.build_regression`).
+
+    Raises:
+        ConfigError: an unknown ``model`` or ``target``, or ``target="displacement"`` with ``model="unet"``.
+    """
+    _check_kind(model, target, "build_model")
+    if model == "unet":
+        from slicreg.unet import build_unet
+
+        return build_unet(seed=seed, checkpointing=checkpointing, device=device, channels_last=channels_last,
+                          backward=backward)
+    if target == "displacement":
+        from slicreg.regression import build_regression
+
+        return build_regression(seed=seed, checkpointing=checkpointing, device=device, channels_last=channels_last,
+                                backward=backward)
+    net = SlicRegNet(backward=backward, checkpointing=checkpointing)
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    init_weights(model, generator=gen)
-    model = model.to(device=device)
+    init_weights(net, generator=gen)
+    net = net.to(device=device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        net = net.to(memory_format=torch.channels_last_3d)
+    return net
+
+
+def _folded_conv(conv: nn.Module, bn: nn.BatchNorm3d) -> nn.Conv3d:
+    """A plain ``nn.Conv3d`` with a bias computing ``bn(conv(x))`` of an eval-mode pair (no grad path)."""
+    groups = conv.channels if isinstance(conv, DepthwiseConv3d) else conv.groups
+    stride = conv.stride if isinstance(conv, DepthwiseConv3d) else conv.stride[0]
+    kernel, padding = conv.weight.shape[2], (1 if isinstance(conv, DepthwiseConv3d) else conv.padding[0])
+    dilation = 1 if isinstance(conv, DepthwiseConv3d) else conv.dilation[0]
+    w = conv.weight.detach()
+    fused = nn.Conv3d(w.shape[1] * groups, w.shape[0], kernel, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups, bias=True).to(device=w.device, dtype=w.dtype)
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias.detach() if getattr(conv, "bias", None) is not None else torch.zeros_like(scale)
+    with torch.no_grad():
+        fused.weight.copy_(w * scale.view(-1, 1, 1, 1, 1))
+        fused.bias.copy_(bn.bias.detach() + (bias - bn.running_mean) * scale)
+    return fused
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm of a trained :class:`SlicRegNet` (or a model built on its backbone and ASPP) into the
+    convolution before it, in place, for inference: ``bn(conv(x)) = conv'(x)`` with ``w' = w * s`` and
+    ``b' = beta + (b - mean) * s``, ``s = gamma / sqrt(var + eps)`` per output channel; the BatchNorm becomes
+    ``nn.Identity``. The function computed in eval mode is the same up to rounding (the network passes run in
+    bf16 on the CPU; one fewer pass over every activation: docs/register.md, "What was made faster"). The
+    result is for inference only: it is put in eval mode, has a different state_dict and refuses ``voxels=``
+    (the sparse head is a training path). Modules it does not know are left as they are."""
+    model.eval()
+    channels_last = any(p.dim() == 5 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last_3d)
+                        for p in model.parameters())
+    for block in model.modules():
+        if isinstance(block, InvertedResidual):
+            for conv, bn in (("expand", "bn1"), ("depthwise", "bn2"), ("project", "bn3")):
+                setattr(block, conv, _folded_conv(getattr(block, conv), getattr(block, bn)))
+                setattr(block, bn, nn.Identity())
+        elif isinstance(block, ASPP):
+            for seq in [*block.branches, block.project]:
+                if isinstance(seq[1], nn.BatchNorm3d):
+                    seq[0], seq[1] = _folded_conv(seq[0], seq[1]), nn.Identity()
+        elif isinstance(block, GroupedHead):
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+                setattr(block, conv, _folded_conv(getattr(block, conv), getattr(block, bn)))
+                setattr(block, bn, nn.Identity())
+    if channels_last:  # the new convolutions in the model's memory format
+        model.to(memory_format=torch.channels_last_3d)
     return model
 
 
-def count_parameters(model: SlicRegNet) -> dict[str, int]:
-    """Parameter counts per part: ``backbone``, ``aspp``, ``head`` and ``total``."""
-    parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("backbone", "aspp", "head")}
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts per part and ``total``: the parts a model names in its ``parameter_parts`` (the U-Net:
+    ``encoder``, ``decoder``, ``head``), else those of ``backbone``, ``aspp``, ``head`` it has (the DeepLab's)."""
+    names = getattr(model, "parameter_parts", None) or [n for n in ("backbone", "aspp", "head") if hasattr(model, n)]
+    parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in names}
     parts["total"] = sum(p.numel() for p in model.parameters())
     return parts

@@ -140,9 +140,9 @@ def _head_labels(head: Any, skip: Any, aspp_up: Any, *, slab: int = 2) -> Any:
     from slicreg.network import N_CLASSES, N_LAYERS
 
     x = torch.cat([skip, aspp_up.to(skip.dtype)], 1).contiguous(memory_format=torch.channels_last_3d)
-    h = F.relu(head.bn1(head.conv1(x)))
+    h = F.relu_(head.bn1(head.conv1(x)))  # in place: inference only, the conv / BN output is not kept
     del x
-    h = F.relu(head.bn2(head.conv2(h)))
+    h = F.relu_(head.bn2(head.conv2(h)))
     size = tuple(h.shape[2:])
     labels = torch.empty(*size, N_LAYERS, dtype=torch.int64, device=h.device)
     for x0 in range(0, size[0], slab):
@@ -185,6 +185,9 @@ def network_labels(model: Any, image_hu_4mm: np.ndarray, *, device: Any = "cpu",
 
     if argmax not in ("fast", "torch"):
         raise InputError(f"network_labels: argmax must be 'fast' or 'torch', got {argmax!r}")
+    from slicreg.bundle import require_target
+
+    require_target(model, what="supervoxel prediction (slicreg.registration.network_labels)")
     net = getattr(model, "model", model)
     img = np.asarray(image_hu_4mm)
     if img.ndim != 3 or any(s % 4 for s in img.shape):
@@ -425,7 +428,10 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
 
     Args:
         model: :class:`slicreg.network.SlicRegNet` or :class:`slicreg.bundle.Bundle` with trained weights (may
-            be None when both maps are given).
+            be None when both maps are given); a supervoxel network of either kind (DeepLab or U-Net). A
+            displacement-regression network or bundle (the Regression baseline) registers in atlas mode only
+            (``moving_is_template``): its regressed field fixed -> template, optionally refined, no supervoxels or
+            flow (``fixed_sv``, ``moving_sv`` and flow options are refused; ``template_supervoxels`` is not used).
         fixed_hu, moving_hu: ``(X, Y, Z)`` HU arrays on their preprocessed grids.
         template_supervoxels: the template's own maps ``(16, X/2, Y/2, Z/2)``; used for the moving side when
             ``moving_is_template`` (atlas mode, as the paper registers scans to its template).
@@ -447,6 +453,18 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
     if fixed_hu.shape != moving_hu.shape:
         raise InputError(f"register_preprocessed: fixed {fixed_hu.shape} and moving {moving_hu.shape} must be "
                          f"preprocessed to the same shape")
+    if model is not None:
+        from slicreg.bundle import model_kind
+
+        if model_kind(model).target == "displacement":  # the Regression baseline: no supervoxels, no flow
+            if fixed_sv is not None or moving_sv is not None or flow_options:
+                given = [k for k, v in (("fixed_sv", fixed_sv), ("moving_sv", moving_sv)) if v is not None]
+                raise InputError(f"register_preprocessed: {', '.join(given + sorted(flow_options))} do not apply to "
+                                 f"a displacement-regression network (no supervoxel maps, no keypoint flow)")
+            return _register_displacement(model, fixed_hu, moving_hu, moving_is_template=moving_is_template,
+                                          refine=refine, refine_options=refine_options, fixed_mask=fixed_mask,
+                                          moving_mask=moving_mask, network_dtype=network_dtype, device=device,
+                                          seed=seed)
     clock = _Clock()
     # maps predicted here stay on the network's stride-2 grid (label_upsample 2: the flow gives the result of
     # their nearest upsampling, predict_supervoxels' 4 mm maps, without building them); maps passed in that are
@@ -483,13 +501,58 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
     wall = {**clock.wall, **result.info.get("timings_s", {})}
     cpu = {**clock.cpu, **result.info.get("cpu_s", {})}
     if refine:
-        started = time.perf_counter(), time.process_time()
-        disp, rinfo = refine_field(fixed_hu, moving_hu, result.disp_vox, device=device, seed=seed,
-                                   fixed_mask=fixed_mask, moving_mask=moving_mask, **(refine_options or {}))
-        wall["refine"] = round(time.perf_counter() - started[0], 4)
-        cpu["refine"] = round(time.process_time() - started[1], 4)
-        result = RegistrationResult(np.asarray(disp, dtype=np.float32), result.info)
-        result.info["refine"] = _jsonable(rinfo)
+        result = _refined(result, fixed_hu, moving_hu, wall, cpu, refine_options=refine_options, fixed_mask=fixed_mask,
+                          moving_mask=moving_mask, device=device, seed=seed)
+    result.info["timings_s"] = wall
+    result.info["cpu_s"] = cpu
+    return result
+
+
+def _refined(result: RegistrationResult, fixed_hu: np.ndarray, moving_hu: np.ndarray, wall: dict[str, float],
+             cpu: dict[str, float], *, refine_options: dict[str, Any] | None, fixed_mask: Any, moving_mask: Any,
+             device: Any, seed: int) -> RegistrationResult:
+    """``result`` polished by :func:`refine_field`; its wall and CPU seconds go to ``wall`` / ``cpu["refine"]``, its
+    diagnostics to ``info["refine"]``."""
+    started = time.perf_counter(), time.process_time()
+    disp, rinfo = refine_field(fixed_hu, moving_hu, result.disp_vox, device=device, seed=seed,
+                               fixed_mask=fixed_mask, moving_mask=moving_mask, **(refine_options or {}))
+    wall["refine"] = round(time.perf_counter() - started[0], 4)
+    cpu["refine"] = round(time.process_time() - started[1], 4)
+    refined = RegistrationResult(np.asarray(disp, dtype=np.float32), result.info)
+    refined.info["refine"] = _jsonable(rinfo)
+    return refined
+
+
+def _register_displacement(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarray, *, moving_is_template: bool,
+                           refine: bool, refine_options: dict[str, Any] | None, fixed_mask: Any, moving_mask: Any,
+                           network_dtype: Any, device: Any, seed: int) -> RegistrationResult:
+    """:func:`register_preprocessed` with a displacement-regression network (the paper's Regression baseline,
+    :mod:`slicreg.regression`): one network pass on the fixed scan regresses the field fixed -> template on the
+    fixed 2 mm grid (:func:`slicreg.regression.predict_displacement`), optionally refined (:func:`refine_field`).
+
+    Atlas mode only (``moving_is_template``: the moving scan is the bundle's template, which the caller has
+    checked): a pair of two scans would need the composition with the inverse of the moving scan's regressed field,
+    which slicreg does not compute. ``info``: ``method``, ``kind``, ``timings_s`` / ``cpu_s`` (``network fixed``,
+    ``refine``), ``refine``."""
+    from slicreg.bundle import model_kind
+    from slicreg.regression import predict_displacement
+
+    kind = model_kind(model)
+    if not moving_is_template:
+        name = getattr(model, "path", None) or "register_preprocessed"
+        raise InputError(f"{name}: a {kind.noun} network (kind {kind}) registers a scan to its template only "
+                         f"(atlas mode, moving_is_template=True); a pair of two scans would need the inverse of a "
+                         f"regressed field, which slicreg does not compute")
+    clock = _Clock()
+    started = clock.start()
+    disp = predict_displacement(model, fixed_hu, device=device, dtype=network_dtype)
+    clock.stop("network fixed", started)
+    result = RegistrationResult(np.asarray(disp, dtype=np.float32), {"method": "displacement regression",
+                                                                      "kind": str(kind)})
+    wall, cpu = dict(clock.wall), dict(clock.cpu)
+    if refine:
+        result = _refined(result, fixed_hu, moving_hu, wall, cpu, refine_options=refine_options, fixed_mask=fixed_mask,
+                          moving_mask=moving_mask, device=device, seed=seed)
     result.info["timings_s"] = wall
     result.info["cpu_s"] = cpu
     return result

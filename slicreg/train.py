@@ -13,6 +13,13 @@ The pure part works on in-memory tensors:
   resumes the run identically;
 - :func:`train_loop` -- iterations with periodic validation and checkpoint callbacks and a tqdm bar.
 
+``TrainConfig.target = "displacement"`` trains the paper's "Regression" baseline (:mod:`slicreg.regression`) the
+same way: the same scans, the transfer stage's fields (the ones that carried the supervoxels) as targets, the same
+augmentation (:func:`augment_displacement_batch`: the augmenting affine composed into the target field), the same
+voxel subsets and budget; the loss is :func:`displacement_loss` (Charbonnier of the end-point error in 2 mm voxels,
+over the voxels whose target is known) plus an optional :func:`smoothness_penalty`; validation reports the mean
+end-point error in mm.
+
 The edges (files) are :func:`load_training_data` (the contract layout of docs/CONTRACTS.md), checkpoints
 (:func:`save_checkpoint`, :func:`load_checkpoint`, written atomically), logs and curves, and
 :func:`run_training`, the one-call entry used by ``slicreg train`` and the ``train`` stage. It runs unchanged under
@@ -44,14 +51,19 @@ import torch
 import torch.nn.functional as F
 
 from slicreg.errors import ConfigError, InputError
-from slicreg.network import HU_SCALE, N_CLASSES, N_LAYERS, SlicRegNet, build_model, network_input
+from slicreg.network import HU_SCALE, MODELS, N_CLASSES, N_LAYERS, TARGETS, SlicRegNet, build_model, network_input
+from slicreg.regression import FIELD_SPACING_MM
 
 __all__ = [
     "TrainConfig",
     "SupervoxelData",
     "random_affines",
     "augment_batch",
+    "augment_displacement_batch",
+    "DISPLACEMENT_CHANNELS",
     "supervoxel_loss",
+    "displacement_loss",
+    "smoothness_penalty",
     "supervoxel_accuracy",
     "Trainer",
     "train_loop",
@@ -71,6 +83,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LR_SCHEDULES = ("constant", "cosine")
+MODEL_TARGETS = (("deeplab", "supervoxels"), ("unet", "supervoxels"), ("deeplab", "displacement"))
+"""The (model, target) pairs :class:`TrainConfig` accepts."""
 BACKWARDS = ("compiled", "eager", "native")
 
 
@@ -114,6 +129,21 @@ class TrainConfig:
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``); under torchrun on CUDA each process uses its local rank.
         init_weights: a weights bundle folder to start from instead of the seeded initialisation (fine-tuning,
             e.g. the shipped weights on your own cohort); the optimiser starts afresh. ``None``: from scratch.
+        model: the network: ``"deeplab"`` (SLIC-Reg's, :class:`slicreg.network.SlicRegNet`) or ``"unet"`` (the
+            U-Net baseline, :mod:`slicreg.unet`); built by :func:`slicreg.network.build_model`.
+        target: what it learns: ``"supervoxels"`` (the transferred template supervoxels, SLIC-Reg) or
+            ``"displacement"`` (the transfer fields themselves: the "Regression" baseline,
+            :mod:`slicreg.regression`, on the DeepLab only). For ``"displacement"`` the other keys keep their
+            meaning: ``head_voxels`` output voxels per scan carry head and loss (the same budget as the supervoxel
+            head), ``foreground_fraction`` draws that share of them where the transferred supervoxels are
+            foreground, and the field-of-view cut leaves the target unknown outside its slab (masked out of the
+            loss, :func:`crop_field_of_view`).
+        lr_schedule: ``"constant"`` (``lr`` throughout, the shipped weights' recipe) or ``"cosine"`` (``lr`` decayed
+            to 0 over ``iterations`` by half a cosine: :func:`learning_rate`), after ``warmup``.
+        warmup: steps of linear warm-up from ``lr / warmup`` to ``lr`` (0 = none).
+        smoothness: weight of :func:`smoothness_penalty` (a diffusion penalty on the predicted field) added to
+            the displacement loss; 0 (default) = none. Needs ``target = "displacement"`` and the dense head
+            (``head_voxels = 0``), as the penalty needs every output voxel's neighbours.
     """
 
     iterations: int = 400
@@ -135,6 +165,11 @@ class TrainConfig:
     checkpoint_every: int = 10
     device: str = "cpu"
     init_weights: str | None = None
+    model: str = "deeplab"
+    target: str = "supervoxels"
+    smoothness: float = 0.0
+    lr_schedule: str = "constant"
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -154,6 +189,18 @@ class TrainConfig:
             (self.val_every >= 1, "val_every must be >= 1"),
             (self.val_subjects >= 0, "val_subjects must be >= 0"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}"),
+            (self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}"),
+            ((self.model, self.target) in MODEL_TARGETS,
+             f"model {self.model!r} with target {self.target!r} is not available; allowed (model, target): "
+             + ", ".join(f"{m}/{t}" for m, t in MODEL_TARGETS)),
+            (self.smoothness >= 0, "smoothness must be >= 0"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
+            (0 <= self.warmup < self.iterations, "warmup must be in [0, iterations)"),
+            (self.smoothness == 0 or self.target == "displacement",
+             "smoothness applies to target 'displacement' only"),
+            (self.smoothness == 0 or self.head_voxels == 0,
+             "smoothness needs the dense head (head_voxels = 0): the penalty needs every output voxel's neighbours"),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,6 +248,15 @@ RESUMABLE_AUGMENTATION = ("fov_crop_probability", "fov_crop_mm")
 # -------------------------------------------------------------------------------------------------- data
 
 
+DISPLACEMENT_CHANNELS = ("foreground", "valid", "u0", "u1", "u2")
+"""Channels of the displacement targets (``SupervoxelData.target == "displacement"``), float32 on the 4 mm grid:
+0 = foreground (1 where layer 0 of the transferred supervoxels is > 0: the share :func:`choose_foreground_voxels` and
+the field-of-view cut use, as for supervoxel targets), 1 = valid (1 where the target is known; the loss counts only
+these voxels), 2-4 = the transfer field ``u`` along array axes 0, 1, 2 in voxels of the 2 mm grid (scan ->
+template). One tensor, so batches, cuts and voxel choices handle both kinds of targets alike."""
+_FIELD_PER_INPUT_VOXEL = 4.0 / FIELD_SPACING_MM  # 2 mm voxels (the field's unit) per 4 mm input voxel
+
+
 @dataclass
 class SupervoxelData:
     """Training or validation scans in memory.
@@ -208,19 +264,32 @@ class SupervoxelData:
     Attributes:
         ids: subject ids.
         images: ``(S, 1, X, Y, Z)`` float32 network input (4 mm, HU / 500).
-        targets: ``(S, 16, X, Y, Z)`` uint8 supervoxel labels 0..127 on the same 4 mm grid.
+        targets: ``(S, 16, X, Y, Z)`` uint8 supervoxel labels 0..127 on the same 4 mm grid (``target
+            "supervoxels"``), or ``(S, 5, X, Y, Z)`` float32 displacement targets (:data:`DISPLACEMENT_CHANNELS`).
         affines: 4 mm voxel -> world affines (metadata only).
+        target: ``"supervoxels"`` (default) or ``"displacement"``: which kind ``targets`` holds.
     """
 
     ids: list[str]
     images: torch.Tensor
     targets: torch.Tensor
     affines: list[np.ndarray] = field(default_factory=list)
+    target: str = "supervoxels"
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         if self.images.dim() != 5 or self.images.shape[:2] != (n, 1):
             raise InputError(f"SupervoxelData: images must be ({n}, 1, X, Y, Z), got {tuple(self.images.shape)}")
+        if self.target == "displacement":
+            want = (n, len(DISPLACEMENT_CHANNELS), *self.images.shape[2:])
+            if tuple(self.targets.shape) != want or self.targets.dtype != torch.float32:
+                raise InputError(f"SupervoxelData: displacement targets must be float32 {want} to match the images, "
+                                 f"got {self.targets.dtype} {tuple(self.targets.shape)}")
+            if n and not bool(torch.isfinite(self.targets).all()):
+                raise InputError("SupervoxelData: displacement targets contain NaN or Inf values")
+            return
+        if self.target != "supervoxels":
+            raise InputError(f"SupervoxelData: target must be one of {TARGETS}, got {self.target!r}")
         want = (n, N_LAYERS, *self.images.shape[2:])
         if tuple(self.targets.shape) != want:
             raise InputError(f"SupervoxelData: targets must be {want} to match the images, got "
@@ -236,7 +305,7 @@ class SupervoxelData:
     def subset(self, ids: Sequence[str]) -> SupervoxelData:
         idx = [self.ids.index(i) for i in ids]
         return SupervoxelData(list(ids), self.images[idx], self.targets[idx],
-                              [self.affines[i] for i in idx] if self.affines else [])
+                              [self.affines[i] for i in idx] if self.affines else [], target=self.target)
 
 
 def split_validation_ids(ids: Sequence[str], config: TrainConfig) -> tuple[list[str], list[str]]:
@@ -336,7 +405,8 @@ INPUT_SPACING_MM = 4.0  # the network input's voxel size (2 mm preprocessed scan
 
 def crop_field_of_view(images: torch.Tensor, targets: torch.Tensor, *, probability: float,
                        thickness_vox: tuple[float, float], generator: torch.Generator | None = None,
-                       air: float = AIR_HU / HU_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+                       air: float = AIR_HU / HU_SCALE, displacement: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut some scans of a batch to a thin axial field of view, as a partial scan is seen after preprocessing.
 
     For each scan, with ``probability``: a thickness ``t`` is drawn uniformly from ``thickness_vox`` and a slab
@@ -346,13 +416,23 @@ def crop_field_of_view(images: torch.Tensor, targets: torch.Tensor, *, probabili
     middle plane (the preprocessing centres a scan on its own soft tissue). Scans not drawn, or without
     foreground, are returned unchanged. Nothing is drawn from ``generator`` when ``probability`` is 0.
 
+    Displacement targets (``displacement=True``, :data:`DISPLACEMENT_CHANNELS`): what a scan cut this way
+    corresponds to outside its slab is unknown (the slab is all the scanner saw), so there the target is marked
+    *invalid* (foreground and valid channels 0; the loss ignores those voxels) rather than set to a displacement
+    of 0, which would teach a wrong correspondence. The field itself is shifted with the scan, reading the
+    original field beyond the slab (border-clamped at the grid's ends, not wrapped round) so that a trilinear
+    read just inside the slab stays exact, and its component along the rolled axis changes by ``-2 * shift``
+    (2 mm voxels): rolled voxel ``z`` shows original voxel ``z - shift``, whose template position is unchanged.
+
     Args:
         images: ``(B, 1, X, Y, Z)`` float network input (HU / HU_SCALE).
-        targets: ``(B, 16, X, Y, Z)`` integer labels on the same grid.
+        targets: ``(B, 16, X, Y, Z)`` integer labels on the same grid, or ``(B, 5, X, Y, Z)`` displacement
+            targets with ``displacement=True``.
         probability: per-scan probability of the cut, in [0, 1].
         thickness_vox: ``(min, max)`` slab thickness in voxels of this grid.
         generator: random source.
         air: image value outside the slab (default -1000 HU in network units).
+        displacement: ``targets`` are displacement targets (see above).
 
     Returns:
         New ``(images, targets)`` tensors (the inputs are not modified).
@@ -376,10 +456,17 @@ def crop_field_of_view(images: torch.Tensor, targets: torch.Tensor, *, probabili
         keep = torch.zeros(z, dtype=torch.bool, device=images.device)
         keep[start:stop] = True
         images[i][..., ~keep] = air
-        targets[i][..., ~keep] = 0
         shift = z // 2 - (start + stop) // 2
         images[i] = torch.roll(images[i], shift, dims=-1)
-        targets[i] = torch.roll(targets[i], shift, dims=-1)
+        if not displacement:
+            targets[i][..., ~keep] = 0
+            targets[i] = torch.roll(targets[i], shift, dims=-1)
+            continue
+        targets[i, :2][..., ~keep] = 0  # foreground and valid: the target is unknown outside the slab
+        targets[i, :2] = torch.roll(targets[i, :2], shift, dims=-1)
+        src = (torch.arange(z, device=targets.device) - shift).clamp(0, z - 1)  # rolled plane z <- plane z - shift
+        targets[i, 2:] = targets[i, 2:, ..., src]
+        targets[i, 4] -= _FIELD_PER_INPUT_VOXEL * shift
     return images, targets
 
 
@@ -407,7 +494,26 @@ def augment_batch(images: torch.Tensor, targets: torch.Tensor, theta: torch.Tens
     by the gather backend (nearest, the grid surrounded by background: ``"zero_voxels"``), straight from their
     integer dtype.
     """
-    from slicreg.fields import sample, sample_affine
+    from slicreg.fields import sample
+
+    out_images, centres, pos, out_shape = _augment_geometry(images, theta, voxels, targets.device)
+    labels = sample(targets, pos, interpolation="nearest", padding="zero_voxels").to(torch.int64)
+    labels = labels if voxels is not None else labels.view(images.shape[0], N_LAYERS, *out_shape)
+    return out_images, labels
+
+
+def _augment_geometry(images: torch.Tensor, theta: torch.Tensor, voxels: torch.Tensor | None, device: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """The part :func:`augment_batch` and :func:`augment_displacement_batch` share: the voxel maps of ``theta``,
+    the augmented images, and where the network's output voxels read the original grid.
+
+    Returns:
+        ``(out_images, centres, pos, out_shape)``: the augmented ``(B, 1, X, Y, Z)`` images; ``centres`` ``(B, 3,
+        N)`` float64 = ``2 q``, the input voxels on which the output voxels ``q`` are centred (every output voxel,
+        x-major, or those of ``voxels``); ``pos`` ``(B, 3, N)`` float64 = ``m(2 q)``, the original input voxels
+        they show (``m(p) = M p + t``, augmented -> original input voxel); the output grid's shape.
+    """
+    from slicreg.fields import sample_affine
     from slicreg.grid import Grid
 
     b, _, *size = images.shape
@@ -419,18 +525,56 @@ def augment_batch(images: torch.Tensor, targets: torch.Tensor, theta: torch.Tens
     out_images = sample_affine(images.float(), maps, size, interpolation="linear", padding="border",
                                backend="grid_sample", align_corners=False)
     out_shape = tuple((s + 1) // 2 for s in size)  # output voxel q = input voxel 2 q
-    dev = targets.device
     if voxels is None:
-        q = torch.from_numpy(Grid(out_shape).coords(dtype=np.float64)).to(dev).reshape(1, 3, -1).expand(b, -1, -1)
+        q = torch.from_numpy(Grid(out_shape).coords(dtype=np.float64)).to(device).reshape(1, 3, -1).expand(b, -1, -1)
     else:
-        v = voxels.to(dev)
+        v = voxels.to(device)
         q = torch.stack([v // (out_shape[1] * out_shape[2]), (v // out_shape[2]) % out_shape[1], v % out_shape[2]],
                         dim=1).double()  # (B, 3, N)
-    m = torch.as_tensor(maps, dtype=torch.float64, device=dev)
-    pos = m[:, :3, :3] @ (2.0 * q) + m[:, :3, 3:]
-    labels = sample(targets, pos, interpolation="nearest", padding="zero_voxels").to(torch.int64)
-    labels = labels if voxels is not None else labels.view(b, N_LAYERS, *out_shape)
-    return out_images, labels
+    m = torch.as_tensor(maps, dtype=torch.float64, device=device)
+    centres = 2.0 * q
+    pos = m[:, :3, :3] @ centres + m[:, :3, 3:]
+    return out_images, centres, pos, out_shape
+
+
+def augment_displacement_batch(images: torch.Tensor, targets: torch.Tensor, theta: torch.Tensor, *,
+                               voxels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment_batch` for displacement targets: the augmenting affine composed into the target field.
+
+    The augmented scan's input voxel ``p`` shows the original input voxel ``m(p) = M p + t`` (the maps of
+    :func:`augment_batch`); the template is not augmented. Input voxel ``m`` is the 2 mm position ``2 m + 0.5``,
+    so augmented 2 mm position ``2 p + 0.5`` <-> original ``2 m(p) + 0.5`` <-> template ``2 m(p) + 0.5 +
+    u(2 m(p) + 0.5)``, and the new target, in 2 mm voxels, is
+
+        ``u'(p) = 2 (m(p) - p) + U(m(p))``
+
+    with ``U`` the field stored on the 4 mm grid (channels 2-4 of :data:`DISPLACEMENT_CHANNELS`: ``U(m) =
+    u(2 m + 0.5)``), read trilinearly with border padding (:func:`slicreg.fields.sample`) at ``m(2 q)`` for the
+    output voxels ``q`` (centred on input voxel ``2 q``). Foreground and validity are read as labels are (nearest,
+    the grid surrounded by zeros: :func:`augment_batch`), so an output voxel whose position falls outside the
+    original scan is invalid -- its image is border padding and its target an extrapolation.
+
+    Args:
+        images: ``(B, 1, X, Y, Z)`` float network input.
+        targets: ``(B, 5, X, Y, Z)`` float displacement targets (:data:`DISPLACEMENT_CHANNELS`).
+        theta, voxels: as :func:`augment_batch`.
+
+    Returns:
+        ``images`` ``(B, 1, X, Y, Z)`` and the targets ``(B, 5, X/2, Y/2, Z/2)`` float32 (``(B, 5, N)`` with
+        ``voxels``) at the network's output voxels, in the same channel layout.
+    """
+    from slicreg.fields import sample
+
+    if targets.dim() != 5 or targets.shape[1] != len(DISPLACEMENT_CHANNELS) or not targets.dtype.is_floating_point:
+        raise InputError(f"augment_displacement_batch: targets must be floating (B, {len(DISPLACEMENT_CHANNELS)}, X, "
+                         f"Y, Z), got {targets.dtype} {tuple(targets.shape)}")
+    out_images, centres, pos, out_shape = _augment_geometry(images, theta, voxels, targets.device)
+    flags = sample(targets[:, :2], pos, interpolation="nearest", padding="zero_voxels")
+    u = sample(targets[:, 2:].float(), pos, interpolation="linear", padding="border")
+    u = u + (_FIELD_PER_INPUT_VOXEL * (pos - centres)).to(u.dtype)
+    out = torch.cat([flags.to(u.dtype), u], dim=1)
+    out = out if voxels is not None else out.view(images.shape[0], len(DISPLACEMENT_CHANNELS), *out_shape)
+    return out_images, out
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -484,7 +628,61 @@ def supervoxel_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> dict[str
             "foreground_accuracy": float((correct & fg).sum()) / n_fg if n_fg else float("nan")}
 
 
+CHARBONNIER_EPS = 0.1
+"""The Charbonnier loss's ``eps`` in 2 mm voxels: quadratic below about this end-point error, linear above."""
+
+
+def displacement_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, *,
+                      eps: float = CHARBONNIER_EPS) -> torch.Tensor:
+    """Mean Charbonnier loss of the end-point error, ``sqrt(|pred - target|^2 + eps^2) - eps``, over valid voxels.
+
+    Robust (its gradient is bounded, so the odd wrong transfer field does not dominate) and, above ``eps``, close
+    to the end-point error itself: the value is about the mean end-point error in 2 mm voxels (half of it in mm).
+
+    Args:
+        pred, target: ``(B, 3, *S)`` displacements in 2 mm voxels (dense ``S = (X', Y', Z')`` or ``S = (N,)``).
+        valid: optional ``(B, *S)``, nonzero where the target is known; the mean is over those voxels (0, with a
+            gradient of 0, when there are none).
+        eps: in 2 mm voxels.
+    """
+    if pred.shape != target.shape or pred.dim() < 3 or pred.shape[1] != 3:
+        raise InputError(f"displacement_loss: pred and target must both be (B, 3, ...), got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    err = torch.sqrt((pred.float() - target.float()).pow(2).sum(1) + eps * eps) - eps  # (B, *S)
+    if valid is None:
+        return err.mean()
+    if valid.shape != err.shape:
+        raise InputError(f"displacement_loss: valid must be {tuple(err.shape)}, got {tuple(valid.shape)}")
+    w = (valid != 0).to(err.dtype)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+def smoothness_penalty(pred: torch.Tensor) -> torch.Tensor:
+    """Diffusion penalty of a dense field ``(B, 3, X, Y, Z)``: the sum over the 3 axes of the mean squared forward
+    difference (mean over batch, components and voxel pairs), in (2 mm voxels per output voxel)^2; 0 for any
+    translation."""
+    if pred.dim() != 5 or pred.shape[1] != 3:
+        raise InputError(f"smoothness_penalty: expected a dense field (B, 3, X, Y, Z), got {tuple(pred.shape)}")
+    p = pred.float()
+    return sum((torch.diff(p, dim=d).pow(2).mean() for d in (2, 3, 4) if p.shape[d] > 1), p.new_zeros(()))
+
+
 # ----------------------------------------------------------------------------------------------- trainer
+
+
+def learning_rate(config: TrainConfig, iteration: int) -> float:
+    """The learning rate of step ``iteration`` (0-based): ``config.lr``, times ``(iteration + 1) / warmup`` during
+    the warm-up, times ``(1 + cos(pi * t)) / 2`` with ``t`` = the fraction of the steps after the warm-up done,
+    for ``lr_schedule = "cosine"``. A function of the step alone, so a resumed run follows the same schedule."""
+    import math
+
+    lr = float(config.lr)
+    if config.warmup and iteration < config.warmup:
+        return lr * (iteration + 1) / config.warmup
+    if config.lr_schedule == "cosine":
+        t = (iteration - config.warmup) / max(1, config.iterations - config.warmup)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return lr
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -526,11 +724,13 @@ class Trainer:
         self.precision = _resolve_precision(config.precision, device)
         self.model: SlicRegNet = build_model(seed=config.seed, backward=config.backward,
                                              checkpointing=config.checkpointing, device=device,
-                                             channels_last=config.channels_last)
+                                             channels_last=config.channels_last, model=config.model,
+                                             target=config.target)
         if config.init_weights is not None:
             from slicreg.bundle import load_weights
 
-            self.model.load_state_dict(load_weights(config.init_weights))
+            kind = {"model": config.model, "target": config.target}  # another kind: refused in one line
+            self.model.load_state_dict(load_weights(config.init_weights, kind=kind))
         self.model.train()
         self.ddp: Any = None
         if world_size > 1:
@@ -555,41 +755,58 @@ class Trainer:
 
     def sample_batch(self, data: SupervoxelData) -> tuple[torch.Tensor, torch.Tensor]:
         """``local_batch`` scans drawn uniformly with replacement: ``(images, targets)`` on the device."""
+        self._check_data(data)
         idx = torch.randint(len(data), (self.local_batch,), generator=self.generator)
         return data.images[idx].to(self.device), data.targets[idx].to(self.device)
 
-    def step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
-        """One optimisation step on a batch ``(B, 1, X, Y, Z)`` + ``(B, 16, X, Y, Z)``; returns the loss.
+    def _check_data(self, data: SupervoxelData) -> None:
+        if data.target != self.config.target:
+            raise ConfigError(f"training config: target {self.config.target!r}, but the data hold {data.target!r} "
+                              f"targets (load_training_data(..., target={self.config.target!r}))")
 
-        Draws the augmentation, the voxel subset and the dropout mask from :attr:`generator`."""
+    def step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        """One optimisation step on a batch ``(B, 1, X, Y, Z)`` + ``(B, 16, X, Y, Z)`` (target ``"supervoxels"``)
+        or ``(B, 5, X, Y, Z)`` (``"displacement"``, :data:`DISPLACEMENT_CHANNELS`); returns the loss.
+
+        Draws the augmentation, the voxel subset and the dropout mask from :attr:`generator` (the same draws for
+        either target)."""
         cfg = self.config
         b = images.shape[0]
+        displacement = cfg.target == "displacement"
+        augment = augment_displacement_batch if displacement else augment_batch
         if cfg.fov_crop_probability > 0:
             images, targets = crop_field_of_view(images, targets, probability=cfg.fov_crop_probability,
                                                  thickness_vox=tuple(v / INPUT_SPACING_MM for v in cfg.fov_crop_mm),
-                                                 generator=self.generator)
+                                                 generator=self.generator, displacement=displacement)
         theta = random_affines(b, sigma=cfg.augment_sigma, generator=self.generator)
         out_size = int(np.prod([s // 2 for s in images.shape[2:]]))
         if cfg.head_voxels and cfg.foreground_fraction > 0:
             candidates = random_voxels(b, 4 * cfg.head_voxels, out_size, generator=self.generator)
-            x, t = augment_batch(images, targets, theta, voxels=candidates)
+            x, t = augment(images, targets, theta, voxels=candidates)
             voxels, t = choose_foreground_voxels(candidates.to(t.device), t, min(cfg.head_voxels, out_size),
                                                  cfg.foreground_fraction)
         else:
             voxels = random_voxels(b, cfg.head_voxels, out_size, generator=self.generator) if cfg.head_voxels \
                 else None
-            x, t = augment_batch(images, targets, theta, voxels=voxels)
+            x, t = augment(images, targets, theta, voxels=voxels)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         model = self.ddp if self.ddp is not None else self.model
         gen = self.generator if self.device.type == "cpu" else None
         with self._autocast():
             logits = model(x, voxels=None if voxels is None else voxels.to(self.device), generator=gen)
-        if voxels is not None:
-            logits = logits.float()  # (B, 2048, N): small
-        loss = supervoxel_loss(logits, t)
+        if voxels is not None or displacement:
+            logits = logits.float()  # (B, 2048, N) or a 3-channel field: small
+        if displacement:  # channels: foreground, valid, u (DISPLACEMENT_CHANNELS)
+            loss = displacement_loss(logits, t[:, 2:], t[:, 1])
+            if cfg.smoothness > 0:
+                loss = loss + cfg.smoothness * smoothness_penalty(logits)
+        else:
+            loss = supervoxel_loss(logits, t)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, self.iteration)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.iteration += 1
@@ -601,7 +818,12 @@ class Trainer:
         """Eval-mode loss and accuracies over ``data`` (dense head, no augmentation, one scan at a time).
 
         The loss is the mean over layers of the cross-entropy in float32; accuracies are the fraction of output
-        voxels whose argmax equals the target (all voxels, and foreground voxels = target > 0), mean over layers."""
+        voxels whose argmax equals the target (all voxels, and foreground voxels = target > 0), mean over layers.
+
+        Target ``"displacement"``: :meth:`validate_displacement`."""
+        self._check_data(data)
+        if self.config.target == "displacement":
+            return self.validate_displacement(data)
         model = self.model
         was_training = model.training
         model.eval()
@@ -630,6 +852,45 @@ class Trainer:
             model.train(was_training)
         return {"val_loss": ce / n_total, "val_accuracy": correct / n_total,
                 "val_foreground_accuracy": correct_fg / n_fg if n_fg else float("nan")}
+
+    @torch.no_grad()
+    def validate_displacement(self, data: SupervoxelData) -> dict[str, float]:
+        """Eval-mode metrics of the displacement network over ``data`` (dense head, no augmentation, one scan at a
+        time) at every output voxel ``q`` against the target at input voxel ``2 q``:
+
+        - ``val_loss``: :func:`displacement_loss` (its data term, without the smoothness penalty), float32;
+        - ``val_epe_mm``: mean end-point error ``|pred - target|`` in mm (2 mm voxels x :data:`FIELD_SPACING_MM`);
+        - ``val_foreground_epe_mm``: the same where the transferred supervoxels are foreground.
+
+        Means over the voxels with a valid target, pooled over the scans."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        loss_sum = epe_sum = epe_fg_sum = 0.0
+        n_valid = n_fg = 0.0
+        try:
+            for i in range(len(data)):
+                x = data.images[i:i + 1].to(self.device)
+                if self.config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                t = data.targets[i:i + 1, :, ::2, ::2, ::2].to(self.device, torch.float32)
+                with self._autocast():
+                    pred = model(x)
+                pred = pred.float()
+                valid = t[:, 1] != 0
+                fg = valid & (t[:, 0] != 0)
+                n = float(valid.sum())
+                loss_sum += float(displacement_loss(pred, t[:, 2:], valid)) * n
+                epe = (pred - t[:, 2:]).norm(dim=1) * FIELD_SPACING_MM
+                epe_sum += float(epe[valid].sum())
+                epe_fg_sum += float(epe[fg].sum())
+                n_valid += n
+                n_fg += float(fg.sum())
+        finally:
+            model.train(was_training)
+        nan = float("nan")
+        return {"val_loss": loss_sum / n_valid if n_valid else nan, "val_epe_mm": epe_sum / n_valid if n_valid else nan,
+                "val_foreground_epe_mm": epe_fg_sum / n_fg if n_fg else nan}
 
     # ---- state
     def state_dict(self, *, generator_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -784,9 +1045,35 @@ def training_subject_ids(dataset_dir: str | os.PathLike, transferred_dir: str | 
     return ids
 
 
+def _transfer_fields(transferred_dir: Path, dataset_doc: dict[str, Any], fields_dir: str | os.PathLike | None
+                     ) -> tuple[Path, str]:
+    """Where the transfer fields are and the template id in their names (``fields/disp_<id>_<template>.nii.gz``).
+
+    The folder: ``fields_dir`` if given, else ``fields/`` of the transfer output (``transferred_dir``, or its parent
+    when ``transferred_dir`` is the ``transferred/`` folder itself). The template id: ``transfer.json``'s
+    ``template`` (what the transfer stage wrote), else the dataset's ``template``."""
+    from slicreg.io import read_json
+
+    root = transferred_dir if (transferred_dir / "transferred").is_dir() else transferred_dir.parent
+    folder = Path(fields_dir) if fields_dir is not None else root / "fields"
+    template = None
+    if (root / "transfer.json").is_file():
+        template = read_json(root / "transfer.json").get("template")
+    if not isinstance(template, str):
+        template = dataset_doc.get("template")
+    if not isinstance(template, str):
+        raise InputError(f"{root}: no transfer.json naming the template, and the dataset names none: cannot find "
+                         f"the transfer fields fields/disp_<id>_<template>.nii.gz")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (target 'displacement' trains on the transfer stage's fields, "
+                         f"fields/disp_<id>_{template}.nii.gz)")
+    return folder, template
+
+
 def load_training_data(dataset_dir: str | os.PathLike, transferred_dir: str | os.PathLike, *,
-                       ids: Sequence[str] | None = None, progress: bool = False) -> SupervoxelData:
-    """Load scans and their transferred supervoxels (docs/CONTRACTS.md layouts).
+                       ids: Sequence[str] | None = None, progress: bool = False, target: str = "supervoxels",
+                       fields_dir: str | os.PathLike | None = None) -> SupervoxelData:
+    """Load scans and their transferred supervoxels (docs/CONTRACTS.md layouts), or their transfer fields.
 
     Args:
         dataset_dir: a preprocessed dataset folder (``dataset.json``, ``imagesTr/<id>_0000.nii.gz`` at 2 mm,
@@ -795,20 +1082,31 @@ def load_training_data(dataset_dir: str | os.PathLike, transferred_dir: str | os
             ``(16, X/2, Y/2, Z/2)`` on the subject's 4 mm grid.
         ids: subjects to load; default: the dataset's ``training`` list (subjects with role ``train``) that have a
             transferred file.
+        target: ``"supervoxels"`` (default) or ``"displacement"``: targets :data:`DISPLACEMENT_CHANNELS` from the
+            transfer stage's field ``fields/disp_<id>_<template>.nii.gz`` (``(X, Y, Z, 3)`` float32 on the
+            subject's 2 mm grid, voxels, subject -> template; the template id from ``transfer.json``, else the
+            dataset's), read trilinearly at the 4 mm voxel centres (2 mm position ``2 m + 0.5``, the mean of each
+            2x2x2 block) with the values kept in 2 mm voxels; foreground = layer 0 of the transferred supervoxels
+            > 0; valid = 1 everywhere.
+        fields_dir: the fields' folder, if not ``fields/`` of the transfer output.
 
     Returns:
         :class:`SupervoxelData` with images = 2x2x2-average-pooled HU / 500 (:func:`slicreg.network.network_input`).
 
     Raises:
-        InputError: missing files, shapes that do not pair up, labels outside 0..127 (naming the file).
+        InputError: missing files, shapes that do not pair up, labels outside 0..127, a field missing or not on the
+            subject's 2 mm grid (naming the file).
     """
     from slicreg.conventions import downsample_affine
     from slicreg.io import load_image, load_volume
 
+    if target not in TARGETS:
+        raise InputError(f"load_training_data: target must be one of {TARGETS}, got {target!r}")
     dataset_dir, tdir = Path(dataset_dir), _resolve_transferred(Path(transferred_dir))
-    _, images = _dataset_images(dataset_dir)
+    doc, images = _dataset_images(dataset_dir)
     if not tdir.is_dir():
         raise InputError(f"{transferred_dir}: not a folder (expected the transfer output with transferred/<id>.nii.gz)")
+    fields = _transfer_fields(Path(transferred_dir), doc, fields_dir) if target == "displacement" else None
     if ids is None:
         ids = training_subject_ids(dataset_dir, transferred_dir)
     imgs, tgts, affs = [], [], []
@@ -833,9 +1131,30 @@ def load_training_data(dataset_dir: str | os.PathLike, transferred_dir: str | os
             raise InputError(f"{tpath}: labels must be in 0..{N_CLASSES - 1}, got "
                              f"{int(sv.array.min())}..{int(sv.array.max())}")
         imgs.append(torch.from_numpy(network_input(img.array, from_2mm=True))[None])
-        tgts.append(torch.from_numpy(sv.array.astype(np.uint8)))
+        if fields is None:
+            tgts.append(torch.from_numpy(sv.array.astype(np.uint8)))
+        else:
+            tgts.append(_displacement_targets(fields[0] / f"disp_{sid}_{fields[1]}.nii.gz", img, sv.array))
         affs.append(downsample_affine(img.affine, 2))
-    return SupervoxelData(list(ids), torch.stack(imgs), torch.stack(tgts), affs)
+    return SupervoxelData(list(ids), torch.stack(imgs), torch.stack(tgts), affs, target=target)
+
+
+def _displacement_targets(path: Path, image: Any, supervoxels: np.ndarray) -> torch.Tensor:
+    """The :data:`DISPLACEMENT_CHANNELS` of one subject: ``(5, X/2, Y/2, Z/2)`` float32 (see
+    :func:`load_training_data`)."""
+    from slicreg.fields import sample_affine
+    from slicreg.grid import downsample_index_map
+    from slicreg.io import load_field
+
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (the transfer field of this subject; target 'displacement' needs "
+                         f"the transfer stage's fields/)")
+    u = load_field(path, fixed=image).array  # (3, X, Y, Z); a field on another grid is refused naming the file
+    coarse = tuple(int(s) for s in supervoxels.shape[1:])
+    u4 = sample_affine(torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)), downsample_index_map(2), coarse,
+                       interpolation="linear", padding="border", backend="gather")  # 4 mm voxel m <- 2 mm 2m + 0.5
+    fg = torch.from_numpy(supervoxels[0] > 0).to(torch.float32)
+    return torch.cat([fg[None], torch.ones_like(fg)[None], u4.to(torch.float32)])
 
 
 # ------------------------------------------------------------------------------------ files: checkpoints
@@ -867,7 +1186,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- files: logs
 
-LOG_COLUMNS = ("iteration", "loss", "val_loss", "val_accuracy", "val_foreground_accuracy", "elapsed_s")
+LOG_COLUMNS = ("iteration", "loss", "val_loss", "val_accuracy", "val_foreground_accuracy", "val_epe_mm",
+               "val_foreground_epe_mm", "elapsed_s")
 
 
 def write_logs(out_dir: str | os.PathLike, history: list[dict[str, Any]], *, extra: dict[str, Any] | None = None
@@ -888,8 +1208,10 @@ def write_logs(out_dir: str | os.PathLike, history: list[dict[str, Any]], *, ext
     atomic_write_json(out_dir / "log.json", {**(extra or {}), "history": history})
 
 
-def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "training") -> Path:
-    """Training loss (per step and a running mean) and validation loss / accuracy against the step, as PNG."""
+def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "training",
+                target: str = "supervoxels") -> Path:
+    """Training loss (per step and a running mean) and validation loss / accuracy (target ``"supervoxels"``) or
+    end-point error (``"displacement"``) against the step, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -912,13 +1234,20 @@ def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, *, title
         ax.plot([h["iteration"] for h in vals], [h["val_loss"] for h in vals], "o-", color="C3", lw=1.5,
                 label="validation loss")
         ax2 = ax.twinx()
-        ax2.plot([h["iteration"] for h in vals], [h["val_accuracy"] for h in vals], "s--", color="C2", lw=1,
-                 label="validation accuracy")
-        ax2.set_ylabel("accuracy (mean over layers)")
-        ax2.set_ylim(0, 1)
+        if target == "displacement":
+            ax2.plot([h["iteration"] for h in vals], [h.get("val_epe_mm", np.nan) for h in vals], "s--", color="C2",
+                     lw=1, label="validation end-point error")
+            ax2.set_ylabel("mean end-point error (mm)")
+            ax2.set_ylim(bottom=0)
+        else:
+            ax2.plot([h["iteration"] for h in vals], [h["val_accuracy"] for h in vals], "s--", color="C2", lw=1,
+                     label="validation accuracy")
+            ax2.set_ylabel("accuracy (mean over layers)")
+            ax2.set_ylim(0, 1)
         ax2.legend(loc="center right", fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (mean over 16 layers)")
+    ax.set_ylabel("Charbonnier end-point loss (2 mm voxels)" if target == "displacement"
+                  else "cross-entropy (mean over 16 layers)")
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -978,7 +1307,7 @@ def hardware_summary(device: torch.device, world_size: int) -> dict[str, Any]:
 def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred: str | os.PathLike,
                  template_supervoxels: str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
                  bundle_dir: str | os.PathLike | None = None, provenance: dict[str, Any] | None = None,
-                 quiet: bool = False) -> TrainResult:
+                 quiet: bool = False, fields: str | os.PathLike | None = None) -> TrainResult:
     """Train from files and write a weights bundle: the one-call entry of ``slicreg train`` and the ``train`` stage.
 
     Writes into ``out_dir``: ``checkpoints/last.pt`` (resumable, every ``checkpoint_every`` steps), ``log.csv``,
@@ -993,6 +1322,8 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
         resume: continue from ``out_dir/checkpoints/last.pt`` if it exists (else start afresh). Without
             ``resume`` an existing checkpoint is an error, so a finished or running run is never overwritten.
         provenance: extra facts for the model card (e.g. the cohort's seed and generator version).
+        fields: target ``"displacement"``: the transfer fields' folder (default: ``fields/`` of ``transferred``,
+            see :func:`load_training_data`).
     """
     from slicreg.bundle import MODEL_FILE, save_bundle
     from slicreg.io import atomic_write_json, sha256_file
@@ -1008,8 +1339,9 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
     # each process loads only its shard of the training scans (all of them when alone), and rank 0 the validation
     train_ids, val_ids = split_validation_ids(training_subject_ids(dataset, transferred), config)
     shards = [shard_ids(train_ids, r, world, seed=config.seed) for r in range(world)]
-    train_data = load_training_data(dataset, transferred, ids=shards[rank], progress=not quiet and rank == 0)
-    val_data = load_training_data(dataset, transferred, ids=val_ids) if val_ids and rank == 0 else None
+    kind = {"target": config.target, "fields_dir": fields}
+    train_data = load_training_data(dataset, transferred, ids=shards[rank], progress=not quiet and rank == 0, **kind)
+    val_data = load_training_data(dataset, transferred, ids=val_ids, **kind) if val_ids and rank == 0 else None
     data_bytes = [int(train_data.images.nbytes + train_data.targets.nbytes)]
     dist = _distributed()
     if dist is not None:
@@ -1026,7 +1358,12 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
         "dataset": str(dataset_dir.resolve()), "transferred": str(Path(transferred).resolve()),
         "dataset_json_sha256": sha256_file(dataset_dir / "dataset.json"),
         "world_size": world,
+        "model": config.model, "target": config.target,
     }
+    if config.target == "displacement":
+        folder, template = _transfer_fields(Path(transferred), _dataset_images(dataset_dir)[0], fields)
+        info["fields"] = {"folder": str(folder.resolve()), "files": f"disp_<id>_{template}.nii.gz",
+                          "unit": "voxels of the subject's 2 mm grid, subject -> template"}
     if world > 1:  # which scans each process held, and their memory (images + targets)
         info.update(data_shards=shards, training_data_bytes_per_process=data_bytes)
     if config.init_weights is not None:
@@ -1034,6 +1371,9 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
                                 "model_sha256": sha256_file(Path(config.init_weights) / MODEL_FILE)}
     if rank == 0:
         atomic_write_json(out_dir / "config.json", info)
+
+    title = (f"{'SLIC-Reg' if config.target == 'supervoxels' else 'Regression baseline'} training "
+             f"({config.model}, {len(train_ids)} scans)")
 
     def checkpoint(tr: Trainer) -> None:
         dist = _distributed()
@@ -1048,7 +1388,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
 
     def validated(tr: Trainer) -> None:
         write_logs(out_dir, tr.history, extra=info)
-        plot_curves(tr.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_ids)} scans)")
+        plot_curves(tr.history, out_dir / "curves.png", title=title, target=config.target)
 
     train_loop(trainer, train_data, validation=val_data, on_checkpoint=checkpoint, on_validation=validated,
                progress=not quiet)
@@ -1058,7 +1398,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
     bundle = None
     if rank == 0:
         write_logs(out_dir, trainer.history, extra=info)
-        plot_curves(trainer.history, out_dir / "curves.png", title=f"SLIC-Reg training ({len(train_ids)} scans)")
+        plot_curves(trainer.history, out_dir / "curves.png", title=title, target=config.target)
         tail = losses[-min(len(losses), 25):]
         training = {
             **info,
@@ -1066,7 +1406,8 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
             "wall_s": round(trainer.elapsed_s, 1),
             "final_train_loss_mean_last_25": float(np.mean(tail)) if tail else None,
             "validation": final_val,
-            "validation_curve": [{k: h[k] for k in ("iteration", "val_loss", "val_accuracy")} for h in vals],
+            "validation_curve": [{k: h[k] for k in ("iteration", "val_loss", "val_accuracy", "val_epe_mm") if k in h}
+                                 for h in vals],
             "config_changes": trainer.config_changes,
             "hardware": hardware_summary(trainer.device, world),
             "precision": trainer.precision,
@@ -1075,7 +1416,7 @@ def run_training(config: TrainConfig, *, dataset: str | os.PathLike, transferred
             Path(bundle_dir) if bundle_dir is not None else out_dir / "bundle", trainer.model,
             template_supervoxels=template_supervoxels, training=training,
             data_provenance=_data_provenance(dataset_dir, provenance, train_ids, val_ids),
-            curves_png=out_dir / "curves.png")
+            curves_png=out_dir / "curves.png", kind={"model": config.model, "target": config.target})
     dist = _distributed()
     if dist is not None:
         dist.barrier()

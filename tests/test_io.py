@@ -289,3 +289,17 @@ def test_kill_9_mid_write_leaves_no_half_file_and_the_next_write_cleans_up(tmp_p
     assert any(p.name.startswith(".big.nii.gz.") for p in tmp_path.iterdir())
     save_volume(Volume(np.zeros((2, 2, 2), np.float32), np.eye(4)), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nii.gz"]
+
+
+def test_gz_output_is_the_same_bytes_for_any_number_of_compression_threads(tmp_path, monkeypatch):
+    import slicreg.io as sio
+
+    data = np.random.default_rng(0).normal(0, 100, (40, 50, 60)).astype(np.float32)
+    vol = Volume(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    files = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(sio, "_gzip_threads", lambda t=threads: t)
+        files.append(save_volume(vol, tmp_path / f"t{threads}.nii.gz").read_bytes())
+    assert files[0] == files[1] == files[2]
+    assert gzip.decompress(files[0])[352:] == np.asfortranarray(data).tobytes(order="F")
+    assert np.array_equal(load_image(tmp_path / "t2.nii.gz").array, data)

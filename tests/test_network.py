@@ -255,3 +255,38 @@ def test_compiled_depthwise_weight_gradient_matches_torch():
             pytest.skip(f"torch.compile unavailable here: {_COMPILED_WEIGHT_GRAD.failed[:200]}")
         gx2, gw2 = torch.autograd.grad(F.conv3d(x, w, stride=stride, padding=1, groups=16), (x, w), g)
         assert torch.allclose(gw, gw2, rtol=1e-4, atol=1e-4) and torch.allclose(gx, gx2, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_computes_the_same_function_and_refuses_the_sparse_head():
+    from slicreg.network import fold_batchnorm
+
+    model = build_model(seed=3, backward="native")
+    gen = torch.Generator().manual_seed(5)
+    for m in model.modules():  # trained-looking statistics, so that folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen))
+    model.eval()
+    x = torch.randn(1, 1, 8, 8, 12, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+        out = folded(x)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    with pytest.raises(InputError, match="folded BatchNorm"):
+        folded(x, voxels=torch.zeros(1, 3, dtype=torch.int64))
+
+
+def test_fold_batchnorm_keeps_channels_last_and_bf16_labels():
+    from slicreg.network import fold_batchnorm
+    from slicreg.registration import network_labels
+
+    model = build_model(seed=1, backward="native", channels_last=True).eval()
+    image = np.random.default_rng(0).normal(0, 300, (8, 8, 12)).astype(np.float32)
+    ref = network_labels(model, image, dtype=torch.float32)
+    folded = fold_batchnorm(model)
+    assert folded.backbone.blocks[1].expand.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (network_labels(folded, image, dtype=torch.float32) == ref).mean() > 0.999

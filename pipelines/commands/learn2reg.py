@@ -103,6 +103,9 @@ def _submit(args: argparse.Namespace) -> None:
             if not Path(image).is_file():
                 raise InputError(f"{image}: file not found (an image of the {args.set} pair {q.fixed} <- {q.moving})")
     bundle = load_weights(args.weights, device=args.device)
+    from slicreg.bundle import require_target
+
+    require_target(bundle, what="`slicreg learn2reg submit` (pairs of two scans, registered by supervoxels)")
     crop_shape = bundle_crop_shape(bundle)
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

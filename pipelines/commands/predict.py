@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from slicreg.bundle import load_bundle, predict
+    from slicreg.bundle import load_bundle, predict, require_target
     from slicreg.checks import axcodes, check_ct_like
     from slicreg.conventions import Volume, downsample_affine, spacing_from_affine
     from slicreg.errors import InputError
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.image}: expected a preprocessed image in RAS axis order (as `slicreg preprocess` "
                          f"writes it), got {axcodes(img.affine)}; run `slicreg preprocess` first")
     bundle = load_bundle(args.weights, device=args.device)
+    require_target(bundle, what="`slicreg predict`")
     spacing = spacing_from_affine(img.affine)
     if np.allclose(spacing, 2.0, atol=0.05):
         hu = network_input(img.array, from_2mm=True) * np.float32(HU_SCALE)

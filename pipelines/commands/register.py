@@ -15,8 +15,8 @@ import argparse
 NAME = "register"
 HELP = "register two CTs (raw or preprocessed) by predicted supervoxels; writes the field and warped outputs"
 
-_STEPS = ("load weights", "load images", "preprocess", "network fixed", "network moving", "keypoints", "features",
-          "adam", "dense field", "refine", "map to original grid", "warp", "save")
+_STEPS = ("load weights", "load images", "preprocess", "network fixed", "network moving",
+          "keypoints", "features", "adam", "dense field", "refine", "map to original grid", "warp", "save")
 
 
 INPUTS = ("fixed", "moving", "weights", "moving_labels", "template_supervoxels")
@@ -65,8 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template-supervoxels", default=None, metavar="SV",
                    help="with --atlas: the template supervoxels (supervoxels.nii.gz with its supervoxels.json, or "
                         "their folder) the bundle was trained on, made on --moving")
-    p.add_argument("--refine", action="store_true",
-                   help="polish the field by a short instance optimisation on MIND-SSC features (a few seconds)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--refine", dest="refine", action="store_true", default=True,
+                      help="the default: the supervoxel field refined by a short instance optimisation on MIND-SSC "
+                           "features inside both fields of view (the align engine's preset 'refine', ~1.5 s more "
+                           "on 2 cores; docs/register.md)")
+    mode.add_argument("--fast", "--no-refine", dest="refine", action="store_false",
+                      help="the supervoxel field alone (network passes + keypoint flow): faster, coarser")
     p.add_argument("--refine-iterations", type=int, default=None,
                    help="Adam steps of --refine on each of its levels (default 30 at 8 mm, 15 at 4 mm: the align "
                         "engine's preset 'refine', slicreg.alignment.PRESETS)")

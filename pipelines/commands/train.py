@@ -4,7 +4,8 @@ The config is a TOML file (example: ``pipelines/train.toml``)::
 
     [data]
     dataset = "runs/demo/prep/current"                    # preprocessed dataset folder (dataset.json, imagesTr/)
-    transferred = "runs/demo/transfer/current"            # transfer output (transferred/<id>.nii.gz)
+    transferred = "runs/demo/transfer/current"            # transfer output (transferred/<id>.nii.gz, fields/)
+    fields = "runs/demo/transfer/current/fields"          # optional (target "displacement"): the transfer fields
     template_supervoxels = "runs/demo/supervoxels/current/supervoxels.nii.gz"
     cohort_stats = "runs/demo/cohort/current/cohort_stats.json"   # optional: provenance for the model card
 
@@ -17,6 +18,8 @@ The config is a TOML file (example: ``pipelines/train.toml``)::
 
     [train]                                               # slicreg.train.TrainConfig; every key optional
     iterations = 400
+    model = "deeplab"                                     # or "unet"
+    target = "supervoxels"                                # or "displacement" (the Regression baseline)
 
 Relative paths resolve against the current directory. Checkpoints are written every ``checkpoint_every`` steps,
 so a run killed at any point continues with ``--resume``. Under ``torchrun --nproc_per_node N -m pipelines.cli
@@ -30,7 +33,7 @@ import argparse
 NAME = "train"
 HELP = "train the network on transferred supervoxels (TOML config); resumable; writes a weights bundle"
 
-SECTIONS = {"data": {"dataset", "transferred", "template_supervoxels", "cohort_stats"},
+SECTIONS = {"data": {"dataset", "transferred", "template_supervoxels", "cohort_stats", "fields"},
             "output": {"dir", "bundle"}, "run": {"threads"}, "train": None}
 
 
@@ -112,11 +115,12 @@ def run(args: argparse.Namespace) -> int:
                                  if k in stats}}
     result = run_training(config, dataset=data["dataset"], transferred=data["transferred"],
                           template_supervoxels=data["template_supervoxels"], out_dir=out, resume=args.resume,
-                          bundle_dir=bundle, provenance=provenance, quiet=args.quiet)
+                          bundle_dir=bundle, provenance=provenance, quiet=args.quiet, fields=data.get("fields"))
     if int(os.environ.get("RANK", "0")) == 0:
         val = result.validation or {}
+        metric = (f"end-point error {val.get('val_epe_mm', float('nan')):.2f} mm" if config.target == "displacement"
+                  else f"accuracy {val.get('val_accuracy', float('nan')):.3f}")
         print(f"trained {result.iterations} steps in {result.wall_s / 60:.1f} min; final loss "
-              f"{result.final_loss:.3f}; validation loss {val.get('val_loss', float('nan')):.3f}, accuracy "
-              f"{val.get('val_accuracy', float('nan')):.3f}")
+              f"{result.final_loss:.3f}; validation loss {val.get('val_loss', float('nan')):.3f}, {metric}")
         print(f"bundle: {result.bundle}\nlogs: {out / 'log.csv'}, curves: {out / 'curves.png'}")
     return 0

@@ -21,6 +21,12 @@ instance refinement, :func:`slicreg.registration.refine_field`), ``refine_option
 scan's field of view, from its crop record ``crops/<id>.json``; a subject without one counts as whole),
 ``method`` (the name in registrations.json; default ``"slicreg"`` or ``"slicreg+refine"``).
 
+A displacement-regression bundle (kind ``deeplab/displacement``, the paper's Regression baseline) needs
+``atlas = true`` and pairs whose moving scan is the template: each pair is then one network pass on the fixed scan
+(its regressed field to the template) and the optional refinement, through the same function as ``slicreg
+register`` (:func:`slicreg.registration.register_preprocessed`), in the pair jobs (:func:`register_one_displacement`;
+no supervoxel maps, ``predicted`` and ``flow`` are not used; method ``"regression"`` / ``"regression+refine"``).
+
 Outputs (docs/CONTRACTS.md, "Registration results")::
 
     supervoxels/<id>.nii.gz               maps predicted here (16 layers, 4 mm), when not given as input
@@ -90,6 +96,40 @@ def register_one(job: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def register_one_displacement(job: dict[str, Any]) -> dict[str, Any]:
+    """Register one pair (moving = the template) with a displacement-regression bundle: the network pass and the
+    optional refinement of :func:`slicreg.registration.register_preprocessed`; write its field and record (module
+    level: runs in workers, each loading the bundle once, :func:`slicreg.api.cached_weights`)."""
+    import numpy as np
+
+    from slicreg.api import cached_weights
+    from slicreg.geometry import load_fov_mask
+    from slicreg.io import atomic_write_json, load_image, save_field
+    from slicreg.registration import register_preprocessed
+
+    t0 = time.perf_counter()
+    bundle = cached_weights(job["weights"], device=job["device"])
+    fixed, moving = load_image(job["fixed_image"]), load_image(job["moving_image"])
+    masks = {f"{side}_mask": load_fov_mask(job[f"{side}_crop"], image.shape, f"{side} crop record")
+             if job.get(f"{side}_crop") else None for side, image in (("fixed", fixed), ("moving", moving))}
+    read_s = time.perf_counter() - t0
+    result = register_preprocessed(bundle, fixed.array, moving.array, moving_is_template=True, refine=job["refine"],
+                                   refine_options=job["refine_options"], device=job["device"], seed=job["seed"],
+                                   **masks)
+    save_field(np.asarray(result.disp_vox, dtype=np.float32), fixed.affine, job["field_path"])
+    wall, cpu = result.info["timings_s"], result.info["cpu_s"]
+    record = {
+        "fixed": job["fixed"], "moving": job["moving"], "field": job["field"],
+        "runtime_s": round(sum(wall.values()), 3),
+        "timings_s": {"network moving": 0.0, **{k: round(v, 4) for k, v in wall.items()}},
+        "cpu_s": {k: round(v, 4) for k, v in cpu.items()},
+        "read_s": round(read_s, 3), "total_wall_s": round(time.perf_counter() - t0, 3),
+        "method": result.info["method"], "kind": result.info["kind"], "refine": result.info.get("refine"),
+    }
+    atomic_write_json(job["record_path"], record)
+    return record
+
+
 def _check_options(options: Any, fn: Any, key: str, where: str, reserved: tuple[str, ...]) -> dict[str, Any]:
     from slicreg.errors import ConfigError
 
@@ -114,6 +154,7 @@ def register_stage(ctx: StageContext) -> None:
     from pipelines.pair_jobs import run_pair_jobs
     from preprocessing.datasets import load_dataset
     from slicreg.api import atlas_advice, atlas_template, default_weights, load_weights
+    from slicreg.bundle import displacement_atlas_problem
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.errors import ConfigError
     from slicreg.flow import supervoxel_flow
@@ -147,6 +188,17 @@ def register_stage(ctx: StageContext) -> None:
     source = ctx.inputs.get("bundle") or p["weights"] or default_weights()
     bundle = load_weights(Path(str(source)), device=p["device"])
     template_sv_file = Path(bundle.path) / "supervoxels.nii.gz"
+    displacement = bundle.kind.target == "displacement"  # the Regression baseline: atlas pairs, no supervoxels
+    if displacement:
+        if not p["atlas"]:
+            raise ConfigError(f"{where}: {displacement_atlas_problem(bundle)}; set atlas = true (with pairs whose "
+                              f"moving scan is the dataset's template)")
+        others = [(f, m) for f, m in pairs if m != dataset.template]
+        if others:
+            raise ConfigError(f"{where}: {len(others)} pair(s) (e.g. {others[0][0]} <- {others[0][1]}) have a moving "
+                              f"scan other than the template {dataset.template}, which a {bundle.kind.noun} bundle "
+                              f"cannot register; use pairs = \"atlas\"")
+        method = str(p["method"] or ("regression+refine" if p["refine"] else "regression"))
 
     def image_path(sid: str) -> Path:
         return Path(dataset.path(dataset.subject(sid).image))
@@ -183,6 +235,10 @@ def register_stage(ctx: StageContext) -> None:
         maps[dataset.template] = template_sv_file
         network_s[dataset.template] = 0.0
         needed = [s for s in needed if s != dataset.template]
+    if displacement:  # the network passes run in the pair jobs (register_one_displacement)
+        needed = []
+        if ctx.inputs.get("predicted"):
+            ctx.log("note: the predicted input holds supervoxel maps, which a displacement bundle does not use")
     for sid in ctx.progress(needed, "predict"):
         image = load_image(image_path(sid))
         expected = tuple(s // 2 for s in image.shape)
@@ -213,12 +269,19 @@ def register_stage(ctx: StageContext) -> None:
         found = dataset.subject(sid).files.get("crop")
         return str(dataset.path(found)) if (p["fov_mask"] and p["refine"] and found) else None
 
-    ordered = run_pair_jobs(ctx, pairs, lambda fixed, moving: {
-        "fixed_sv": str(maps[fixed]), "moving_sv": str(maps[moving]), "fixed_image": str(image_path(fixed)),
-        "moving_image": str(image_path(moving)), "network_fixed_s": network_s.get(fixed),
-        "network_moving_s": network_s.get(moving), "device": str(p["device"]), "seed": int(p["seed"]),
-        "flow": flow, "refine": bool(p["refine"]), "refine_options": refine_options,
-        "fixed_crop": crop(fixed), "moving_crop": crop(moving)}, register_one, desc="register")
+    if displacement:
+        ordered = run_pair_jobs(ctx, pairs, lambda fixed, moving: {
+            "weights": str(Path(str(source)).resolve()), "fixed_image": str(image_path(fixed)),
+            "moving_image": str(image_path(moving)), "device": str(p["device"]), "seed": int(p["seed"]),
+            "refine": bool(p["refine"]), "refine_options": refine_options, "fixed_crop": crop(fixed),
+            "moving_crop": crop(moving)}, register_one_displacement, desc="register")
+    else:
+        ordered = run_pair_jobs(ctx, pairs, lambda fixed, moving: {
+            "fixed_sv": str(maps[fixed]), "moving_sv": str(maps[moving]), "fixed_image": str(image_path(fixed)),
+            "moving_image": str(image_path(moving)), "network_fixed_s": network_s.get(fixed),
+            "network_moving_s": network_s.get(moving), "device": str(p["device"]), "seed": int(p["seed"]),
+            "flow": flow, "refine": bool(p["refine"]), "refine_options": refine_options,
+            "fixed_crop": crop(fixed), "moving_crop": crop(moving)}, register_one, desc="register")
     atomic_write_json(ctx.path("registrations.json"), {
         "method": method, "weights": str(Path(str(source)).resolve()), "atlas": bool(p["atlas"]),
         "refine": bool(p["refine"]), "flow": flow, "refine_options": refine_options, "fov_mask": bool(p["fov_mask"]),

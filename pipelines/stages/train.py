@@ -13,14 +13,18 @@ TRAIN_PARAMS = {
     "foreground_fraction": 0.0, "fov_crop_probability": 0.0, "fov_crop_mm": [32.0, 120.0],
     "precision": "auto", "channels_last": True, "checkpointing": False, "backward": "compiled", "val_every": 50,
     "val_subjects": 2, "val_ids": [], "checkpoint_every": 10, "device": "cpu", "init_weights": None, "threads": None,
+    "model": "deeplab", "target": "supervoxels", "smoothness": 0.0, "lr_schedule": "constant", "warmup": 0,
 }
+# target = "displacement" (the Regression baseline) trains on the transfer stage's fields (its fields/ folder, beside
+# transferred/): the input ``transferred`` is that stage's whole output, so nothing else is needed.
 
 
 @stage("train", version="1", params=TRAIN_PARAMS,
        inputs={"dataset": True, "transferred": True, "supervoxels": True, "cohort": False, "init": False},
        path_params=("init_weights",))
 def train_stage(ctx: StageContext) -> None:
-    """Train the network on the transferred supervoxels; writes bundle/ (weights + card) and training/ (logs).
+    """Train the network on the transferred supervoxels (or, ``target = "displacement"``, on the transfer fields);
+    writes bundle/ (weights + card) and training/ (logs).
 
     Starts from a weights bundle (fine-tuning) when given one: ``init_weights`` (a path), or the input ``init``
     (another train stage of the pipeline, whose ``bundle/`` is used)."""
@@ -59,10 +63,14 @@ def train_stage(ctx: StageContext) -> None:
         template_supervoxels=Path(ctx.inputs["supervoxels"]) / "supervoxels.nii.gz", out_dir=out, resume=resume,
         bundle_dir=ctx.out_dir / "bundle", provenance=provenance, quiet=ctx.quiet)
     val = result.validation or {}
+    if config.target == "displacement":
+        metric = (f"end-point error {val.get('val_epe_mm', float('nan')):.2f} mm "
+                  f"(foreground {val.get('val_foreground_epe_mm', float('nan')):.2f} mm)")
+    else:
+        metric = (f"accuracy {val.get('val_accuracy', float('nan')):.3f} "
+                  f"(foreground {val.get('val_foreground_accuracy', float('nan')):.3f})")
     ctx.log(f"{result.iterations} steps in {result.wall_s / 60:.1f} min, final loss {result.final_loss:.3f}, "
-            f"validation loss {val.get('val_loss', float('nan')):.3f}, accuracy "
-            f"{val.get('val_accuracy', float('nan')):.3f} "
-            f"(foreground {val.get('val_foreground_accuracy', float('nan')):.3f})")
+            f"validation loss {val.get('val_loss', float('nan')):.3f}, {metric}")
 
 
 @stage("predict", version="1",
@@ -75,7 +83,7 @@ def predict_stage(ctx: StageContext) -> None:
     import numpy as np
     import torch
 
-    from slicreg.bundle import load_bundle, predict
+    from slicreg.bundle import load_bundle, predict, require_target
     from slicreg.conventions import Volume, downsample_affine
     from slicreg.errors import ConfigError
     from slicreg.io import atomic_write_json, load_image, read_json, save_volume
@@ -92,6 +100,7 @@ def predict_stage(ctx: StageContext) -> None:
     if p["precision"] not in ("auto", "fp32"):
         raise ConfigError(f"{where} precision = {p['precision']!r}: expected 'auto' or 'fp32'")
     bundle = load_bundle(Path(str(source)).expanduser(), device=p["device"])
+    require_target(bundle, what=f"{where} (the predict stage, supervoxel maps)", error=ConfigError)
     root = Path(ctx.inputs["dataset"])
     doc = read_json(root / "dataset.json")
     subjects = doc.get("subjects", {})
