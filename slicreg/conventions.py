@@ -233,9 +233,10 @@ def world_ras_to_lps(vectors: np.ndarray) -> np.ndarray:
 
 
 def to_itk_layout(disp_mm_lps: np.ndarray) -> np.ndarray:
-    """``(3, X, Y, Z)`` (mm, LPS) -> ITK's NIfTI vector-image layout ``(X, Y, Z, 1, 3)`` (the 4th axis is time)."""
+    """``(3, X, Y, Z)`` (mm, LPS) -> ITK's NIfTI vector-image layout ``(X, Y, Z, 1, 3)`` (the 4th axis is time), as
+    a view of the input (no copy: a file writer reorders it once, into the file's order)."""
     _check_disp(disp_mm_lps, "disp_mm_lps")
-    return np.ascontiguousarray(np.moveaxis(np.asarray(disp_mm_lps), 0, -1)[:, :, :, None, :])
+    return np.moveaxis(np.asarray(disp_mm_lps), 0, -1)[:, :, :, None, :]
 
 
 def from_itk_layout(disp_xyz13: np.ndarray) -> np.ndarray:

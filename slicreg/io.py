@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -680,16 +681,48 @@ def _fortran_order(data: np.ndarray) -> np.ndarray:
     return np.asfortranarray(data)
 
 
+class _ForwardOnly(io.RawIOBase):
+    """A write-only stream over a compressor that nibabel can write a NIfTI file into: ``tell`` counts the bytes
+    written, ``seek`` moves forward only (padding with zeros), as nibabel asks for the data offset."""
+
+    def __init__(self, fileobj: Any) -> None:
+        super().__init__()
+        self.fileobj, self.written = fileobj, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.fileobj.write(data)
+        self.written += n
+        return n
+
+    def tell(self) -> int:
+        return self.written
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos + (self.written if whence == 1 else 0)
+        if whence not in (0, 1) or target < self.written:
+            raise io.UnsupportedOperation("a compressed NIfTI stream is written forward only")
+        if target > self.written:
+            self.write(bytes(target - self.written))
+        return self.written
+
+
 def _write_nifti(img: Any, path: Path) -> None:
-    """``nib.save(img, path)``; a ``.nii.gz`` is serialised once and compressed by :func:`_gzip_writer`."""
+    """``nib.save(img, path)``; a ``.nii.gz`` is streamed by nibabel into :func:`_gzip_writer` (no whole-file copy in
+    memory; the same bytes as ``nib.save``'s, decompressed)."""
     if not str(path).endswith(".gz"):
         import nibabel as nib
 
         nib.save(img, str(path))
         return
-    data = img.to_bytes()  # header + voxel data exactly as nibabel writes a .nii
     with open(path, "wb") as fh, _gzip_writer(fh) as gz:
-        gz.write(data)
+        img.to_stream(_ForwardOnly(gz))
 
 
 FIELD_FORMATS = ("voxels", "itk", "deeds")
@@ -741,13 +774,15 @@ def save_field_itk(disp_vox: np.ndarray, fixed_affine: np.ndarray, moving_affine
     grid."""
     import nibabel as nib
 
-    from slicreg.conventions import disp_vox_to_world, to_itk_layout, world_ras_to_lps
+    from slicreg.conventions import RAS_TO_LPS, disp_vox_to_world, to_itk_layout
 
     path = Path(path)
     check_field_format("itk", path)
     affine = np.asarray(fixed_affine, dtype=np.float64)
-    world = world_ras_to_lps(disp_vox_to_world(np.asarray(disp_vox, dtype=np.float32), affine, moving_affine))
-    img = nib.Nifti1Image(_fortran_order(to_itk_layout(world).astype(np.float32, copy=False)), affine)
+    # world displacements in the LPS frame directly: both affines composed with RAS -> LPS (one pass)
+    lps_moving = None if moving_affine is None else RAS_TO_LPS @ np.asarray(moving_affine, dtype=np.float64)
+    world = disp_vox_to_world(np.asarray(disp_vox, dtype=np.float32), RAS_TO_LPS @ affine, lps_moving)
+    img = nib.Nifti1Image(_fortran_order(to_itk_layout(world)), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_intent("vector", (), ITK_INTENT_NAME)

@@ -80,6 +80,10 @@ __all__ = [
     "GroupedHead",
     "SlicRegNet",
     "build_model",
+    "initialised",
+    "check_network_input",
+    "dropout",
+    "run_head",
     "init_weights",
     "count_parameters",
     "fold_batchnorm",
@@ -471,35 +475,51 @@ class SlicRegNet(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's inputs at stride 2: skip features ``(B, 24, X/2, Y/2, Z/2)`` and the (dropped-out) ASPP
         output upsampled x2 trilinearly ``(B, 128, X/2, Y/2, Z/2)``."""
-        if image.dim() != 5 or image.shape[1] != 1:
-            raise InputError(f"SlicRegNet: expected an image (B, 1, X, Y, Z), got shape {tuple(image.shape)}")
-        if any(s % 4 for s in image.shape[2:]) or min(image.shape[2:]) < 4:
-            raise InputError(f"SlicRegNet: spatial sizes must be positive multiples of 4, got "
-                             f"{tuple(image.shape[2:])}")
+        check_network_input(image, type(self).__name__)
         x = image
         for i, block in enumerate(self.backbone.blocks):
             x = self._run(block, block, x)
             if i == SKIP_BLOCKS - 1:
                 skip = x
-        a = self._run(self.aspp, self.aspp, x)
-        if self.training and DROPOUT > 0:
-            keep = torch.empty_like(a).bernoulli_(1.0 - DROPOUT, generator=generator)
-            a = a * keep * (1.0 / (1.0 - DROPOUT))
+        a = dropout(self._run(self.aspp, self.aspp, x), training=self.training, generator=generator)
         a = F.interpolate(a, size=skip.shape[2:], mode="trilinear", align_corners=False)
         return skip, a
 
     def forward(self, image: torch.Tensor, *, voxels: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        skip, a = self.features(image, generator=generator)
-        if voxels is None:
-            return self._run(self.head, self.head, skip, a)
-        out_size = int(np.prod(skip.shape[2:]))
-        if voxels.dim() != 2 or voxels.shape[0] != image.shape[0]:
-            raise InputError(f"SlicRegNet: voxels must be (B, N) = ({image.shape[0]}, N), got {tuple(voxels.shape)}")
-        if voxels.numel() and (int(voxels.min()) < 0 or int(voxels.max()) >= out_size):
-            raise InputError(f"SlicRegNet: voxel indices must lie in [0, {out_size}) for the output grid "
-                             f"{tuple(skip.shape[2:])}")
-        return self._run(self.head, self.head.at_voxels, skip, a, voxels.to(torch.int64))
+        return run_head(self, *self.features(image, generator=generator), voxels)
+
+
+def check_network_input(image: torch.Tensor, who: str) -> None:
+    """An input ``(B, 1, X, Y, Z)`` with X, Y, Z positive multiples of 4 (the networks' two stride-2 steps)."""
+    if image.dim() != 5 or image.shape[1] != 1:
+        raise InputError(f"{who}: expected an image (B, 1, X, Y, Z), got shape {tuple(image.shape)}")
+    if any(s % 4 for s in image.shape[2:]) or min(image.shape[2:]) < 4:
+        raise InputError(f"{who}: spatial sizes must be positive multiples of 4, got {tuple(image.shape[2:])}")
+
+
+def dropout(x: torch.Tensor, *, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dropout (:data:`DROPOUT`) of the features before the head, its mask drawn from ``generator``; identity in
+    eval mode."""
+    if not training or DROPOUT <= 0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - DROPOUT, generator=generator)
+    return x * keep * (1.0 / (1.0 - DROPOUT))
+
+
+def run_head(net: nn.Module, skip: torch.Tensor, feats: torch.Tensor, voxels: torch.Tensor | None) -> torch.Tensor:
+    """``net.head`` on the stride-2 features: dense, or at ``voxels`` ``(B, N)`` (flat indices into the output
+    grid, checked here) through the head's ``at_voxels``; under ``net``'s gradient checkpointing."""
+    if voxels is None:
+        return net._run(net.head, net.head, skip, feats)
+    who = type(net).__name__
+    out_size = int(np.prod(skip.shape[2:]))
+    if voxels.dim() != 2 or voxels.shape[0] != skip.shape[0]:
+        raise InputError(f"{who}: voxels must be (B, N) = ({skip.shape[0]}, N), got {tuple(voxels.shape)}")
+    if voxels.numel() and (int(voxels.min()) < 0 or int(voxels.max()) >= out_size):
+        raise InputError(f"{who}: voxel indices must lie in [0, {out_size}) for the output grid "
+                         f"{tuple(skip.shape[2:])}")
+    return net._run(net.head, net.head.at_voxels, skip, feats, voxels.to(torch.int64))
 
 
 def init_weights(model: nn.Module, *, generator: torch.Generator | None = None) -> nn.Module:
@@ -542,7 +562,13 @@ def build_model(*, seed: int | None = 0, backward: str = "compiled", checkpointi
 
         return build_regression(seed=seed, checkpointing=checkpointing, device=device, channels_last=channels_last,
                                 backward=backward)
-    net = SlicRegNet(backward=backward, checkpointing=checkpointing)
+    return initialised(SlicRegNet(backward=backward, checkpointing=checkpointing), seed=seed, device=device,
+                       channels_last=channels_last)
+
+
+def initialised(net: nn.Module, *, seed: int | None = 0, device: Any = "cpu", channels_last: bool = False) -> nn.Module:
+    """``net`` initialised by :func:`init_weights` (seeded by ``seed``), moved to ``device``, optionally in
+    channels-last 3-D memory format: the last step of every ``build_*`` function."""
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     init_weights(net, generator=gen)
     net = net.to(device=device)

@@ -38,7 +38,7 @@ from slicreg.network import (
     GroupedHead,
     SlicRegNet,
     architecture_spec,
-    init_weights,
+    initialised,
     network_input,
 )
 
@@ -93,15 +93,11 @@ def build_regression(*, seed: int | None = 0, checkpointing: bool = False, devic
                      channels_last: bool = False, backward: str = "compiled") -> RegressionNet:
     """A freshly initialised :class:`RegressionNet`: :func:`slicreg.network.init_weights` (seeded by ``seed``), then
     the head's last convolution (weights and bias) set to zero, so the untrained network predicts ``u = 0``."""
-    model = RegressionNet(backward=backward, checkpointing=checkpointing)
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    init_weights(model, generator=gen)
+    model = initialised(RegressionNet(backward=backward, checkpointing=checkpointing), seed=seed, device=device,
+                        channels_last=channels_last)
     with torch.no_grad():
         model.head.conv3.weight.zero_()
         model.head.conv3.bias.zero_()
-    model = model.to(device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
     return model
 
 

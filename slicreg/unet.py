@@ -44,7 +44,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,7 +60,10 @@ from slicreg.network import (
     N_LAYERS,
     GroupedHead,
     _checkpointed,
-    init_weights,
+    check_network_input,
+    dropout,
+    initialised,
+    run_head,
 )
 
 __all__ = ["ENCODER_CHANNELS", "DECODER_CHANNELS", "UNET_ARCHITECTURE_VERSION", "ConvBNReLU", "EncoderLevel",
@@ -196,10 +198,7 @@ class SlicUNet(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's inputs at stride 2: the first encoder level ``(B, 16, X/2, Y/2, Z/2)`` and the (dropped-out)
         stride-4 decoder output upsampled x2 trilinearly ``(B, 32, X/2, Y/2, Z/2)``."""
-        if image.dim() != 5 or image.shape[1] != 1:
-            raise InputError(f"SlicUNet: expected an image (B, 1, X, Y, Z), got shape {tuple(image.shape)}")
-        if any(s % 4 for s in image.shape[2:]) or min(image.shape[2:]) < 4:
-            raise InputError(f"SlicUNet: spatial sizes must be positive multiples of 4, got {tuple(image.shape[2:])}")
+        check_network_input(image, type(self).__name__)
         skips = []
         x = image
         for level in self.encoder:
@@ -207,36 +206,17 @@ class SlicUNet(nn.Module):
             skips.append(x)
         for level, skip in zip(self.decoder, skips[-2:0:-1]):
             x = self._run(level, level, x, skip)
-        if self.training and DROPOUT > 0:
-            keep = torch.empty_like(x).bernoulli_(1.0 - DROPOUT, generator=generator)
-            x = x * keep * (1.0 / (1.0 - DROPOUT))
+        x = dropout(x, training=self.training, generator=generator)
         return skips[0], _up_to(x, skips[0])
 
     def forward(self, image: torch.Tensor, *, voxels: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        skip, up = self.features(image, generator=generator)
-        if voxels is None:
-            return self._run(self.head, self.head, skip, up)
-        out_size = int(np.prod(skip.shape[2:]))
-        if voxels.dim() != 2 or voxels.shape[0] != image.shape[0]:
-            raise InputError(f"SlicUNet: voxels must be (B, N) = ({image.shape[0]}, N), got {tuple(voxels.shape)}")
-        if voxels.numel() and (int(voxels.min()) < 0 or int(voxels.max()) >= out_size):
-            raise InputError(f"SlicUNet: voxel indices must lie in [0, {out_size}) for the output grid "
-                             f"{tuple(skip.shape[2:])}")
-        if isinstance(self.head.bn1, nn.Identity):
-            raise InputError("SlicUNet: a model with folded BatchNorm (slicreg.network.fold_batchnorm) evaluates the "
-                             "dense head only; voxels= needs the trained model")
-        return self._run(self.head, self.head.at_voxels, skip, up, voxels.to(torch.int64))
+        return run_head(self, *self.features(image, generator=generator), voxels)
 
 
 def build_unet(*, seed: int | None = 0, checkpointing: bool = False, device: Any = "cpu", channels_last: bool = False,
                backward: str = "compiled") -> SlicUNet:
     """A freshly initialised :class:`SlicUNet` (``seed`` makes the initialisation reproducible), initialised as the
     DeepLab (:func:`slicreg.network.init_weights`); the arguments as :func:`slicreg.network.build_model`'s."""
-    net = SlicUNet(backward=backward, checkpointing=checkpointing)
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    init_weights(net, generator=gen)
-    net = net.to(device=device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last_3d)
-    return net
+    return initialised(SlicUNet(backward=backward, checkpointing=checkpointing), seed=seed, device=device,
+                       channels_last=channels_last)

@@ -191,9 +191,10 @@ def test_checkpointing_gives_the_same_gradients_and_running_stats():
         assert torch.allclose(b0[name].float(), b1[name].float(), rtol=1e-5, atol=1e-7), name
 
 
-def test_dropout_uses_the_generator_and_is_off_in_eval():
-    m = _model()
-    x = torch.randn(1, 1, 8, 8, 8)
+@pytest.mark.parametrize("kind", ["deeplab", "unet"])
+def test_dropout_uses_the_generator_and_is_off_in_eval(kind):
+    m = _model(model=kind)
+    x = torch.randn(2, 1, 16, 16, 16) if kind == "unet" else torch.randn(1, 1, 8, 8, 8)  # BN: 2 values at 1^3
     a = m(x, generator=torch.Generator().manual_seed(7))
     b = m(x, generator=torch.Generator().manual_seed(7))
     c = m(x, generator=torch.Generator().manual_seed(8))
@@ -203,8 +204,9 @@ def test_dropout_uses_the_generator_and_is_off_in_eval():
         assert torch.equal(m(x), m(x))
 
 
-def test_init_is_seeded():
-    a, b, c = build_model(seed=1), build_model(seed=1), build_model(seed=2)
+@pytest.mark.parametrize("kind", ["deeplab", "unet"])
+def test_init_is_seeded(kind):
+    a, b, c = build_model(seed=1, model=kind), build_model(seed=1, model=kind), build_model(seed=2, model=kind)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["head.conv2.weight"], sc["head.conv2.weight"])

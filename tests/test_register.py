@@ -450,7 +450,7 @@ def test_register_stage_plain_and_refined(bundle_dir, tmp_path):
         assert refined["network_s"][sid] == plain["network_s"][sid] > 0
     assert not (refined_dir / "supervoxels").exists()
     record = read_json(refined_dir / "runs" / "s1_t0.json")
-    assert [lv["iterations"] for lv in record["refine"]["levels"]] == [4, 4]  # per level of the preset
+    assert [lv["iterations"] for lv in record["refine"]["levels"]] == [4, 4, 4]  # per level of the preset
     assert "refine" in record["timings_s"]
     assert record["refine"]["preset"] == "refine"
     field = load_field(refined_dir / refined["pairs"][0]["field"])

@@ -129,23 +129,7 @@ def test_checkpointing_gives_the_same_gradients_and_running_stats():
         assert torch.equal(b0[name], b1[name]), name
 
 
-def test_dropout_uses_the_generator_and_is_off_in_eval():
-    m = _unet()
-    x = torch.randn(2, 1, 16, 16, 16)
-    a = m(x, generator=torch.Generator().manual_seed(7))
-    b = m(x, generator=torch.Generator().manual_seed(7))
-    c = m(x, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    m.eval()
-    with torch.no_grad():
-        assert torch.equal(m(x), m(x))
-
-
-def test_init_is_seeded():
-    a, b, c = _unet(), _unet(), build_model(seed=1, model="unet")
-    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["head.conv2.weight"], sc["head.conv2.weight"])
+# dropout and seeded initialisation: tests/test_network.py, parametrised over both networks
 
 
 def test_bf16_autocast_training_step_at_voxels_runs_with_fp32_master_weights():
