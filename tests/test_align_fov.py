@@ -228,6 +228,42 @@ def test_all_true_masks_reproduce_the_unmasked_result_exactly():
     assert a.info["final_loss"] == b.info["final_loss"] and "fov" not in b.info
 
 
+def test_feature_fov_computes_the_features_on_the_fields_of_view_only():
+    """``feature_fov``: a deformable level's features cover the fields of view's boxes plus a margin, and read at
+    level voxels and positions inside them they are the whole grid's (a textured box: no variance clamp)."""
+    import dataclasses
+
+    from slicreg.alignment.engine import FEATURE_MARGIN, PRESETS, _lattice, _Level, _normalise
+
+    shape = (20, 18, 40)
+    rng = np.random.default_rng(5)
+    f_mask = np.zeros(shape, bool)
+    f_mask[:, :, 10:26] = True
+    m_mask = np.zeros(shape, bool)
+    m_mask[2:, :, 6:30] = True
+    images = []
+    for mask in (f_mask, m_mask):
+        hu = rng.normal(0, 300, shape).astype(np.float32)
+        images.append(_normalise(fill_outside(hu, mask), (-400.0, 600.0), "cpu"))
+    masks = [_t(m.astype(np.float32)) for m in (f_mask, m_mask)]
+    cfg = PRESETS["refine"].stage("deformable")
+    whole = _Level(*images, 1, cfg, np.full(3, 2.0), None, *masks)
+    cut_cfg = dataclasses.replace(cfg, feature_fov=True)
+    cut = _Level(*images, 1, cut_cfg, np.full(3, 2.0), None, *masks)
+    assert cut.fixed_origin == (0, 0, 10 - FEATURE_MARGIN) and cut.moving_origin == (0, 0, 6 - FEATURE_MARGIN)
+    assert cut.fixed_feat.shape[2:] == (20, 18, 16 + 2 * FEATURE_MARGIN)
+    assert cut.moving_feat.shape[2:] == (20, 18, 24 + 2 * FEATURE_MARGIN)
+    lattice, _ = _lattice(shape, 2, torch.Generator().manual_seed(0), "cpu", cut.box)
+    torch.testing.assert_close(cut.fixed_at(lattice), whole.fixed_at(lattice), atol=1e-5, rtol=1e-5)
+    pos = torch.from_numpy(rng.uniform([2, 0, 6], [19, 17, 29], (50, 3)).T.astype(np.float32))[None, :, :, None, None]
+    torch.testing.assert_close(cut.moving_features_at(pos), whole.moving_features_at(pos), atol=1e-5, rtol=1e-5)
+    # affine stages keep the whole grids (their searches read every voxel)
+    affine = _Level(*images, 1, dataclasses.replace(cut_cfg, model="affine"), np.full(3, 2.0), None, *masks)
+    assert affine.fixed_origin == affine.moving_origin == (0, 0, 0) and affine.fixed_feat.shape[2:] == shape
+    with pytest.raises(InputError, match="without gradients"):
+        mind_ssc(images[0].clone().requires_grad_(True))
+
+
 SLAB_KW = dict(affine={"levels": (2, 1), "iterations": (40, 40)},
                deformable={"levels": (2, 1), "iterations": (20, 20), "grid_spacing": 2, "subsample": (1, 1)})
 

@@ -82,8 +82,8 @@ def test_register_takes_volumes_and_nibabel_images_and_warps_labels(default_is_t
     fixed = Volume(ct_like(PREP, seed=2), AFF)
     moving = nib.Nifti1Image(ct_like(PREP, seed=2), AFF)
     labels = (fixed.array > 100).astype(np.uint8)
-    res = slicreg.register(fixed, moving, moving_labels=Volume(labels, AFF))
-    assert res.info["preprocessed_inputs"] == {"fixed": True, "moving": True}
+    res = slicreg.register(fixed, moving, moving_labels=Volume(labels, AFF), refine=False)
+    assert res.info["preprocessed_inputs"] == {"fixed": True, "moving": True} and res.info["refine"] is False
     assert np.abs(res.disp_vox).max() < 1e-3  # same scan: same predicted maps, identity
     np.testing.assert_array_equal(res.warp_labels().array, labels)
     np.testing.assert_array_equal(res.warp_labels(Volume(labels, AFF)).array, labels)

@@ -302,7 +302,8 @@ def test_register_command_identity_pair_preprocessed(bundle_dir, tmp_path, capsy
         assert step in text
     field = load_field(out / "u.nii.gz", moving=aff)  # the default format: ITK, world mm (back to voxels here)
     assert field.array.shape == (3, *PREP) and np.allclose(field.affine, aff)
-    assert np.abs(field.array).max() < 1e-3  # same scan, same predicted maps -> identity
+    # same scan, same predicted maps -> identity (the default refinement moves < 0.01 voxels on identical images)
+    assert np.abs(field.array).max() < 1e-2
     np.testing.assert_array_equal(load_labels(out / "wl.nii.gz").array, labels)
     info = json.loads((out / "info.json").read_text())
     assert info["preprocessed_inputs"] == {"fixed": True, "moving": True}

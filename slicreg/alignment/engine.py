@@ -75,6 +75,9 @@ THIN_MIN_VOXELS = 4
 """An affine stage with a thin axis skips its levels on which the thin field of view spans fewer level voxels
 than this along that axis (their blocks would average the slab away); the finest level always runs."""
 PER_LEVEL = ("iterations", "lr", "weight", "grid_spacing", "subsample", "field_sigma")
+FEATURE_MARGIN = 4
+"""Level voxels kept around a field of view's bounding box when ``feature_fov`` crops the features: MIND-SSC's
+patch reach (radius 1 + dilation 1) plus the trilinear read one voxel beyond the field of view, with room."""
 OPTIMISERS = ("adam", "lbfgs")
 
 
@@ -151,6 +154,13 @@ class StageConfig:
             view's size -- a thin slab is held by the regulariser as firmly as a full scan (docs/register.md
             compares the two on slabs). Meant for the voxel-wise measures (``mse``, ``mind``, ``lncc``,
             ``ngf``).
+        feature_fov: deformable stages with field-of-view masks: compute each image's features only on the
+            bounding box of its field of view on the level (plus :data:`FEATURE_MARGIN` level voxels), not on the
+            whole grid -- the only voxels the masked similarity compares (fixed) or reads with a weight above
+            zero (moving). With the preprocessing's box-shaped crops the features inside are those of the whole
+            grid except for MIND's variance clamp, whose image-wide mean is then the mean over the box. The
+            fields of view of the cohort's scans fill 40-60 % of the padded grid, so this about halves the
+            features' cost, which dominates a 2 mm level (docs/register.md, "Refinement").
     """
 
     model: str = "dense"
@@ -176,6 +186,7 @@ class StageConfig:
     penalise: str = "field"
     eps: float | None = None
     mask_norm: str = "fov"
+    feature_fov: bool = False
 
     def validate(self, name: str) -> None:
         where = f"preset stage {name!r}"
@@ -238,8 +249,8 @@ _AFFINE_CT = StageConfig(
 )
 
 _REFINE = StageConfig(
-    model="dense", similarity="mind", levels=(4, 2), iterations=(30, 15), lr=0.5, lr_final=0.1, weight=0.1,
-    grid_spacing=(1, 2), subsample=(2, 4), penalise="increment", eps=1e-2, mask_norm="grid",
+    model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 25, 10), lr=0.5, lr_final=0.1, weight=0.1,
+    grid_spacing=(1, 2, 4), subsample=(2, 4, 4), penalise="increment", eps=1e-2, mask_norm="grid", feature_fov=True,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -257,12 +268,23 @@ PRESETS: dict[str, Preset] = {
     # Only the affine stage (initialisation, or pairs that differ by a global map).
     "affine": Preset(name="affine", clip_hu=(-400.0, 600.0), stages=(("affine", _AFFINE_CT),)),
     # The refinement of a given field (``init_disp``, e.g. slicreg's supervoxel flow; ``slicreg register
-    # --refine``): no affine stage; MIND-SSC SSD on the 8 and 4 mm levels, a dense displacement on nodes every
-    # 8 mm (a random 1/8, then 1/64 of the level voxels compared per iteration), the diffusion of the change only
-    # (the given field's own deformation and fine detail are kept), Adam's eps on the summed similarity so that
-    # noise-level gradients do not move an already aligned field, masked similarity normalised over the whole
-    # grid (a slab held by the regulariser as a full scan is). Chosen on the cohort's training pairs
-    # (benchmarks/bench_refine.py, docs/register.md); ``levels=(4, 2, 1)`` with a ``budget_s`` goes to 2 mm.
+    # --refine``): no affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 25 and 10 Adam steps), a dense
+    # displacement on nodes every 8 mm (a random 1/8, then 1/64 and 1/64 of the level voxels compared per
+    # iteration), the diffusion of the change only (the given field's own deformation and fine detail are kept),
+    # Adam's eps on the summed similarity so that noise-level gradients do not move an already aligned field,
+    # masked similarity normalised over the whole grid (a slab held by the regulariser as a full scan is), MIND
+    # features only on the fields of view's boxes (``feature_fov``; with the faster mind_ssc this is what makes the
+    # 2 mm level affordable). Chosen on the cohort's training pairs (benchmarks/bench_refine.py, docs/register.md,
+    # benchmarks/results/refine_levels_20261205.md): on the 20 training pairs 80.4 % Dice 13 and 4.99 mm field
+    # error against 76.2 % and 5.93 mm for the previous 8 + 4 mm preset (30 + 15 steps), better on 20 of 20 pairs
+    # and 4 of 4 simulated slabs (49.0 against 47.2 %), no folding, SDlogJ 0.045; ~2.4 s CPU on one thread, ~1.5x
+    # the previous preset with the old mind_ssc (1.6 s), ~2x with today's (1.2 s). Command (one run):
+    #   benchmarks/bench_refine.py --dataset runs/helper-refine/work/prep/current --weights
+    #       weights/slicreg-cohort-v3 --cache runs/helper-refine/cache --slabs 4 --threads 1 --old none
+    #       --variant new=refine --variant "2mm_30_25_10=refine:levels=(4,2,1);grid_spacing=(1,2,4);
+    #       subsample=(2,4,4);feature_fov=True;iterations=(30,25,10)"  (with ``new`` the previous preset)
+    # ``deformable={"levels": (4, 2), "iterations": (30, 15), "grid_spacing": (1, 2), "subsample": (2, 4)}`` gives
+    # the previous preset.
     "refine": Preset(name="refine", clip_hu=(-400.0, 600.0), stages=(("deformable", _REFINE),)),
 }
 
@@ -476,9 +498,6 @@ class _Level:
         sim = get_similarity(cfg.similarity)
         self.similarity = sim.name
         feat_kw, self.loss_kw = sim.split_kwargs(dict(cfg.similarity_kwargs))
-        with torch.no_grad():
-            self.fixed_feat = sim.features(f, **feat_kw)
-            self.moving_feat = sim.features(m, **feat_kw)
         self.loss_fn = sim.loss
         # field-of-view masks on this level: the fraction of each level voxel inside the field of view
         self.fixed_mask = self.moving_mask = None
@@ -498,6 +517,39 @@ class _Level:
             inside = (self.fixed_mask[0, 0] > 0).cpu().numpy()
             box = mask_box(inside).astype(int)
             self.box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in box.T)
+        # the features: of the whole level grids, or (``feature_fov``, deformable stages) of the fields of view's
+        # bounding boxes plus a margin; ``*_origin`` is the level voxel of a feature tensor's first voxel
+        self.fixed_origin = self.moving_origin = (0, 0, 0)
+        if cfg.feature_fov and cfg.model != "affine":
+            if self.box is not None:
+                self.fixed_origin, f = _crop_box(f, self.box)
+            if self.moving_mask is not None:
+                inside = (self.moving_mask[0, 0] > 0).cpu().numpy()
+                self.moving_origin, m = _crop_box(
+                    m, tuple(slice(int(lo), int(hi) + 1) for lo, hi in mask_box(inside).astype(int).T))
+        with torch.no_grad():
+            self.fixed_feat = sim.features(f, **feat_kw)
+            self.moving_feat = sim.features(m, **feat_kw)
+            if self.moving_feat.shape[1] > 1:
+                # the moving features are read at scattered positions in every iteration: with the channels of a
+                # voxel next to each other in memory, grid_sample's CPU kernel and its backward take ~40 % less
+                # time for MIND's 12 channels (docs/register.md, "Refinement"); the values are the same
+                self.moving_feat = self.moving_feat.contiguous(memory_format=torch.channels_last_3d)
+
+    def fixed_at(self, cut: tuple[slice, ...] | None) -> torch.Tensor:
+        """The fixed features at the level voxels ``cut`` (slices of the level grid; ``None``: all of it)."""
+        if cut is None or not any(self.fixed_origin):
+            return self.fixed_feat if cut is None else self.fixed_feat[(slice(None), slice(None), *cut)]
+        shifted = (slice(c.start - o, None if c.stop is None else c.stop - o, c.step)
+                   for c, o in zip(cut, self.fixed_origin))
+        return self.fixed_feat[(slice(None), slice(None), *shifted)]
+
+    def moving_features_at(self, moving_pos: torch.Tensor) -> torch.Tensor:
+        """The moving features at moving level positions ``(1, 3, ...)`` (trilinear, edges continued)."""
+        if any(self.moving_origin):
+            moving_pos = moving_pos - torch.as_tensor(self.moving_origin, dtype=moving_pos.dtype,
+                                                      device=moving_pos.device).reshape(1, 3, 1, 1, 1)
+        return grid_warp(self.moving_feat, moving_pos, align_corners=True, padding_mode="border")
 
     def weight(self, cut: tuple[slice, ...] | None, moving_pos: torch.Tensor) -> torch.Tensor | None:
         """Voxel weights of the similarity: the fixed mask (on the compared voxels ``cut`` of the level grid, or
@@ -520,6 +572,15 @@ class _Level:
         sf = torch.as_tensor(self.s_fixed, dtype=affine_full.dtype, device=affine_full.device)
         sm_inv = torch.as_tensor(np.linalg.inv(self.s_moving), dtype=affine_full.dtype, device=affine_full.device)
         return sm_inv @ affine_full @ sf
+
+
+def _crop_box(image: torch.Tensor, box: tuple[slice, ...]) -> tuple[tuple[int, int, int], torch.Tensor]:
+    """``image`` ``(B, C, X, Y, Z)`` cut to ``box`` (slices of its grid) grown by :data:`FEATURE_MARGIN` voxels
+    per side within the grid; returns (the first voxel of the cut, the cut)."""
+    size = image.shape[2:]
+    lo = [max(0, int(b.start) - FEATURE_MARGIN) for b in box]
+    hi = [min(int(n), int(b.stop) + FEATURE_MARGIN) for b, n in zip(box, size)]
+    return tuple(lo), image[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]  # type: ignore[return-value]
 
 
 def translation_search(fixed: torch.Tensor, moving: torch.Tensor, matrix: np.ndarray, *, fraction: float,
@@ -908,7 +969,7 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
         if stride > 1 or lv.box is not None:
             # a sub-lattice, and with a fixed field of view only the voxels in its bounding box
             cut, y = _lattice(shape, stride, generator, device, lv.box)
-            target = lv.fixed_feat[(slice(None), slice(None), *cut)]
+            target = lv.fixed_at(cut)
         else:
             cut, y, target = None, full_grid, lv.fixed_feat
         # level voxel y -> parameter-grid voxel r y + (r - 1) / 2, r = n_grid / n_level (fov_index_map)
@@ -916,7 +977,7 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
         if base is not None:
             d = d + (base if cut is None else base[(slice(None), slice(None), *cut)])
         pos = _points(matrix, y + d / r_f)
-        warped = grid_warp(lv.moving_feat, pos, align_corners=True, padding_mode="border")
+        warped = lv.moving_features_at(pos)
         voxel_weight = lv.weight(cut, pos)
         if voxel_weight is None:
             value = lv.loss_fn(target, warped, **loss_kw)

@@ -284,7 +284,10 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 1, eps: fl
     finite.
 
     Computed from the 6 distinct diagonal difference images ``(I(y + v) - I(y))^2`` (each pair is one of them,
-    shifted), box-filtered once each: half the work of filtering 12 channels.
+    shifted), box-summed once each by shifted additions (``avg_pool3d`` with a 3 x 1 x 1 kernel is several times
+    slower on a CPU); the minimum and mean over the 12 channels are accumulated over views of those 6 images and
+    the descriptors written into one output tensor (no 12-channel temporaries): about 4 times faster than
+    stacking and pooling, e.g. ~0.6 s instead of ~2.5 s for a 192 x 160 x 256 image on one CPU thread.
 
     Args:
         image: ``(B, 1, X, Y, Z)`` float tensor.
@@ -292,17 +295,24 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 1, eps: fl
         dilation: neighbour distance in voxels (default 1).
 
     Returns:
-        ``(B, 12, X, Y, Z)`` descriptors in (0, 1].
+        ``(B, 12, X, Y, Z)`` descriptors in (0, 1]. Not differentiable (features, computed once per image; in-place
+        arithmetic): an image that requires a gradient while autograd is on is an :class:`InputError`.
     """
     if image.ndim != 5 or image.shape[1] != 1:
         raise InputError(f"mind_ssc: expected a (B, 1, X, Y, Z) image, got {tuple(image.shape)}")
     d, r = int(dilation), int(radius)
     if d < 1 or r < 0:
         raise InputError(f"mind_ssc: need dilation >= 1 and radius >= 0, got {dilation}, {radius}")
+    if image.requires_grad and torch.is_grad_enabled():
+        raise InputError("mind_ssc: computes features without gradients; call it under torch.no_grad() or on a "
+                         "detached image")
     size = image.shape[2:]
     m = d + r
-    padded = F.pad(image, [m] * 6, mode="replicate")
-    filtered: dict[tuple[int, ...], torch.Tensor] = {}
+    # padded by m for the patches and by d more for the shift v of the difference images (|v_a| <= d)
+    padded = F.pad(image, [m + d] * 6, mode="replicate")
+    n = [s + 2 * m for s in size]  # E_v on image indices -m .. s + m - 1, i.e. padded indices d .. d + n - 1
+    lo = padded[:, :, d: d + n[0], d: d + n[1], d: d + n[2]]
+    summed: dict[tuple[int, ...], torch.Tensor] = {}
     channels = []
     for ia, ib in _SSC_PAIRS:
         a = tuple(d * c for c in _SIX[ia])
@@ -313,40 +323,43 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 1, eps: fl
             v, base = tuple(-c for c in v), a
         else:
             base = b
-        if v not in filtered:
-            diff = (_shift(padded, v) - padded) ** 2
-            filtered[v] = _box_valid(diff, r)  # index i <-> padded index i + r <-> image index i - d
-        f = filtered[v]
+        if v not in summed:
+            diff = padded[:, :, d + v[0]: d + v[0] + n[0], d + v[1]: d + v[1] + n[1], d + v[2]: d + v[2] + n[2]] - lo
+            summed[v] = _box_sum_valid(diff.mul_(diff), r)  # index i <-> image index i - d
+        f = summed[v]
         channels.append(f[:, :, d + base[0]: d + base[0] + size[0], d + base[1]: d + base[1] + size[1],
                           d + base[2]: d + base[2] + size[2]])
-    dist = torch.cat(channels, dim=1)
-    dist = dist - dist.min(dim=1, keepdim=True).values
-    var = dist.mean(dim=1, keepdim=True)
+    # box sums = (2r + 1)^3 box means; min and mean over the channels accumulated channel by channel
+    k = float((2 * r + 1) ** 3)
+    low = channels[0].clone()
+    total = channels[0].clone()
+    for c in channels[1:]:
+        torch.minimum(low, c, out=low)
+        total.add_(c)
+    var = (total.div_(len(channels)) - low).div_(k)  # the mean of D - min D over the channels (box means)
     mean_var = var.mean()
-    var = var.clamp(mean_var * 0.001 + eps, mean_var * 1000 + eps)
-    return torch.exp(-dist / var)
+    var = var.clamp_(mean_var * 0.001 + eps, mean_var * 1000 + eps)
+    scale = var.mul_(-k).reciprocal_()  # exp(-(D - min D) / V) with D in box sums
+    out = torch.empty((image.shape[0], len(channels), *size), dtype=image.dtype, device=image.device)
+    for i, c in enumerate(channels):
+        o = out[:, i: i + 1]
+        torch.sub(c, low, out=o)
+        o.mul_(scale)
+    return out.exp_()
 
 
-def _shift(x: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
-    """``out[p] = x[p + offset]`` with edge replication, ``(B, C, X, Y, Z)``."""
-    k = max(abs(o) for o in offset)
-    if k == 0:
-        return x
-    padded = F.pad(x, [k] * 6, mode="replicate")
-    X, Y, Z = x.shape[2:]
-    return padded[:, :, k + offset[0]: k + offset[0] + X, k + offset[1]: k + offset[1] + Y,
-                  k + offset[2]: k + offset[2] + Z]
-
-
-def _box_valid(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Box mean without padding: output shrinks by ``2 radius`` per axis (separable ``avg_pool3d``)."""
+def _box_sum_valid(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Box sum without padding: output shrinks by ``2 radius`` per axis (separable: shifted additions per axis)."""
     out = x
     for axis in range(3):
         if radius <= 0:
             break
-        kernel = [1, 1, 1]
-        kernel[axis] = 2 * radius + 1
-        out = F.avg_pool3d(out, kernel_size=kernel, stride=1)
+        dim = 2 + axis
+        n = out.shape[dim] - 2 * radius
+        acc = out.narrow(dim, 0, n).clone()
+        for j in range(1, 2 * radius + 1):
+            acc.add_(out.narrow(dim, j, n))
+        out = acc
     return out
 
 
