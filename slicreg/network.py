@@ -78,6 +78,7 @@ __all__ = [
     "Backbone",
     "ASPP",
     "GroupedHead",
+    "CheckpointedNet",
     "SlicRegNet",
     "build_model",
     "initialised",
@@ -160,6 +161,14 @@ def architecture_spec(model: str = "deeplab", target: str = "supervoxels") -> di
         "aspp_rates": list(ASPP_RATES),
         "aspp_channels": ASPP_CHANNELS,
         "aspp_pooling": "global average pool -> 1x1x1 conv with bias -> ReLU (no normalisation)",
+        **supervoxel_head_spec(),
+    }
+
+
+def supervoxel_head_spec() -> dict[str, Any]:
+    """The part of an architecture spec every supervoxel network shares: the grouped head, the logit layout, the
+    output stride and the input (:func:`architecture_spec`, :func:`slicreg.unet.unet_architecture_spec`)."""
+    return {
         "head_channels": HEAD_CHANNELS,
         "head_groups": HEAD_GROUPS,
         "n_layers": N_LAYERS,
@@ -423,7 +432,19 @@ def _checkpointed(module: nn.Module, fn: Any, *args: Any) -> Any:
     return checkpoint(run, *args, use_reentrant=False)
 
 
-class SlicRegNet(nn.Module):
+class CheckpointedNet(nn.Module):
+    """A network whose parts run under gradient checkpointing in training when :attr:`checkpointing` is set
+    (:meth:`_run`); the base of :class:`SlicRegNet` and :class:`slicreg.unet.SlicUNet`."""
+
+    checkpointing: bool = False
+
+    def _run(self, module: nn.Module, fn: Any, *args: Any) -> Any:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return _checkpointed(module, fn, *args)
+        return fn(*args)
+
+
+class SlicRegNet(CheckpointedNet):
     """The full network (see the module docstring).
 
     Args:
@@ -465,11 +486,6 @@ class SlicRegNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (DepthwiseConv3d, DilatedConv3d)):
                 m.backend = value
-
-    def _run(self, module: nn.Module, fn: Any, *args: Any) -> Any:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return _checkpointed(module, fn, *args)
-        return fn(*args)
 
     def features(self, image: torch.Tensor, *, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:

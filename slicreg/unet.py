@@ -52,18 +52,13 @@ from slicreg.errors import InputError
 from slicreg.network import (
     DEPTHWISE_BACKENDS,
     DROPOUT,
-    HEAD_CHANNELS,
-    HEAD_GROUPS,
-    HU_SCALE,
-    LOGIT_LAYOUT,
-    N_CLASSES,
-    N_LAYERS,
+    CheckpointedNet,
     GroupedHead,
-    _checkpointed,
     check_network_input,
     dropout,
     initialised,
     run_head,
+    supervoxel_head_spec,
 )
 
 __all__ = ["ENCODER_CHANNELS", "DECODER_CHANNELS", "UNET_ARCHITECTURE_VERSION", "ConvBNReLU", "EncoderLevel",
@@ -89,14 +84,7 @@ def unet_architecture_spec() -> dict[str, Any]:
                          "2 x (3x3x3 conv + BN + ReLU)",
         "dropout": DROPOUT,
         "head_inputs": [ENCODER_CHANNELS[0], DECODER_CHANNELS[-1]],
-        "head_channels": HEAD_CHANNELS,
-        "head_groups": HEAD_GROUPS,
-        "n_layers": N_LAYERS,
-        "n_classes": N_CLASSES,
-        "output_stride": 2,
-        "logit_layout": LOGIT_LAYOUT,
-        "input": {"spacing_mm": 4.0, "normalisation": f"HU / {HU_SCALE:g}",
-                  "from_2mm": "2x2x2 average pooling of the preprocessed 2 mm image"},
+        **supervoxel_head_spec(),
     }
 
 
@@ -137,7 +125,7 @@ class DecoderLevel(nn.Module):
         return self.conv(self.fuse(x))
 
 
-class SlicUNet(nn.Module):
+class SlicUNet(CheckpointedNet):
     """The U-Net baseline (see the module docstring), with the call contract of :class:`slicreg.network.SlicRegNet`.
 
     Args:
@@ -188,11 +176,6 @@ class SlicUNet(nn.Module):
         if value not in DEPTHWISE_BACKENDS:
             raise InputError(f"backward must be one of {DEPTHWISE_BACKENDS}, got {value!r}")
         self._backward = value
-
-    def _run(self, module: nn.Module, fn: Any, *args: Any) -> Any:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return _checkpointed(module, fn, *args)
-        return fn(*args)
 
     def features(self, image: torch.Tensor, *, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
