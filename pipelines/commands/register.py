@@ -145,18 +145,23 @@ def run(args: argparse.Namespace) -> int:
         wall[name] = wall.get(name, 0.0) + time.perf_counter() - started[0]
         cpu[name] = cpu.get(name, 0.0) + time.process_time() - started[1]
 
-    t = time.perf_counter(), time.process_time()
-    warped = res.warp() if args.out_warped else None
-    warped_labels = res.warp_labels() if args.moving_labels else None
-    stop("warp", t)
+    from concurrent.futures import ThreadPoolExecutor
 
-    t = time.perf_counter(), time.process_time()
-    with atomic_outputs() as out:  # the field, the warped files and the info: all or none
-        res.save(args.out_field, format=field_format, outputs=out)
+    # the field, the warped files and the info: all or none. The field is converted and written in a thread while
+    # the moving scan is warped (torch's kernels and the gzip threads run without the GIL): "save" is what is left
+    # to write after the warp
+    with atomic_outputs() as out, ThreadPoolExecutor(1) as pool:
+        field_written = pool.submit(res.save, args.out_field, format=field_format, outputs=out)
+        t = time.perf_counter(), time.process_time()
+        warped = res.warp() if args.out_warped else None
+        warped_labels = res.warp_labels() if args.moving_labels else None
+        stop("warp", t)
+        t = time.perf_counter(), time.process_time()
         if warped is not None:
             save_volume(warped, out.path(args.out_warped))
         if warped_labels is not None:
             save_volume(warped_labels, out.path(args.out_warped_labels))
+        field_written.result()
         stop("save", t)
         total = time.perf_counter() - t_all[0]
         total_cpu = time.process_time() - t_all[1]
