@@ -501,27 +501,26 @@ def register_preprocessed(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarra
     result = register_supervoxel_maps(fixed_sv, moving_sv, device=device, seed=seed, **flow_options)
     wall = {**clock.wall, **result.info.get("timings_s", {})}
     cpu = {**clock.cpu, **result.info.get("cpu_s", {})}
+    return _finished(result, fixed_hu, moving_hu, wall, cpu, refine=refine, refine_options=refine_options,
+                     fixed_mask=fixed_mask, moving_mask=moving_mask, device=device, seed=seed)
+
+
+def _finished(result: RegistrationResult, fixed_hu: np.ndarray, moving_hu: np.ndarray, wall: dict[str, float],
+              cpu: dict[str, float], *, refine: bool, refine_options: dict[str, Any] | None, fixed_mask: Any,
+              moving_mask: Any, device: Any, seed: int) -> RegistrationResult:
+    """``result`` polished by :func:`refine_field` when ``refine`` (its diagnostics in ``info["refine"]``), with the
+    steps' wall and CPU seconds (``wall`` / ``cpu``, the refinement's as ``"refine"``) in ``info``."""
     if refine:
-        result = _refined(result, fixed_hu, moving_hu, wall, cpu, refine_options=refine_options, fixed_mask=fixed_mask,
-                          moving_mask=moving_mask, device=device, seed=seed)
+        started = time.perf_counter(), time.process_time()
+        disp, rinfo = refine_field(fixed_hu, moving_hu, result.disp_vox, device=device, seed=seed,
+                                   fixed_mask=fixed_mask, moving_mask=moving_mask, **(refine_options or {}))
+        wall["refine"] = round(time.perf_counter() - started[0], 4)
+        cpu["refine"] = round(time.process_time() - started[1], 4)
+        result = RegistrationResult(np.asarray(disp, dtype=np.float32), result.info)
+        result.info["refine"] = _jsonable(rinfo)
     result.info["timings_s"] = wall
     result.info["cpu_s"] = cpu
     return result
-
-
-def _refined(result: RegistrationResult, fixed_hu: np.ndarray, moving_hu: np.ndarray, wall: dict[str, float],
-             cpu: dict[str, float], *, refine_options: dict[str, Any] | None, fixed_mask: Any, moving_mask: Any,
-             device: Any, seed: int) -> RegistrationResult:
-    """``result`` polished by :func:`refine_field`; its wall and CPU seconds go to ``wall`` / ``cpu["refine"]``, its
-    diagnostics to ``info["refine"]``."""
-    started = time.perf_counter(), time.process_time()
-    disp, rinfo = refine_field(fixed_hu, moving_hu, result.disp_vox, device=device, seed=seed,
-                               fixed_mask=fixed_mask, moving_mask=moving_mask, **(refine_options or {}))
-    wall["refine"] = round(time.perf_counter() - started[0], 4)
-    cpu["refine"] = round(time.process_time() - started[1], 4)
-    refined = RegistrationResult(np.asarray(disp, dtype=np.float32), result.info)
-    refined.info["refine"] = _jsonable(rinfo)
-    return refined
 
 
 def _register_displacement(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarray, *, moving_is_template: bool,
@@ -551,9 +550,5 @@ def _register_displacement(model: Any, fixed_hu: np.ndarray, moving_hu: np.ndarr
     result = RegistrationResult(np.asarray(disp, dtype=np.float32), {"method": "displacement regression",
                                                                       "kind": str(kind)})
     wall, cpu = dict(clock.wall), dict(clock.cpu)
-    if refine:
-        result = _refined(result, fixed_hu, moving_hu, wall, cpu, refine_options=refine_options, fixed_mask=fixed_mask,
-                          moving_mask=moving_mask, device=device, seed=seed)
-    result.info["timings_s"] = wall
-    result.info["cpu_s"] = cpu
-    return result
+    return _finished(result, fixed_hu, moving_hu, wall, cpu, refine=refine, refine_options=refine_options,
+                     fixed_mask=fixed_mask, moving_mask=moving_mask, device=device, seed=seed)
