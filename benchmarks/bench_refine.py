@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=PRESET[:key=value;...] (repeatable; default new=refine)")
     ap.add_argument("--no-masks", action="store_true", help="refine without the crop records' fields of view")
+    ap.add_argument("--align", action="store_true",
+                    help="also the built-in align (preset abdomen-ct from the identity, no supervoxel field) as a "
+                         "reference row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -184,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
             return refine_field(f, m, u, preset=preset, deformable=stage or None, fixed_mask=fm, moving_mask=mm,
                                 seed=args.seed, device=args.device, **kw)
         methods.append((name, run))
+
+    if args.align:
+        from slicreg.alignment import register_pair
+
+        def align(f, m, u, fm, mm):
+            res = register_pair(f, m, fixed_mask=fm, moving_mask=mm, preset="abdomen-ct", seed=args.seed,
+                                device=args.device)
+            return res.disp_vox, res.info
+        methods.append(("align", align))
 
     tuner = Tuner(argparse.Namespace(dataset=args.dataset, weights=args.weights, device=args.device,
                                      cache=args.cache, eval_stride=args.eval_stride, seed=args.seed,

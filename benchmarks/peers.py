@@ -115,14 +115,16 @@ PEERS: dict[str, dict[str, str]] = {
     "deeds": {"label": "deeds", "kind": "binary", "module": "", "dist": "",
               "settings": "linearBCV + deedsBCV, defaults (-G 8x7x6x5x4, -a 1.6); grid spacing 4 when read back"},
     "slicreg-align": {"label": "slicreg align", "kind": "slicreg", "module": "slicreg.alignment", "dist": "slicreg",
-                      "settings": "slicreg.alignment.register_pair, preset abdomen-ct (built-in, no network)"},
+                      "settings": "slicreg.alignment.register_pair, preset abdomen-ct (built-in, no network), the crop "
+                                  "records' fields of view as masks"},
     "slicreg": {"label": "slicreg", "kind": "slicreg", "module": "slicreg.registration", "dist": "slicreg",
                 "settings": "slicreg.registration.register_preprocessed, trained bundle, atlas mode (template's own "
                             "supervoxels), flow defaults"},
-    "slicreg-refine": {"label": "slicreg + refine", "kind": "slicreg", "module": "slicreg.registration",
+    "slicreg-refine": {"label": "slicreg (default: + refine)", "kind": "slicreg", "module": "slicreg.registration",
                        "dist": "slicreg",
-                       "settings": "as slicreg, then slicreg.registration.refine_field (MIND-SSC instance "
-                                   "refinement: the align engine's preset 'refine'), as `slicreg register --refine`"},
+                       "settings": "as slicreg, then slicreg.registration.refine_field (the align engine's preset "
+                                   "'refine') with the crop records' fields of view as masks: `slicreg register`'s "
+                                   "default (`--fast` is the row 'slicreg')"},
 }
 DEEDS_BINARIES = ("linearBCV", "deedsBCV")
 
@@ -353,9 +355,26 @@ def run_deeds(fixed_path: Path, moving_path: Path, work: Path, *, threads: int, 
     return transform.to_field(), affine, {"registration_s": seconds}
 
 
+def crop_masks(fixed_path: Path, moving_path: Path, fixed_shape: tuple[int, ...], moving_shape: tuple[int, ...]
+               ) -> dict[str, np.ndarray]:
+    """The scans' fields of view from the dataset's crop records (``crops/<subject>.json`` beside ``imagesTr``,
+    as the ``register`` and ``align`` stages and ``slicreg register`` on raw scans use them), as
+    ``{"fixed_mask": ..., "moving_mask": ...}``; a scan without a record gets none."""
+    from slicreg.geometry import load_fov_mask
+
+    out: dict[str, np.ndarray] = {}
+    for key, path, shape in (("fixed_mask", fixed_path, fixed_shape), ("moving_mask", moving_path, moving_shape)):
+        sid = Path(path).name.split(".")[0].rsplit("_", 1)[0]  # <subject>_0000.nii.gz
+        record = Path(path).parent.parent / "crops" / f"{sid}.json"
+        if record.is_file():
+            out[key] = load_fov_mask(record, tuple(shape), f"crop record of {sid}")
+    return out
+
+
 def run_slicreg_align(fixed_path: Path, moving_path: Path, work: Path, *, threads: int, seed: int, quick: bool
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The built-in toolkit (:func:`slicreg.alignment.register_pair`, preset abdomen-ct)."""
+    """The built-in toolkit (:func:`slicreg.alignment.register_pair`, preset abdomen-ct), with the crop records'
+    fields of view as masks (:func:`crop_masks`) as the ``align`` stage uses them."""
     import torch
 
     from slicreg.alignment import register_pair
@@ -364,8 +383,9 @@ def run_slicreg_align(fixed_path: Path, moving_path: Path, work: Path, *, thread
     torch.set_num_threads(threads)
     fixed, moving = load_image(fixed_path), load_image(moving_path)
     t0 = time.perf_counter()
+    masks = crop_masks(fixed_path, moving_path, fixed.shape, moving.shape)
     res = register_pair(fixed.array, moving.array, spacing_mm=tuple(float(s) for s in fixed.spacing_mm),
-                        preset="abdomen-ct", seed=seed)
+                        preset="abdomen-ct", seed=seed, **masks)
     seconds = time.perf_counter() - t0
     return np.asarray(res.disp_vox, dtype=np.float32), fixed.affine, {
         "registration_s": seconds, "stages_s": res.info.get("stages"), "iterations": res.info.get("iterations")}
@@ -378,8 +398,9 @@ def run_slicreg(fixed_path: Path, moving_path: Path, work: Path, *, threads: int
 
     ``atlas``: the moving scan is the bundle's template, whose own supervoxels (stored in the bundle) stand for
     the moving side, as the paper registers scans to its template; otherwise both sides are predicted.
-    ``refine``: then the MIND-SSC instance refinement (``slicreg register --refine``). The bundle is loaded
-    inside the timed part (a user's run pays for it too)."""
+    ``refine``: then the instance refinement (``slicreg register``'s default), with the crop records' fields of
+    view (:func:`crop_masks`) as the ``register`` stage passes them. The bundle is loaded inside the timed part (a
+    user's run pays for it too)."""
     import torch
 
     from slicreg.bundle import load_bundle
@@ -395,7 +416,8 @@ def run_slicreg(fixed_path: Path, moving_path: Path, work: Path, *, threads: int
     kwargs: dict[str, Any] = {}
     if atlas:
         kwargs = {"template_supervoxels": b.template_supervoxels.array, "moving_is_template": True}
-    res = register_preprocessed(b.model, fixed.array, moving.array, seed=seed, refine=refine, **kwargs)
+    masks = crop_masks(fixed_path, moving_path, fixed.shape, moving.shape)
+    res = register_preprocessed(b.model, fixed.array, moving.array, seed=seed, refine=refine, **masks, **kwargs)
     seconds = time.perf_counter() - t0
     return np.asarray(res.disp_vox, dtype=np.float32), fixed.affine, {
         "registration_s": seconds, "atlas": atlas, "refine": refine, "timings_s": res.info.get("timings_s")}

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slicreg.alignment.discrete import COUPLINGS, discrete_displacement
 from slicreg.alignment.regularisers import get_regulariser
 from slicreg.alignment.similarity import get_similarity
 from slicreg.alignment.transforms import (
@@ -74,7 +75,7 @@ smaller field of view inside the larger one."""
 THIN_MIN_VOXELS = 4
 """An affine stage with a thin axis skips its levels on which the thin field of view spans fewer level voxels
 than this along that axis (their blocks would average the slab away); the finest level always runs."""
-PER_LEVEL = ("iterations", "lr", "weight", "grid_spacing", "subsample", "field_sigma")
+PER_LEVEL = ("iterations", "lr", "weight", "grid_spacing", "subsample", "field_sigma", "discrete")
 FEATURE_MARGIN = 4
 """Level voxels kept around a field of view's bounding box when ``feature_fov`` crops the features: MIND-SSC's
 patch reach (radius 1 + dilation 1) plus the trilinear read one voxel beyond the field of view, with room."""
@@ -161,6 +162,15 @@ class StageConfig:
             grid except for MIND's variance clamp, whose image-wide mean is then the mean over the box. The
             fields of view of the cohort's scans fill 40-60 % of the padded grid, so this about halves the
             features' cost, which dominates a 2 mm level (docs/register.md, "Refinement").
+        discrete: deformable stages with the ``dense`` model: before a level's Adam steps, a discrete search of
+            whole level-voxel displacements within ``+-discrete`` per axis on top of the current map, coupled to
+            its own smoothing (:func:`slicreg.alignment.discrete.discrete_displacement`), whose result starts the
+            level (per level; 0 = off). It captures errors of several voxels that gradient steps started next to
+            them can not; on the fixed features' extent (the whole grid, or the field of view's box with
+            ``feature_fov``), extended as a constant beyond it.
+        discrete_pool: cells of ``discrete_pool`` level voxels per axis get one displacement each.
+        discrete_coupling: factor on the coupling weights :data:`slicreg.alignment.discrete.COUPLINGS` (larger:
+            smoother, fewer cells keep an optimum their neighbours disagree with).
     """
 
     model: str = "dense"
@@ -187,6 +197,9 @@ class StageConfig:
     eps: float | None = None
     mask_norm: str = "fov"
     feature_fov: bool = False
+    discrete: int | tuple[int, ...] = 0
+    discrete_pool: int = 2
+    discrete_coupling: float = 1.0
 
     def validate(self, name: str) -> None:
         where = f"preset stage {name!r}"
@@ -213,6 +226,12 @@ class StageConfig:
             raise InputError(f"{where}: penalise must be 'field' or 'increment', got {self.penalise!r}")
         if self.mask_norm not in ("fov", "grid"):
             raise InputError(f"{where}: mask_norm must be 'fov' or 'grid', got {self.mask_norm!r}")
+        radii = self.discrete if isinstance(self.discrete, (tuple, list)) else (self.discrete,)
+        if any(int(r) < 0 for r in radii) or int(self.discrete_pool) < 1 or not float(self.discrete_coupling) >= 0:
+            raise InputError(f"{where}: discrete must be >= 0, discrete_pool >= 1 and discrete_coupling >= 0; got "
+                             f"{self.discrete}, {self.discrete_pool}, {self.discrete_coupling}")
+        if any(int(r) > 0 for r in radii) and self.model != "dense":
+            raise InputError(f"{where}: discrete search needs the 'dense' model, got {self.model!r}")
         if self.eps is not None and (self.model == "affine" or self.optimiser != "adam" or not float(self.eps) > 0):
             raise InputError(f"{where}: eps must be None, or a number > 0 for a deformable stage with Adam; got "
                              f"{self.eps!r} ({self.model}, {self.optimiser})")
@@ -251,6 +270,7 @@ _AFFINE_CT = StageConfig(
 _REFINE = StageConfig(
     model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 25, 10), lr=0.5, lr_final=0.1, weight=0.07,
     grid_spacing=(1, 2, 4), subsample=(2, 4, 4), penalise="increment", eps=1e-2, mask_norm="grid", feature_fov=True,
+    discrete=(0, 2, 0),
 )
 
 PRESETS: dict[str, Preset] = {
@@ -289,6 +309,9 @@ PRESETS: dict[str, Preset] = {
     # 49.0 %, better on 24 of 24 pairs, det J <= 0 at most 0.0005 %, SDlogJ 0.047
     # (benchmarks/results/refine_weight_20261205.md: bench_refine.py ... --slabs 4 --threads 2 --old none
     # --variant new=refine --variant w07=refine:weight=0.07).
+    # The discrete search on the 4 mm level (``discrete=(0, 2, 0)``: +-2 level voxels = +-8 mm on 8 mm cells,
+    # coupled, before that level's Adam steps), chosen on the training pairs against the same preset without it
+    # (benchmarks/results/refine_discrete_20261206.md; docs/register.md, "Refinement").
     "refine": Preset(name="refine", clip_hu=(-400.0, 600.0), stages=(("deformable", _REFINE),)),
 }
 
@@ -1016,6 +1039,16 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
             p.grad = None
         if "generator" in loss_kw:
             loss_kw["generator"] = gen
+    radius = int(cfg.per_level("discrete", level))
+    if radius > 0 and iterations > 0:  # the discrete search starts the level (``dense`` model: validated)
+        def field_at(y: torch.Tensor) -> torch.Tensor:  # the current d (full-resolution voxels) at level voxels y
+            d = grid_warp(grid_field(), y * to_grid + to_grid_offset)
+            return d if base is None else d + grid_warp(base, y)
+
+        with torch.no_grad():
+            delta = _discrete_start(lv, field_at, matrix, r_f, radius, cfg)
+            model.disp += resize_field(delta * r_f, grid_shape)
+
     its, last = _optimise(params, loss, cfg, iterations, desc, progress, eps=eps)
     with torch.no_grad():
         state.disp = grid_field().detach()
@@ -1024,6 +1057,31 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
     else:
         state.velocity = None
     return its, last
+
+
+def _discrete_start(lv: _Level, field_at: Any, matrix: torch.Tensor, r_f: torch.Tensor, radius: int,
+                    cfg: StageConfig) -> torch.Tensor:
+    """The discrete search of a level (:attr:`StageConfig.discrete`): the displacement ``(1, 3, *lv.shape)`` in
+    level voxels to add to the current map's, searched on the fixed features' extent (``lv.fixed_origin`` +
+    their shape) and continued as a constant beyond it."""
+    shape = tuple(lv.fixed_feat.shape[2:])
+    device = lv.fixed_feat.device
+    axes = [torch.arange(o - radius, o + n + radius, device=device, dtype=torch.float32)
+            for o, n in zip(lv.fixed_origin, shape)]
+    y = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]  # the extent + radius voxels per side
+    pos = _points(matrix, y + field_at(y) / r_f)
+    warped = lv.moving_features_at(pos)
+    warped_weight = None if lv.moving_mask is None else \
+        grid_warp(lv.moving_mask, pos, align_corners=True, padding_mode="border")
+    region = tuple(slice(o, o + n) for o, n in zip(lv.fixed_origin, shape))
+    fixed_weight = None if lv.fixed_mask is None else lv.fixed_mask[(slice(None), slice(None), *region)]
+    delta = discrete_displacement(lv.fixed_feat, warped, radius=radius, pool=int(cfg.discrete_pool),
+                                  fixed_weight=fixed_weight, warped_weight=warped_weight,
+                                  couplings=tuple(float(cfg.discrete_coupling) * c for c in COUPLINGS))
+    pad: list[int] = []
+    for o, n, full in reversed(list(zip(lv.fixed_origin, shape, lv.shape))):
+        pad += [int(o), int(full) - int(o) - int(n)]
+    return F.pad(delta, pad, mode="replicate") if any(pad) else delta
 
 
 def _points(matrix_level: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""The engine's discrete search (``StageConfig.discrete``, :mod:`slicreg.alignment.discrete`): a known shift is
+found exactly, weights and fields of view are honoured, and -- the registration the issue asks for -- a known
+smooth deformation plus a large translation is recovered from a zero field to below one voxel, on a full scan and
+on a slab against a full scan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slicreg.alignment import register_pair, resolve_preset
+from slicreg.alignment.discrete import discrete_displacement, displacement_offsets
+from slicreg.alignment.similarity import box_filter, mind_ssc
+from slicreg.errors import InputError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _shifted_pair(shift, radius, shape=(24, 20, 28), seed=0):
+    """Fixed MIND features of a smooth random image and the moving features warped by the identity on the fixed
+    grid + ``radius`` voxels per side, for a moving image that is the fixed one shifted by ``shift`` voxels
+    (moving(x) = fixed(x - shift)): the displacement to find is ``shift`` everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    margin = radius + max(abs(s) for s in shift) + 2
+    big = box_filter(torch.rand((1, 1, *(n + 2 * margin for n in shape)), generator=g), 2)
+    feat = mind_ssc(big)
+    inner = tuple(slice(margin, margin + n) for n in shape)
+    fixed = feat[(slice(None), slice(None), *inner)]
+    # warped index w (fixed voxel w - radius) = moving(w - radius) = big feature at w - radius - shift + margin
+    cut = tuple(slice(margin - radius - s, margin - radius - s + n + 2 * radius) for s, n in zip(shift, shape))
+    return fixed, feat[(slice(None), slice(None), *cut)]
+
+
+def test_offsets_cover_the_cube_once():
+    off = displacement_offsets(2)
+    assert off.shape == (125, 3)
+    assert len({tuple(o) for o in off.tolist()}) == 125 and int(off.abs().max()) == 2
+
+
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_a_whole_voxel_shift_is_found_everywhere(pool):
+    shift = (2, -1, 3)
+    fixed, warped = _shifted_pair(shift, radius=3)
+    d = discrete_displacement(fixed, warped, radius=3, pool=pool)
+    assert d.shape == (1, 3, *fixed.shape[2:]) and d.dtype == torch.float32
+    np.testing.assert_allclose(d[0].reshape(3, -1).mean(1).numpy(), shift, atol=1e-5)
+    np.testing.assert_allclose(d[0].reshape(3, -1).std(1).numpy(), 0, atol=1e-5)
+
+
+def test_cells_without_fixed_weight_follow_their_neighbours():
+    """Half of the fixed grid is noise with zero weight: those cells carry no cost and take the shift of the
+    weighted half through the coupling; with the noise weighted, they would pick whatever matches it."""
+    shift = (1, 2, -2)
+    fixed, warped = _shifted_pair(shift, radius=3)
+    noisy = fixed.clone()
+    noisy[:, :, :, :, 14:] = torch.rand(noisy[:, :, :, :, 14:].shape, generator=torch.Generator().manual_seed(3))
+    weight = torch.zeros((1, 1, *fixed.shape[2:]))
+    weight[..., :14] = 1
+    d = discrete_displacement(noisy, warped, radius=3, pool=2, fixed_weight=weight)
+    # the far end of the unweighted half is several cells from the weighted data: the coupling carries the
+    # shift there only approximately
+    np.testing.assert_allclose(d[0, :, :, :, :18].reshape(3, -1).mean(1).numpy(), shift, atol=0.1)
+    unweighted = discrete_displacement(noisy, warped, radius=3, pool=2)
+    assert float((unweighted[0, :, :, :, 16:] - torch.tensor(shift).reshape(3, 1, 1, 1)).abs().mean()) > 0.5
+
+
+def test_displacements_leaving_the_moving_field_of_view_are_not_chosen():
+    """The moving image is the fixed one shifted by +2 voxels along x, and the moving field of view (the warped
+    weights) ends where the fixed grid ends: for the last cell along x, +2 reads only outside, so its cost there
+    is the cell's worst and its own minimum is elsewhere (the smoothed result drops below 2 there); without the
+    weights every cell takes +2."""
+    fixed, warped = _shifted_pair((2, 0, 0), radius=3)
+    ww = torch.zeros((1, 1, *warped.shape[2:]))
+    ww[:, :, : 3 + fixed.shape[2]] = 1
+    d = discrete_displacement(fixed, warped, radius=3, pool=2, warped_weight=ww, couplings=())
+    assert float(d[0, 0, -1].max()) < 1.9 and float(d[0, 0, :-8].min()) == pytest.approx(2.0)
+    plain = discrete_displacement(fixed, warped, radius=3, pool=2, couplings=())
+    assert float(plain[0, 0].min()) == pytest.approx(2.0)
+
+
+def test_bad_arguments_are_one_clear_error():
+    fixed, warped = _shifted_pair((0, 0, 0), radius=2)
+    with pytest.raises(InputError, match="radius and pool"):
+        discrete_displacement(fixed, warped, radius=0)
+    with pytest.raises(InputError, match="warped must be"):
+        discrete_displacement(fixed, warped, radius=3)
+    with pytest.raises(InputError, match="discrete must be"):
+        resolve_preset("refine", deformable={"discrete": -1})
+    with pytest.raises(InputError, match="needs the 'dense' model"):
+        resolve_preset("refine", deformable={"discrete": 2, "model": "svf"})
+    with pytest.raises(InputError, match="3 levels"):
+        resolve_preset("refine", deformable={"discrete": (2, 0)})
+
+
+# ------------------------------------------------------------------------------- registration from zero
+SHAPE = (64, 56, 72)
+GRID = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in SHAPE], indexing="ij"))
+TRANSLATION = np.array([11.0, -9.0, 10.0])  # voxels: 2.75, 2.25 and 2.5 voxels of the coarsest level
+
+
+def _texture(coords, seed=0, n=400):
+    """An analytic CT-like texture in HU at voxel positions ``coords`` ``(3, ...)``: random Gaussian blobs."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(coords.shape[1:])
+    lo, hi = np.full(3, -12.0), np.array(SHAPE) + 12.0
+    for _ in range(n):
+        c = rng.uniform(lo, hi)
+        s, a = rng.uniform(2.0, 5.0), rng.uniform(-300, 500)
+        out += a * np.exp(-sum((coords[i] - c[i]) ** 2 for i in range(3)) / (2 * s * s))
+    return out.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def translated_pair():
+    """``fixed(x) = moving(x + u(x))`` for ``u`` = a large translation plus a smooth deformation of up to 2
+    voxels, evaluated analytically (no resampling error)."""
+    smooth = np.stack([2.0 * np.sin(2 * np.pi * GRID[(a + 1) % 3] / SHAPE[(a + 1) % 3] + a) for a in range(3)])
+    truth = (TRANSLATION[:, None, None, None] + smooth).astype(np.float32)
+    return _texture(GRID + truth), _texture(GRID), truth
+
+
+# the refinement preset's levels at 4, 2 and 1 with the discrete search on the first, sized for 64 voxels
+KW = {"deformable": {"levels": (4, 2, 1), "iterations": (30, 25, 10), "grid_spacing": (1, 2, 4),
+                     "subsample": (1, 2, 2)}}
+
+
+def _error(disp, truth, cut=(slice(10, -10),) * 3):
+    cut = (slice(None), *cut)
+    return float(np.linalg.norm(disp[cut] - truth[cut], axis=0).mean())
+
+
+def test_a_large_translation_and_a_smooth_deformation_are_recovered_from_zero(translated_pair):
+    fixed, moving, truth = translated_pair
+    kw = {"deformable": {**KW["deformable"], "discrete": (3, 0, 0)}}
+    out = register_pair(fixed, moving, preset="refine", **kw)
+    assert _error(out.disp_vox, truth) < 1.0, _error(out.disp_vox, truth)
+    assert out.info["folding_fraction"] == 0.0
+    again = register_pair(fixed, moving, preset="refine", **kw)
+    np.testing.assert_array_equal(out.disp_vox, again.disp_vox)  # deterministic
+    # the gradient steps alone, from the same zero field, stay far from it
+    plain = register_pair(fixed, moving, preset="refine", **KW)
+    assert _error(plain.disp_vox, truth) > 3.0, _error(plain.disp_vox, truth)
+
+
+def test_a_slab_against_the_full_scan_lands_in_place_with_its_mask(translated_pair):
+    """The fixed scan is a 16-voxel slab of the deformed scan, padded with air like the preprocessing pads:
+    with its field-of-view mask the slab's content lands where it came from."""
+    fixed_full, moving, truth = translated_pair
+    z0, z1 = 28, 44
+    fixed = np.full(SHAPE, -1000.0, np.float32)
+    fixed[:, :, z0:z1] = fixed_full[:, :, z0:z1]
+    mask = np.zeros(SHAPE, bool)
+    mask[:, :, z0:z1] = True
+    kw = {"deformable": {**KW["deformable"], "discrete": (3, 0, 0)}}
+    out = register_pair(fixed, moving, fixed_mask=mask, preset="refine", **kw)
+    cut = (slice(10, -10), slice(10, -10), slice(z0 + 2, z1 - 2))
+    assert _error(out.disp_vox, truth, cut) < 1.0, _error(out.disp_vox, truth, cut)
+    assert out.info["fov"]["overlap"] > 0.99
