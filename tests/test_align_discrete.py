@@ -14,13 +14,7 @@ from slicreg.alignment.discrete import discrete_displacement, displacement_offse
 from slicreg.alignment.similarity import box_filter, mind_ssc
 from slicreg.errors import InputError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _shifted_pair(shift, radius, shape=(24, 20, 28), seed=0):
