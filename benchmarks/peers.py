@@ -452,6 +452,10 @@ def _tool_version(peer: str) -> str:
     dist = PEERS[peer]["dist"]
     if not dist:
         return "binary"
+    if dist == "slicreg":  # this repository: its own version, not an editable install's possibly stale metadata
+        import slicreg
+
+        return slicreg.__version__
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -553,8 +557,7 @@ def locate_peers(names: list[str], *, peers_python: str, deeds_dir: str | None, 
                 else:
                     ok, what = True, _tool_version(name)
             if ok:
-                available[name] = {"python": sys.executable, "version": what or _tool_version(name),
-                                   "where": "project venv"}
+                available[name] = {"python": sys.executable, "version": _tool_version(name), "where": "project venv"}
             else:
                 missing[name] = what
     return available, missing

@@ -34,6 +34,8 @@ and 2 then run there, with bitwise the result for the upsampled 4 mm maps and ~8
 - ``sampling.py``: trilinear sampling of channels-last features and the Gram-matrix MSE sampler;
 - ``optim.py``: :class:`Adam`; ``keypoint_flow.py``: the kNN graph, its penalty and :func:`adam_keypoint_flow`;
 - ``tps.py``: the thin-plate spline and :func:`tps_dense_field`; ``chain.py``: :func:`supervoxel_flow`;
+- ``rejection.py``: the optional keypoint rejection of :func:`supervoxel_flow` (layer spread, confidence, flow
+  residual; off by default);
 - ``_common.py``: :data:`DEFAULTS`, :data:`N_LABELS` and the input conversion and checks they all use.
 
 Every public name is importable from ``slicreg.flow``.
@@ -82,6 +84,7 @@ from slicreg.flow.keypoints import (
 )
 from slicreg.flow.optim import Adam
 from slicreg.flow.pooling import box_pool3d
+from slicreg.flow.rejection import confidence_at, keep_mask, keypoint_residuals, layer_spread
 from slicreg.flow.sampling import (
     _GramSampler as _GramSampler,  # private; tests/test_flow.py tests it from here
 )
@@ -98,11 +101,15 @@ __all__ = [
     "adam_keypoint_flow",
     "box_pool3d",
     "centre_matching_init",
+    "confidence_at",
     "coarse_to_fine_vox",
     "foreground_keypoints",
+    "keep_mask",
+    "keypoint_residuals",
     "knn_graph",
     "knn_penalty",
     "label_channel_map",
+    "layer_spread",
     "supervoxel_centres",
     "supervoxel_features",
     "supervoxel_flow",

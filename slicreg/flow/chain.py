@@ -32,6 +32,7 @@ from slicreg.flow.keypoints import (
     supervoxel_centres,
     upsample_labels,
 )
+from slicreg.flow.rejection import confidence_at, keep_mask, keypoint_residuals, layer_spread
 from slicreg.flow.tps import tps_dense_field
 
 if TYPE_CHECKING:
@@ -83,7 +84,10 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
                     lam: float = DEFAULTS["lam"], step: int = DEFAULTS["step"], factor: int = DEFAULTS["factor"],
                     device: Device = "cpu", label_upsample: int | Sequence[int] = 1,
                     gradient: Literal["gram", "autograd"] = "gram",
-                    evaluation: Literal["grid", "points"] = "grid") -> tuple[Array, dict]:
+                    evaluation: Literal["grid", "points"] = "grid", fixed_features: Array | None = None,
+                    reject_spread: float | None = None, reject_confidence: float | None = None,
+                    fixed_confidence: Array | None = None, reject_residual: float | None = None,
+                    min_keypoints: int = 64) -> tuple[Array, dict]:
     """Displacement field between two scans from their supervoxel maps (SLIC-Reg inference, docs/method.md section 7).
 
     Keypoints on the fixed maps -> features of both -> Adam kNN flow -> TPS on the fine grid.
@@ -120,6 +124,18 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
         evaluation: the dense field's evaluation (:func:`tps_dense_field`; ``"grid"`` default).
             ``gradient="autograd", evaluation="points"`` with ``label_upsample=1`` on upsampled maps are the
             previous algorithms (benchmarks/bench_register.py ``--compare``).
+        fixed_features: optional ``(L * n_channels, X', Y', Z')`` features of the fixed scan used instead of
+            ``supervoxel_features(fixed_sv)`` (same shape as the moving features; e.g. from softmax probabilities
+            or test-time augmented predictions, benchmarks/bench_init_levers.py); ``fixed_sv`` still gives the
+            keypoints and the centre initialisation. Default None.
+        reject_spread, reject_confidence, fixed_confidence, reject_residual, min_keypoints: optional keypoint
+            rejection (:mod:`slicreg.flow.rejection`; all off by default): before the Adam flow, drop keypoints
+            whose per-layer centre displacements spread more than ``reject_spread`` sv voxels
+            (:func:`~slicreg.flow.rejection.layer_spread`) and keypoints whose confidence is below
+            ``reject_confidence`` -- ``fixed_confidence`` is an ``(X, Y, Z)`` map on the grid of ``fixed_sv``
+            (default for probabilities: the mean over the layers of the largest probability); after the flow,
+            drop the fraction ``reject_residual`` (0..1) of keypoints with the largest feature residual before the
+            spline. Never fewer than ``min_keypoints`` (nor ``k + 1``) keypoints remain (then the best-scored).
 
     Returns:
         ``(disp_vox, info)``: ``disp_vox (3, factor X, factor Y, factor Z)`` float32, displacement in voxels of
@@ -128,7 +144,8 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
         ``"keypoints_vox"``/``"disp_keypoints_vox"`` ``(N, 3)`` (fine grid), ``"keypoint_ids"`` ``(N, 2)``
         (layer, label) or None, ``"init_disp_sv_vox"`` or None, ``"loss"`` per iteration, ``"mse"``, ``"penalty"``,
         ``"timings_s"`` (wall) and ``"cpu_s"`` (process CPU time, all threads) per step,
-        ``"params"`` (the resolved knobs).
+        ``"params"`` (the resolved knobs), ``"rejected"`` (keypoints dropped per rejection option; the keypoint
+        arrays above hold the kept ones).
     """
     numpy_out = not _is_tensor(fixed_sv)
     timings: dict[str, float] = {}
@@ -143,6 +160,8 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
     if gradient not in ("gram", "autograd") or evaluation not in ("grid", "points"):
         raise InputError(f"gradient, evaluation: expected 'gram'/'autograd' and 'grid'/'points', got {gradient!r}, "
                          f"{evaluation!r}")
+    if reject_residual is not None and not 0.0 <= float(reject_residual) < 1.0:
+        raise InputError(f"reject_residual: expected a fraction in [0, 1), got {reject_residual}")
     lab_up_f, lab_up_m = _label_factors(label_upsample)
     fix, fix_is_labels, grid_f = _prepare_sv(fixed_sv, "fixed_sv", prob_upsample, lab_up_f, device)
     mov, mov_is_labels, grid_m = _prepare_sv(moving_sv, "moving_sv", prob_upsample, lab_up_m, device)
@@ -181,13 +200,51 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
         init_disp = _match_init(coarse_to_fine_vox(cf, factor=kp_factor), idf,
                                 coarse_to_fine_vox(cm, factor=1 if mov_is_labels else int(prob_upsample)), idm,
                                 pts, int(n_init_neighbours), fix.shape[0])
+    rejected: dict[str, int] = {}
+    min_keep = max(int(min_keypoints), int(k) + 1)
+    rule = "nearest" if fix_is_labels else "linear"  # how the fixed maps' grid relates to the sv grid
+    grid_up = up_f if fix_is_labels else int(prob_upsample)
+
+    def drop(keep: torch.Tensor, name: str) -> None:
+        nonlocal pts, init_disp, ids
+        rejected[name] = int((~keep).sum())
+        pts = pts[keep]
+        init_disp = None if init_disp is None else init_disp[keep]
+        ids = None if ids is None else ids[keep]
+
+    if reject_spread is not None:  # before the flow: the layers disagree on the displacement
+        cf, idf = fixed_centres or supervoxel_centres(fix_labels, min_voxels=min_voxels, device=device,
+                                                      upsample=up_f)
+        if init != "centres":
+            mov_labels = mov if mov_is_labels else _argmax_labels(mov)
+            cm, idm = supervoxel_centres(mov_labels, min_voxels=min_voxels, device=device, upsample=up_m)
+            del mov_labels
+        spread = layer_spread(fix_labels, pts, (coarse_to_fine_vox(cf, factor=kp_factor), idf),
+                              (coarse_to_fine_vox(cm, factor=1 if mov_is_labels else int(prob_upsample)), idm),
+                              upsample=grid_up, rule=rule)
+        drop(keep_mask(spread, float(reject_spread), keep_above=False, min_keep=min_keep), "spread")
+    if reject_confidence is not None:  # before the flow: the network is unsure there
+        if fixed_confidence is not None:
+            conf_map = _as_tensor(fixed_confidence, "fixed_confidence", pts.device)
+        elif not fix_is_labels:
+            conf_map = _torch().stack([p.max(dim=0).values.float() for p in fix]).mean(dim=0)
+        else:
+            raise InputError("reject_confidence: label maps need fixed_confidence (an (X, Y, Z) map on their grid)")
+        conf = confidence_at(conf_map, pts, upsample=grid_up, rule=rule)
+        drop(keep_mask(conf, float(reject_confidence), keep_above=True, min_keep=min_keep), "confidence")
     timings["keypoints"], cpu["keypoints"] = time.perf_counter() - t0, time.process_time() - c0
 
     # features
     t1, c1 = time.perf_counter(), time.process_time()
     common = dict(seed=seed, n_channels=n_channels, include_background=include_background, device=device)
-    f_feat = supervoxel_features(fix, upsample=up_f if fix_is_labels else prob_upsample, **common)
     m_feat = supervoxel_features(mov, upsample=up_m if mov_is_labels else prob_upsample, **common)
+    if fixed_features is None:
+        f_feat = supervoxel_features(fix, upsample=up_f if fix_is_labels else prob_upsample, **common)
+    else:
+        f_feat = _as_tensor(fixed_features, "fixed_features", device).float()
+        if tuple(f_feat.shape) != tuple(m_feat.shape):
+            raise InputError(f"fixed_features: expected the moving features' shape {tuple(m_feat.shape)}, got "
+                             f"{tuple(f_feat.shape)}")
     del fix, mov, fix_labels
     stride = int(np.prod([s for _, s in DEFAULTS["pools"]]))
     timings["features"], cpu["features"] = time.perf_counter() - t1, time.process_time() - c1
@@ -197,6 +254,17 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
     disp_sv, flow_info = adam_keypoint_flow(f_feat, m_feat, pts, feature_stride=stride, k=k, alpha=alpha, lr=lr,
                                             iterations=iterations, init_disp=init_disp, patience=patience, tol=tol,
                                             device=device, gradient=gradient)
+    if reject_residual is not None:
+        res = keypoint_residuals(f_feat, m_feat, pts, disp_sv, feature_stride=stride)
+        n_keep = max(pts.shape[0] - int(float(reject_residual) * pts.shape[0]), min(min_keep, pts.shape[0]))
+        keep = _torch().zeros(pts.shape[0], dtype=_torch().bool, device=pts.device)
+        keep[_torch().argsort(res, stable=True)[:n_keep]] = True
+        rejected["residual"] = int(pts.shape[0] - n_keep)
+        pts, disp_sv = pts[keep], disp_sv[keep]
+        if init_disp is not None:
+            init_disp = init_disp[keep]
+        if ids is not None:
+            ids = ids[keep]
     del f_feat, m_feat
     timings["adam"], cpu["adam"] = time.perf_counter() - t2, time.process_time() - c2
 
@@ -222,6 +290,7 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
         "penalty": flow_info["penalty"],
         "timings_s": timings,
         "cpu_s": cpu,
+        "rejected": rejected,
         "params": {
             "keypoints": keypoints, "seed": int(seed), "n_random": int(n_random), "min_voxels": int(min_voxels),
             "n_channels": int(n_channels), "include_background": bool(include_background),
@@ -230,6 +299,10 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
             "patience": int(patience), "tol": float(tol), "kernel": kernel, "lam": float(lam), "step": int(step),
             "factor": int(factor), "n_keypoints": int(pts.shape[0]),
             "label_upsample": [lab_up_f, lab_up_m], "gradient": gradient, "evaluation": evaluation,
+            **({"reject_spread": float(reject_spread)} if reject_spread is not None else {}),
+            **({"reject_confidence": float(reject_confidence)} if reject_confidence is not None else {}),
+            **({"reject_residual": float(reject_residual)} if reject_residual is not None else {}),
+            **({"fixed_features": "given"} if fixed_features is not None else {}),
         },
     }
     return _out(field, numpy_out), info
