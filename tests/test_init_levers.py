@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_flow import voronoi_maps  # tests/ is on the path, as for helpers_own_data
 
 from benchmarks import bench_init_levers as bench
 from slicreg import flow
@@ -18,18 +19,6 @@ SHAPE = (24, 20, 28)
 SHIFT = (2.0, -1.0, 1.0)  # the moving maps are the fixed maps translated by this (sv voxels)
 
 
-def voronoi_maps(shape, n_layers, n_sv, seed):
-    """(L, X, Y, Z) uint8: Voronoi cells of n_sv random seeds per layer inside an ellipsoid, 0 outside."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3).astype(float)
-    centre, radius = (np.array(shape) - 1) / 2, np.array(shape) * 0.45
-    mask = (((grid - centre) / radius) ** 2).sum(1) <= 1
-    fg = grid[mask]
-    out = np.zeros((n_layers, grid.shape[0]), np.uint8)
-    for layer in range(n_layers):
-        seeds = fg[rng.choice(len(fg), n_sv, replace=False)]
-        out[layer, mask] = ((fg[:, None, :] - seeds[None]) ** 2).sum(-1).argmin(1) + 1
-    return out.reshape(n_layers, *shape)
 
 
 def translated(maps, shift):
