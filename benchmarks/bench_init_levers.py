@@ -545,19 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(ROOT / "runs/helper-refine/work/prep/current"),
-                    help="preprocessed cohort dataset")
-    ap.add_argument("--weights", default=str(ROOT / "weights/slicreg-cohort-v3"), help="weights bundle folder")
-    ap.add_argument("--cache", default=str(ROOT / "runs/helper-refine/cache"),
-                    help="tune_flow's cache of predictions, simulated slabs and true fields")
+    from tune_flow import add_pair_arguments
+
+    add_pair_arguments(ap, dataset=str(ROOT / "runs/helper-refine/work/prep/current"),
+                       weights=str(ROOT / "weights/slicreg-cohort-v3"), cache=str(ROOT / "runs/helper-refine/cache"))
     ap.add_argument("--lever-cache", default=str(ROOT / "runs/helper-levers/cache"),
                     help="this benchmark's cache of network passes (probabilities, test-time passes)")
-    ap.add_argument("--subjects", type=int, default=None, help="first N training subjects (default: all)")
-    ap.add_argument("--ids", nargs="*", default=None, help="explicit training subject ids (test ids are refused)")
-    ap.add_argument("--slabs", type=int, default=0, help="slabs simulated from the first N subjects (default 0)")
-    ap.add_argument("--slab-mm", type=float, default=40.0, help="cranio-caudal extent of a simulated slab (mm)")
-    ap.add_argument("--slab-seed", type=int, default=0, help="seed of the slab positions")
-    ap.add_argument("--eval-stride", type=int, default=2, help="field error on every s-th voxel")
     ap.add_argument("--levers", nargs="*", default=list(DEFAULT_LEVERS),
                     help="levers to measure (tokens joined by '+'; 'baseline' is always added)")
     ap.add_argument("--combo", default=None,

@@ -140,16 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(ROOT / "runs/demo/prep/current"), help="preprocessed cohort dataset")
-    ap.add_argument("--weights", default=str(ROOT / "weights/slicreg-cohort-v3"), help="weights bundle folder")
-    ap.add_argument("--cache", default=str(ROOT / "runs/flow_tuning_cache"),
-                    help="tune_flow's cache of predictions, simulated slabs and true fields")
-    ap.add_argument("--subjects", type=int, default=None, help="first N training subjects (default: all)")
-    ap.add_argument("--ids", nargs="*", default=None, help="explicit training subject ids (test ids are refused)")
-    ap.add_argument("--slabs", type=int, default=0, help="slabs simulated from the first N subjects (default 0)")
-    ap.add_argument("--slab-mm", type=float, default=40.0, help="cranio-caudal extent of a simulated slab (mm)")
-    ap.add_argument("--slab-seed", type=int, default=0, help="seed of the slab positions")
-    ap.add_argument("--eval-stride", type=int, default=2, help="field error on every s-th voxel")
+    from tune_flow import add_pair_arguments
+
+    add_pair_arguments(ap, dataset=str(ROOT / "runs/demo/prep/current"),
+                       weights=str(ROOT / "weights/slicreg-cohort-v3"), cache=str(ROOT / "runs/flow_tuning_cache"))
     ap.add_argument("--old", default="HEAD", help="git revision of the previous refine_field ('none': skip it)")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=PRESET[:key=value;...] (repeatable; default new=refine)")

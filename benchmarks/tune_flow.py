@@ -270,6 +270,20 @@ class PairData:
     keypoints: dict[str, Any] = field(default_factory=dict)  # mode -> (points_sv torch, init torch)
 
 
+def add_pair_arguments(ap: argparse.ArgumentParser, *, dataset: str, weights: str, cache: str) -> None:
+    """The training-pair arguments of the benchmarks built on :class:`Tuner` (bench_refine.py,
+    bench_init_levers.py): dataset, weights, cache, which training subjects, simulated slabs, evaluation stride."""
+    ap.add_argument("--dataset", default=dataset, help="preprocessed cohort dataset")
+    ap.add_argument("--weights", default=weights, help="weights bundle folder")
+    ap.add_argument("--cache", default=cache, help="tune_flow's cache of predictions, simulated slabs and true fields")
+    ap.add_argument("--subjects", type=int, default=None, help="first N training subjects (default: all)")
+    ap.add_argument("--ids", nargs="*", default=None, help="explicit training subject ids (test ids are refused)")
+    ap.add_argument("--slabs", type=int, default=0, help="slabs simulated from the first N subjects (default 0)")
+    ap.add_argument("--slab-mm", type=float, default=40.0, help="cranio-caudal extent of a simulated slab (mm)")
+    ap.add_argument("--slab-seed", type=int, default=0, help="seed of the slab positions")
+    ap.add_argument("--eval-stride", type=int, default=2, help="field error on every s-th voxel")
+
+
 def select_subjects(dataset: Any, ids: Sequence[str] | None, n: int | None) -> list[str]:
     """The training subjects to tune on; exits on a test subject, the template or a non-training id."""
     test = set(dataset.test) | {sid for sid, sub in dataset.subjects.items() if sub.role == "test"}
