@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slicreg.alignment import register_pair, resolve_preset
-from slicreg.alignment.discrete import discrete_displacement, displacement_offsets
+from slicreg.alignment.discrete import _nearest_informative, discrete_displacement, displacement_offsets
 from slicreg.alignment.similarity import box_filter, mind_ssc
 from slicreg.errors import InputError
 
@@ -77,6 +77,26 @@ def test_displacements_leaving_the_moving_field_of_view_are_not_chosen():
     assert float(d[0, 0, -1].max()) < 1.9 and float(d[0, 0, :-8].min()) == pytest.approx(2.0)
     plain = discrete_displacement(fixed, warped, radius=3, pool=2, couplings=())
     assert float(plain[0, 0].min()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("box", [True, False])
+def test_the_nearest_cell_with_data_is_the_distance_transforms(box):
+    """A box of cells with data (the shortcut) and an irregular set (the distance transform): every cell's
+    nearest cell with data is at the smallest distance there is."""
+    from scipy.ndimage import distance_transform_edt
+
+    informative = torch.zeros((9, 7, 8), dtype=torch.bool)
+    if box:
+        informative[2:6, 1:4, 3:7] = True
+    else:
+        informative[2:6, 1:4, 3:7] = True
+        informative[7, 6, 0] = True
+    nearest = _nearest_informative(informative)
+    coords = np.stack(np.unravel_index(nearest.numpy(), informative.shape), -1).reshape(*informative.shape, 3)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in informative.shape], indexing="ij"), -1)
+    got = np.linalg.norm(coords - grid, axis=-1)
+    np.testing.assert_allclose(got, distance_transform_edt(~informative.numpy()), atol=1e-9)
+    assert informative.reshape(-1)[nearest].all()
 
 
 def test_bad_arguments_are_one_clear_error():
