@@ -291,24 +291,14 @@ def soft_features(comp: Any, *, n_channels: int = 16) -> Any:
     on the coarse grid, so nothing is upsampled. One-hot input gives the label features (tested)."""
     import torch
 
-    from slicreg.flow import DEFAULTS
-    from slicreg.flow.pooling import _box_pool
-
-    pools = [tuple(int(v) for v in p) for p in DEFAULTS["pools"]]
-    if pools[0] != (3, 2) or any(s != 1 for _, s in pools[1:]):
-        raise SystemExit(f"soft_features: written for the pools ((3, 2), (5, 1)), got {pools}")
-    x = torch.as_tensor(comp, dtype=torch.float32)
-    if x.ndim != 4 or x.shape[0] % n_channels:
-        raise SystemExit(f"soft_features: expected (L * {n_channels}, x, y, z), got {tuple(x.shape)}")
-    for axis in (1, 2, 3):
+    def nearest(x: Any, axis: int) -> Any:
         n = x.shape[axis]
         nxt = torch.cat([x.narrow(axis, 1, n - 1), x.narrow(axis, n - 1, 1)], dim=axis)
         y = x.mul(2.0).add_(nxt)
         y.narrow(axis, 0, 1).sub_(x.narrow(axis, 0, 1))
-        x = y.div_(3.0)
-    for k, s in pools[1:]:
-        x = _box_pool(x, k, s, (1, 2, 3))
-    return x.contiguous()
+        return y.div_(3.0)
+
+    return _stride2_features(comp, n_channels, "soft_features", nearest)
 
 
 def centred_features(comp: Any, *, n_channels: int = 16) -> Any:
@@ -321,22 +311,34 @@ def centred_features(comp: Any, *, n_channels: int = 16) -> Any:
     ``q`` on ``{2q - 1, 2q}`` instead -- half a supervoxel-grid voxel (2 mm) off along every axis."""
     import torch
 
-    from slicreg.flow import DEFAULTS
-    from slicreg.flow.pooling import _box_pool
-
-    pools = [tuple(int(v) for v in p) for p in DEFAULTS["pools"]]
-    if pools[0] != (3, 2) or any(s != 1 for _, s in pools[1:]):
-        raise SystemExit(f"centred_features: written for the pools ((3, 2), (5, 1)), got {pools}")
-    x = torch.as_tensor(comp, dtype=torch.float32)
-    if x.ndim != 4 or x.shape[0] % n_channels:
-        raise SystemExit(f"centred_features: expected (L * {n_channels}, x, y, z), got {tuple(x.shape)}")
-    for axis in (1, 2, 3):
+    def linear(x: Any, axis: int) -> Any:
         n = x.shape[axis]
         prev = torch.cat([torch.zeros_like(x.narrow(axis, 0, 1)), x.narrow(axis, 0, n - 1)], dim=axis)
         nxt = torch.cat([x.narrow(axis, 1, n - 1), x.narrow(axis, n - 1, 1)], dim=axis)
         y = x.mul(2.0).add_(prev, alpha=0.5).add_(nxt, alpha=0.5)
         y.narrow(axis, 0, 1).sub_(x.narrow(axis, 0, 1), alpha=0.5)  # sv voxel -1 is the pooling's zero padding
-        x = y.div_(3.0)
+        return y.div_(3.0)
+
+    return _stride2_features(comp, n_channels, "centred_features", linear)
+
+
+def _stride2_features(comp: Any, n_channels: int, name: str, first_pool: Any) -> Any:
+    """What :func:`soft_features` and :func:`centred_features` share: the checks (the flow's pools must be
+    ((3, 2), (5, 1)); ``comp`` ``(L * n_channels, x, y, z)``), the first pooling done per axis on the coarse grid by
+    ``first_pool(x, axis)``, then the remaining box poolings."""
+    import torch
+
+    from slicreg.flow import DEFAULTS
+    from slicreg.flow.pooling import _box_pool
+
+    pools = [tuple(int(v) for v in p) for p in DEFAULTS["pools"]]
+    if pools[0] != (3, 2) or any(s != 1 for _, s in pools[1:]):
+        raise SystemExit(f"{name}: written for the pools ((3, 2), (5, 1)), got {pools}")
+    x = torch.as_tensor(comp, dtype=torch.float32)
+    if x.ndim != 4 or x.shape[0] % n_channels:
+        raise SystemExit(f"{name}: expected (L * {n_channels}, x, y, z), got {tuple(x.shape)}")
+    for axis in (1, 2, 3):
+        x = first_pool(x, axis)
     for k, s in pools[1:]:
         x = _box_pool(x, k, s, (1, 2, 3))
     return x.contiguous()
@@ -746,21 +748,18 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"## After the refinement (`refine_field(preset='refine')`, crop-record masks), {kind} pairs", ""]
             lines += table(refined_summary, refined, kind, refine=True)
             lines.append("")
-    lines += ["## Per pair: field error mm (Dice 13) of the supervoxel field", "",
-              "| pair | kind | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for pair in tuner.pairs:
-        vals = {r["lever"]: r for r in rows if r["pair"] == pair.pid and r["stage"] == "field"}
-        lines.append(f"| {pair.pid} | {pair.kind} | " + " | ".join(
-            f"{_f(vals[nm].get('field_error_mm'), 2)} ({_f(vals[nm]['dice'], 3)})" if nm in vals else "-"
-            for nm in names) + " |")
-    if refined:
-        lines += ["", "## Per pair after the refinement: field error mm (Dice 13)", "",
-                  "| pair | kind | " + " | ".join(refined) + " |", "|---|---|" + "---|" * len(refined)]
+    def per_pair(title: str, levers: list[str], stage: str) -> list[str]:
+        out = [title, "", "| pair | kind | " + " | ".join(levers) + " |", "|---|---|" + "---|" * len(levers)]
         for pair in tuner.pairs:
-            vals = {r["lever"]: r for r in rows if r["pair"] == pair.pid and r["stage"] == "refined"}
-            lines.append(f"| {pair.pid} | {pair.kind} | " + " | ".join(
+            vals = {r["lever"]: r for r in rows if r["pair"] == pair.pid and r["stage"] == stage}
+            out.append(f"| {pair.pid} | {pair.kind} | " + " | ".join(
                 f"{_f(vals[nm].get('field_error_mm'), 2)} ({_f(vals[nm]['dice'], 3)})" if nm in vals else "-"
-                for nm in refined) + " |")
+                for nm in levers) + " |")
+        return out
+
+    lines += per_pair("## Per pair: field error mm (Dice 13) of the supervoxel field", names, "field")
+    if refined:
+        lines += [""] + per_pair("## Per pair after the refinement: field error mm (Dice 13)", refined, "refined")
     qs = next(iter(diag.values()))["quantiles"] if diag else []
     lines += ["", "## Rejection scores at the baseline's keypoints (mean of the per-pair quantiles)", "",
               "| score | kind | " + " | ".join(f"q{q:g}" for q in qs) + " |", "|---|---|" + "---|" * len(qs)]

@@ -259,12 +259,8 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
         n_keep = max(pts.shape[0] - int(float(reject_residual) * pts.shape[0]), min(min_keep, pts.shape[0]))
         keep = _torch().zeros(pts.shape[0], dtype=_torch().bool, device=pts.device)
         keep[_torch().argsort(res, stable=True)[:n_keep]] = True
-        rejected["residual"] = int(pts.shape[0] - n_keep)
-        pts, disp_sv = pts[keep], disp_sv[keep]
-        if init_disp is not None:
-            init_disp = init_disp[keep]
-        if ids is not None:
-            ids = ids[keep]
+        disp_sv = disp_sv[keep]
+        drop(keep, "residual")
     del f_feat, m_feat
     timings["adam"], cpu["adam"] = time.perf_counter() - t2, time.process_time() - c2
 
