@@ -52,7 +52,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-REFINE_ARGS = ("iterations", "budget_s", "clip_hu")
+REFINE_ARGS = ("iterations", "budget_s", "clip_hu", "slab_preset")
 
 
 def load_old_refine(rev: str) -> Any:

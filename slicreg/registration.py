@@ -51,6 +51,10 @@ REFINE_PRESET = "refine"
 """The align engine preset of :func:`refine_field` (``slicreg.alignment.PRESETS``: its settings live there, in one
 place; the ``register`` stage's ``refine_options`` override them)."""
 
+SLAB_PRESET = "refine-slab"
+"""The align engine preset of :func:`refine_field` when a field of view is thin (a slab): started from the affine
+map closest to the initial field (``slicreg.alignment.PRESETS``)."""
+
 
 @dataclass
 class RegistrationResult:
@@ -348,6 +352,7 @@ def _numpy(x: Any) -> Any:
 
 
 def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: str = REFINE_PRESET,
+                 slab_preset: str | None = SLAB_PRESET,
                  iterations: int | tuple[int, ...] | None = None, budget_s: float | None = None,
                  deformable: dict[str, Any] | None = None, clip_hu: tuple[float, float] | None = None,
                  fixed_mask: Any = None, moving_mask: Any = None, seed: int = 0,
@@ -365,6 +370,14 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
     field-of-view voxel before the features (:func:`slicreg.alignment.register_pair`), so the preprocessing's padding
     around a partial scan pulls nothing (``mask_norm="grid"``: a slab is held by the regulariser as a full scan
     is). Its settings and how they were chosen: docs/register.md ("Refinement").
+
+    When the masks make a field of view thin (a slab of a scan against a scan: the shorter extent along an axis
+    below ``thin_fov`` = 0.35 of the longer, :func:`slicreg.alignment.engine.thin_axes`), ``slab_preset`` (default
+    ``"refine-slab"``) runs instead, started from the affine map closest to ``init_disp_vox`` over the fixed
+    field of view where it lands in the moving one (:func:`slicreg.alignment.engine.affine_from_field`; along the
+    thin axis only a translation): a slab's supervoxel field places it well as a whole but is poor in its
+    detail, which the ``"refine"`` preset keeps (docs/register.md, "Slabs"). ``info["slab"]`` then says so;
+    ``iterations`` and ``deformable`` apply to ``preset`` only. ``slab_preset=None``: always ``preset``.
 
     Args:
         fixed_hu: ``(X, Y, Z)`` fixed image in HU (preprocessed, 2 mm), numpy or torch.
@@ -406,15 +419,46 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
     overrides: dict[str, Any] = {"deformable": stage} if stage else {}
     if clip_hu is not None:
         overrides["clip_hu"] = tuple(clip_hu)
-    result = register_pair(fixed, moving, init_disp=np.asarray(init, dtype=np.float32), fixed_mask=_numpy(fixed_mask),
-                           moving_mask=_numpy(moving_mask), preset=preset, device=str(device), seed=int(seed),
-                           budget_s=budget_s, **overrides)
+    fixed_mask, moving_mask = _numpy(fixed_mask), _numpy(moving_mask)
+    thin = _thin(fixed_mask, moving_mask, np.shape(fixed), np.shape(moving), slab_preset) if slab_preset else None
+    if thin is not None and any(thin):
+        from slicreg.alignment.engine import affine_from_field
+
+        start = affine_from_field(np.asarray(init, dtype=np.float32), fixed_mask, moving_mask=moving_mask, thin=thin)
+        slab_overrides = {"clip_hu": overrides["clip_hu"]} if "clip_hu" in overrides else {}
+        result = register_pair(fixed, moving, init_affine=start, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                               preset=slab_preset, device=str(device), seed=int(seed), budget_s=budget_s,
+                               **slab_overrides)
+        result.info["slab"] = {"axes": [a for a in range(3) if thin[a]], "preset": slab_preset,
+                               "init_affine": np.round(start, 6).tolist()}
+    else:
+        result = register_pair(fixed, moving, init_disp=np.asarray(init, dtype=np.float32), fixed_mask=fixed_mask,
+                               moving_mask=moving_mask, preset=preset, device=str(device), seed=int(seed),
+                               budget_s=budget_s, **overrides)
     disp = result.disp_vox
     if torch_out:
         import torch
 
         disp = torch.from_numpy(disp)
     return disp, result.info
+
+
+def _thin(fixed_mask: Any, moving_mask: Any, fixed_shape: tuple, moving_shape: tuple,
+          slab_preset: Any) -> tuple[bool, ...] | None:
+    """Per axis: is a field of view thin (``thin_fov`` of the slab preset's first stage)? ``None`` without masks
+    (or with shapes the engine will refuse)."""
+    from slicreg.alignment import resolve_preset
+    from slicreg.alignment.engine import mask_box, thin_axes
+
+    if fixed_mask is None and moving_mask is None:
+        return None
+    if len(fixed_shape) != 3 or len(moving_shape) != 3 or any(
+            m is not None and np.shape(m) != s for m, s in ((fixed_mask, fixed_shape), (moving_mask, moving_shape))):
+        return None
+    boxes = [None if m is None or not np.any(m) else mask_box(np.asarray(m, dtype=bool))
+             for m in (fixed_mask, moving_mask)]
+    fraction = float(resolve_preset(slab_preset).stages[0][1].thin_fov)
+    return thin_axes(boxes[0], boxes[1], fixed_shape, moving_shape, fraction)
 
 
 # ------------------------------------------------------------------------------------------------ one pair

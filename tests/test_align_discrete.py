@@ -177,3 +177,99 @@ def test_a_slab_against_the_full_scan_lands_in_place_with_its_mask(translated_pa
     cut = (slice(10, -10), slice(10, -10), slice(z0 + 2, z1 - 2))
     assert _error(out.disp_vox, truth, cut) < 1.0, _error(out.disp_vox, truth, cut)
     assert out.info["fov"]["overlap"] > 0.99
+
+
+# ------------------------------------------------------------------------------- slabs: the affine start
+def _affine_field(matrix, shape=SHAPE):
+    """``A x - x`` on the grid: the field of the affine map ``matrix`` (fixed voxel -> moving voxel)."""
+    g = GRID if shape == SHAPE else np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape],
+                                                         indexing="ij"))
+    return (np.einsum("ab,b...->a...", matrix[:3, :3], g) + matrix[:3, 3, None, None, None] - g).astype(np.float32)
+
+
+A_TRUE = np.array([[1.05, 0.02, 0.03, 2.0], [-0.03, 0.97, 0.01, -3.0], [0.02, 0.01, 1.02, 5.0], [0, 0, 0, 1.0]])
+
+
+def test_affine_from_field_recovers_an_affine_map_and_keeps_a_thin_axis_rigid():
+    from slicreg.alignment.engine import affine_from_field
+
+    field = _affine_field(A_TRUE)
+    np.testing.assert_allclose(affine_from_field(field), A_TRUE, atol=1e-4)
+    thin = affine_from_field(field, thin=(False, False, True))
+    np.testing.assert_allclose(thin[2, :3], [0, 0, 1])  # the thin axis' row and column: the identity's
+    np.testing.assert_allclose(thin[:3, 2], [0, 0, 1])
+    np.testing.assert_allclose(thin[:2, :2], A_TRUE[:2, :2], atol=0.02)
+    # only where the field lands inside the moving field of view: a field that is wrong elsewhere does not count
+    wrong = field.copy()
+    wrong[0, :, :, 36:] += 20.0  # these voxels land outside the moving view below
+    moving_mask = np.zeros(SHAPE, bool)
+    moving_mask[:, :, :36] = True
+    moving_mask[:, :, 34:] = False
+    fixed_mask = np.zeros(SHAPE, bool)
+    fixed_mask[:, :, :30] = True
+    fixed_mask[:, :, 36:] = True
+    np.testing.assert_allclose(affine_from_field(wrong, fixed_mask, moving_mask=moving_mask), A_TRUE, atol=1e-3)
+    with pytest.raises(InputError, match="selects no voxel"):
+        affine_from_field(field, np.zeros(SHAPE, bool))
+
+
+def test_register_pair_starts_from_an_initial_affine_map():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 100, (24, 20, 28)).astype(np.float32)
+    a = A_TRUE.copy()
+    out = register_pair(img, img, init_affine=a, preset="affine")  # the affine stage is skipped: a, exactly
+    np.testing.assert_allclose(out.affine_vox, a)
+    np.testing.assert_allclose(out.disp_vox, _affine_field(a, img.shape), atol=1e-4)
+    assert out.info["skipped_stages"] == ["affine"]
+    with pytest.raises(InputError, match="not both"):
+        register_pair(img, img, init_affine=a, init_disp=np.zeros((3, *img.shape), np.float32))
+    with pytest.raises(InputError, match="init_affine must be a finite"):
+        register_pair(img, img, init_affine=np.eye(3))
+
+
+def test_a_slab_is_refined_from_the_affine_map_closest_to_its_field(translated_pair):
+    """A slab's initial field that is right as a whole but wrong in its detail (a supervoxel field of a slab):
+    ``refine_field`` takes the slab path (the affine map closest to the field over the slab, then the deformable
+    stage of ``abdomen-ct``), which ends closer to the truth than refining the field itself."""
+    from slicreg.registration import refine_field
+
+    fixed_full, moving, truth = translated_pair
+    z0, z1 = 28, 44
+    fixed = np.full(SHAPE, -1000.0, np.float32)
+    fixed[:, :, z0:z1] = fixed_full[:, :, z0:z1]
+    mask = np.zeros(SHAPE, bool)
+    mask[:, :, z0:z1] = True
+    rng = np.random.default_rng(1)
+    noise = torch.nn.functional.interpolate(torch.from_numpy(rng.normal(0, 6.0, (1, 3, 4, 4, 5)).astype(np.float32)),
+                                            size=SHAPE, mode="trilinear", align_corners=True)[0].numpy()
+    rough = truth + noise  # wrong by ~3 voxels in its detail, right on average
+    cut = (slice(10, -10), slice(10, -10), slice(z0 + 2, z1 - 2))
+    small = {"levels": (4, 2, 1), "iterations": (30, 25, 10), "grid_spacing": (1, 2, 4), "subsample": (1, 2, 2)}
+    plain, info = refine_field(fixed, moving, rough, fixed_mask=mask, slab_preset=None, deformable=small)
+    assert "slab" not in info
+    slab, info = refine_field(fixed, moving, rough, fixed_mask=mask)
+    assert info["slab"]["axes"] == [2] and info["preset"] == "refine-slab"
+    assert _error(rough, truth, cut) > 2.5
+    assert _error(slab, truth, cut) < 1.0, _error(slab, truth, cut)
+    assert _error(slab, truth, cut) < _error(plain, truth, cut)
+    # a full field of view never takes the slab path
+    _, info = refine_field(fixed_full, moving, rough, fixed_mask=np.ones(SHAPE, bool), iterations=0)
+    assert "slab" not in info
+
+
+def test_the_cost_pass_in_slabs_gives_the_same_displacement(monkeypatch):
+    """The cost pass runs over slabs of whole cells (cache-sized): any slab size gives bitwise the same result."""
+    import slicreg.alignment.discrete as discrete
+
+    g = torch.Generator().manual_seed(3)
+    shape, radius = (21, 9, 11), 2
+    fixed = torch.rand(1, 12, *shape, generator=g)
+    warped = torch.rand(1, 12, *(n + 2 * radius for n in shape), generator=g)
+    wf = (torch.rand(1, 1, *shape, generator=g) > 0.3).float()
+    wm = torch.rand(1, 1, *(n + 2 * radius for n in shape), generator=g)
+    out = {}
+    for voxels in (1 << 40, 400, 1):  # one slab; slabs of 4 rows; one cell row each
+        monkeypatch.setattr(discrete, "_CHUNK_VOXELS", voxels)
+        out[voxels] = discrete_displacement(fixed, warped, radius=radius, pool=2, fixed_weight=wf, warped_weight=wm)
+    for voxels in (400, 1):
+        assert torch.equal(out[voxels], out[1 << 40])

@@ -44,6 +44,7 @@ COUPLINGS: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
 """The coupling weights (per level voxel squared, costs divided by their mean contrast), increasing."""
 
 _TIE = 1e-4  # the |delta|^2 tie-break, far below any contrast that matters
+_CHUNK_VOXELS = 1 << 17  # voxels per slab of the cost pass (~0.5 MB per float buffer)
 
 
 def displacement_offsets(radius: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -134,21 +135,29 @@ def discrete_displacement(fixed: torch.Tensor, warped: torch.Tensor, *, radius: 
     weighted = fixed_weight is not None or wm_p is not None or any(extra)  # the padding has weight 0
     cost = torch.empty((len(offsets), *cells), device=device)
     valid = torch.ones_like(cost, dtype=torch.bool)
-    ssd, diff = torch.empty(full, device=device), torch.empty(full, device=device)
-    for k, (dx, dy, dz) in enumerate((offsets + radius).tolist()):
-        cut = (slice(dx, dx + full[0]), slice(dy, dy + full[1]), slice(dz, dz + full[2]))
-        ssd.zero_()
-        for c in range(fixed_p.shape[0]):  # channel by channel into two buffers: no C-channel temporaries
-            torch.sub(fixed_p[c], warped_p[(c, *cut)], out=diff)
-            ssd.addcmul_(diff, diff)
-        if not weighted:
-            cost[k] = cell_sum(ssd)
-            continue
-        w = wf_p if wm_p is None else wf_p * wm_p[cut]
-        den = wf_cells if wm_p is None else cell_sum(w)
-        cost[k] = cell_sum(ssd.mul_(w)) / den.clamp_min(1e-12)
-        if wm_p is not None:
-            valid[k] = den >= 0.5 * wf_cells
+    # slabs of whole cells along the first axis, ~_CHUNK_VOXELS each: every displacement's pass over a slab then
+    # stays in the CPU's cache (the whole grid's buffers would not; ~1.7x faster, the same numbers)
+    rows = max(pool, _CHUNK_VOXELS // (full[1] * full[2]) // pool * pool)
+    for x0 in range(0, full[0], rows):
+        n = min(rows, full[0] - x0)
+        c0, c1 = x0 // pool, (x0 + n) // pool
+        f_rows, wf_rows, wf_cells_rows = fixed_p[:, x0: x0 + n], wf_p[x0: x0 + n], wf_cells[c0:c1]
+        ssd = torch.empty((n, full[1], full[2]), device=device)
+        diff = torch.empty_like(ssd)
+        for k, (dx, dy, dz) in enumerate((offsets + radius).tolist()):
+            cut = (slice(x0 + dx, x0 + dx + n), slice(dy, dy + full[1]), slice(dz, dz + full[2]))
+            ssd.zero_()
+            for c in range(fixed_p.shape[0]):  # channel by channel into two buffers: no C-channel temporaries
+                torch.sub(f_rows[c], warped_p[(c, *cut)], out=diff)
+                ssd.addcmul_(diff, diff)
+            if not weighted:
+                cost[k, c0:c1] = cell_sum(ssd)
+                continue
+            w = wf_rows if wm_p is None else wf_rows * wm_p[cut]
+            den = wf_cells_rows if wm_p is None else cell_sum(w)
+            cost[k, c0:c1] = cell_sum(ssd.mul_(w)) / den.clamp_min(1e-12)
+            if wm_p is not None:
+                valid[k, c0:c1] = den >= 0.5 * wf_cells_rows
     if not weighted:
         cost /= wf_cells
     cost /= channels

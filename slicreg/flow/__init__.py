@@ -23,7 +23,11 @@ predicted by the network -- into a displacement field in four steps:
    grid (step 5; separable squared distances) and upsampled trilinearly to the full grid.
 
 Label maps may be given on the network's stride-2 grid (``label_upsample=2``, :func:`upsample_labels`): steps 1
-and 2 then run there, with bitwise the result for the upsampled 4 mm maps and ~8x less work.
+and 2 then run there, with bitwise the result for the upsampled 4 mm maps and ~8x less work. Such maps hold in
+coarse voxel ``q`` what the network read at supervoxel voxel ``2 q``, while their nearest upsampling centres ``q``
+on ``2 q - 1/2``: :func:`content_offset` gives each side's offset, and the flow places the fixed keypoints and
+their displacements where the content sits before the spline (this matters when the two sides differ in kind --
+a scan's predicted maps against the template's own maps -- where it removed a bias of one fine voxel per axis).
 
 :func:`supervoxel_flow` chains the four. One idea a file:
 
@@ -78,6 +82,7 @@ from slicreg.flow.keypoint_flow import adam_keypoint_flow, knn_graph, knn_penalt
 from slicreg.flow.keypoints import (
     centre_matching_init,
     coarse_to_fine_vox,
+    content_offset,
     foreground_keypoints,
     supervoxel_centres,
     upsample_labels,
@@ -103,6 +108,7 @@ __all__ = [
     "centre_matching_init",
     "confidence_at",
     "coarse_to_fine_vox",
+    "content_offset",
     "foreground_keypoints",
     "keep_mask",
     "keypoint_residuals",

@@ -28,6 +28,7 @@ from slicreg.flow.keypoint_flow import adam_keypoint_flow
 from slicreg.flow.keypoints import (
     _match_init,
     coarse_to_fine_vox,
+    content_offset,
     foreground_keypoints,
     supervoxel_centres,
     upsample_labels,
@@ -264,6 +265,15 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
     del f_feat, m_feat
     timings["adam"], cpu["adam"] = time.perf_counter() - t2, time.process_time() - c2
 
+    # where each side's content truly sits (content_offset): the fixed keypoints move by the fixed side's offset
+    # and their displacements by the difference (0 when both sides are maps of the same kind)
+    off_f = content_offset(fix_is_labels, up_f if fix_is_labels else int(prob_upsample))
+    off_m = content_offset(mov_is_labels, up_m if mov_is_labels else int(prob_upsample))
+    if off_f:
+        pts = pts + off_f
+    if off_f != off_m:
+        disp_sv = disp_sv - (off_f - off_m)
+
     # dense field (fine voxels)
     t3, c3 = time.perf_counter(), time.process_time()
     fine_pts, fine_disp = coarse_to_fine_vox(pts, disp_sv, factor=factor)
@@ -295,6 +305,7 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
             "patience": int(patience), "tol": float(tol), "kernel": kernel, "lam": float(lam), "step": int(step),
             "factor": int(factor), "n_keypoints": int(pts.shape[0]),
             "label_upsample": [lab_up_f, lab_up_m], "gradient": gradient, "evaluation": evaluation,
+            "content_offset_sv": [off_f, off_m],
             **({"reject_spread": float(reject_spread)} if reject_spread is not None else {}),
             **({"reject_confidence": float(reject_confidence)} if reject_confidence is not None else {}),
             **({"reject_residual": float(reject_residual)} if reject_residual is not None else {}),

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
     from slicreg.flow._common import Array, Device
 
-__all__ = ["centre_matching_init", "coarse_to_fine_vox", "foreground_keypoints", "supervoxel_centres",
-           "upsample_labels"]
+__all__ = ["centre_matching_init", "coarse_to_fine_vox", "content_offset", "foreground_keypoints",
+           "supervoxel_centres", "upsample_labels"]
 
 
 def _nearest_index(n_coarse: int, factor: int) -> np.ndarray:
@@ -39,6 +39,28 @@ def _nearest_index(n_coarse: int, factor: int) -> np.ndarray:
     (the network's stride-2 output, :func:`slicreg.registration.upsample_labels_stride2`)."""
     p = np.arange(int(n_coarse) * int(factor))
     return np.minimum((2 * p + int(factor)) // (2 * int(factor)), int(n_coarse) - 1)
+
+
+def content_offset(is_labels: bool, factor: int) -> float:
+    """Where a map's content truly sits relative to where the flow sees it, in supervoxel-grid voxels per axis.
+
+    A map on a grid ``factor`` times coarser than the supervoxel grid holds, in coarse voxel ``q``, what the
+    network read at supervoxel-grid voxel ``factor * q`` (its output voxel ``q`` is centred on input voxel
+    ``2 q``, :mod:`slicreg.network`). Nearest upsampling (:func:`_nearest_index`) spreads ``q`` over the
+    supervoxel voxels ``factor * q - factor / 2 .. factor * q + factor / 2 - 1``, centred on ``factor * q - 1/2``
+    for an even factor; the probabilities' trilinear upsampling (``align_corners=False``) and
+    :func:`coarse_to_fine_vox` centre it on ``factor * q + (factor - 1) / 2``. The content the flow sees at ``p``
+    was therefore read at ``p + content_offset``: +1/2 for labels with an even factor, ``-(factor - 1) / 2`` for
+    probabilities, 0 for maps on the supervoxel grid itself (the template's own maps). :func:`supervoxel_flow`
+    adds it to the fixed keypoints and takes it out of their displacements (fixed minus moving), so that maps of
+    different kinds -- a scan's predicted maps against the template's own -- are compared where their content is.
+    """
+    f = int(factor)
+    if f <= 1:
+        return 0.0
+    if is_labels:
+        return 0.5 if f % 2 == 0 else 0.0
+    return -(f - 1) / 2.0
 
 
 def upsample_labels(labels: Array, factor: int) -> Array:
