@@ -163,15 +163,25 @@ def test_a_large_translation_and_a_smooth_deformation_are_recovered_from_zero(tr
     assert _error(plain.disp_vox, truth) > 3.0, _error(plain.disp_vox, truth)
 
 
+SLAB = (28, 44)  # the slab's first and last + 1 voxel along the third axis
+
+
+def _slab(full):
+    """A 16-voxel slab of ``full``, padded with air as the preprocessing pads, and its field-of-view mask."""
+    z0, z1 = SLAB
+    fixed = np.full(SHAPE, -1000.0, np.float32)
+    fixed[:, :, z0:z1] = full[:, :, z0:z1]
+    mask = np.zeros(SHAPE, bool)
+    mask[:, :, z0:z1] = True
+    return fixed, mask
+
+
 def test_a_slab_against_the_full_scan_lands_in_place_with_its_mask(translated_pair):
     """The fixed scan is a 16-voxel slab of the deformed scan, padded with air like the preprocessing pads:
     with its field-of-view mask the slab's content lands where it came from."""
     fixed_full, moving, truth = translated_pair
-    z0, z1 = 28, 44
-    fixed = np.full(SHAPE, -1000.0, np.float32)
-    fixed[:, :, z0:z1] = fixed_full[:, :, z0:z1]
-    mask = np.zeros(SHAPE, bool)
-    mask[:, :, z0:z1] = True
+    z0, z1 = SLAB
+    fixed, mask = _slab(fixed_full)
     kw = {"deformable": {**KW["deformable"], "discrete": (3, 0, 0)}}
     out = register_pair(fixed, moving, fixed_mask=mask, preset="refine", **kw)
     cut = (slice(10, -10), slice(10, -10), slice(z0 + 2, z1 - 2))
@@ -234,11 +244,8 @@ def test_a_slab_is_refined_from_the_affine_map_closest_to_its_field(translated_p
     from slicreg.registration import refine_field
 
     fixed_full, moving, truth = translated_pair
-    z0, z1 = 28, 44
-    fixed = np.full(SHAPE, -1000.0, np.float32)
-    fixed[:, :, z0:z1] = fixed_full[:, :, z0:z1]
-    mask = np.zeros(SHAPE, bool)
-    mask[:, :, z0:z1] = True
+    z0, z1 = SLAB
+    fixed, mask = _slab(fixed_full)
     rng = np.random.default_rng(1)
     noise = torch.nn.functional.interpolate(torch.from_numpy(rng.normal(0, 6.0, (1, 3, 4, 4, 5)).astype(np.float32)),
                                             size=SHAPE, mode="trilinear", align_corners=True)[0].numpy()
