@@ -698,6 +698,7 @@ def select_pairs(dataset_dir: Path, n: int) -> tuple[Any, list[Any]]:
 
 def score(ds: Any, pair: Any, field_path: Path | None) -> dict[str, Any]:
     """slicreg.metrics scores of one field (None = the unregistered pair), as the evaluate stage computes them."""
+    from slicreg.geometry import load_fov_mask
     from slicreg.io import load_field, load_image, load_labels
     from slicreg.metrics import evaluate_pair, warp_labels_learn2reg
     from slicreg.supervoxels import body_mask
@@ -715,8 +716,10 @@ def score(ds: Any, pair: Any, field_path: Path | None) -> dict[str, Any]:
     if pair.ground_truth_field is not None:
         truth = load_field(ds.path(pair.ground_truth_field), fixed=fixed).array
         mask = body_mask(load_image(ds.path(fs.image)).array)
+    crop = fs.files.get("crop")  # Dice and HD95 inside the fixed field of view, as the stage's fov_only
+    fov = None if crop is None else load_fov_mask(ds.path(crop), fixed.shape, f"crop record of {pair.fixed}")
     res = evaluate_pair(fixed.array, moving.array, warped, disp_vox=disp, affine=fixed.affine,
-                        true_disp_vox=truth, error_mask=mask)
+                        true_disp_vox=truth, error_mask=mask, fov_mask=fov)
     s = res["summary"]
     row = {"dice13": s["dice_learn2reg"]["all13"], "dice4": s["dice_learn2reg"]["large4"],
            "dice13_reference": s["dice_reference"]["all13"], "hd95_mm": s["hd95_mm"]["all13"],

@@ -682,6 +682,7 @@ def evaluate_pair(
     true_disp_vox: Any = None,
     error_mask: Any = None,
     hd95: bool = True,
+    fov_mask: Any = None,
 ) -> dict[str, Any]:
     """Every score of one pair in one JSON-ready dict (floats; NaN where undefined).
 
@@ -697,6 +698,11 @@ def evaluate_pair(
         true_disp_vox: ground-truth field for the field error (optional).
         error_mask: mask ``(X, Y, Z)`` for the field error (e.g. the body); default every voxel.
         hd95: False skips the surface distances.
+        fov_mask: optional bool ``(X, Y, Z)``: the fixed scan's field of view (e.g. its crop record's,
+            :func:`slicreg.geometry.load_fov_mask`). Dice and HD95 are then computed inside it: outside, the fixed
+            scan has no data, so its labels are unknown rather than background, and the warped labels there are
+            not counted (the fixed and warped labels are cleared outside). Which labels are absent is still
+            decided on the whole maps. The Jacobian and the field error do not use it.
 
     Returns:
         ``{"labels": [...], "groups": {name: [...]}, "per_label": {"<id>": {metric: value}},
@@ -708,6 +714,12 @@ def evaluate_pair(
 
     labs = _label_list(labels)
     spacing = None if affine is None else spacing_from_affine(np.asarray(affine, dtype=np.float64))
+    if fov_mask is not None:
+        fov = _mask_array(fov_mask, "fov_mask")
+        if fov.shape != _np(fixed).shape:
+            raise InputError(f"fov_mask: shape {fov.shape} does not match the fixed labels {_np(fixed).shape}")
+        fixed = np.where(fov, _np(fixed), 0).astype(_np(fixed).dtype, copy=False)
+        warped = np.where(fov, _np(warped), 0).astype(_np(warped).dtype, copy=False)
     scores = score_labels(fixed, moving, warped, labels=labs, spacing_mm=spacing, hd95=hd95)
     groups = groups_for(labs)
     per_label: dict[str, dict[str, Any]] = {}

@@ -291,6 +291,39 @@ def test_stage_with_a_method_and_ground_truth(tmp_path, dataset_dir):
     assert {(r["method"], r["fixed"]): r["runtime_s"] for r in doc2["results"]}[("shift", "f1")] == 99.0
 
 
+def test_stage_scores_a_partial_scan_inside_its_field_of_view(tmp_path, dataset_dir):
+    """A fixed scan that is a slab (its crop record marks the rest as padding) has unknown labels outside the slab:
+    the warped moving labels there are not false positives (``fov_only``, the default)."""
+    from pipelines.stages.evaluate import evaluate_stage
+
+    doc = json.loads((dataset_dir / "dataset.json").read_text())
+    fov = np.zeros(SHAPE, np.uint8)
+    fov[:, :, 6:11] = 1  # a slab of 5 voxels along axis 2
+    save_volume(Volume(fov, AFF), dataset_dir / "crops/f2_fov.nii.gz")
+    from slicreg.io import load_labels
+
+    lab = load_labels(dataset_dir / "labelsTr/f2.nii.gz").array
+    save_volume(Volume(np.where(fov > 0, lab, 0).astype(np.uint8), AFF), dataset_dir / "labelsTr/f2.nii.gz")
+    doc["subjects"]["f2"]["crop"] = "crops/f2_fov.nii.gz"
+    (dataset_dir / "dataset.json").write_text(json.dumps(doc))
+    truth = np.zeros((3, *SHAPE), np.float32)
+    truth[0] = SHIFT
+    method = tmp_path / "method"
+    save_field(truth, AFF, method / "fields/disp_f2_m.nii.gz")
+    (method / "registrations.json").write_text(json.dumps({"method": "truth", "pairs": [
+        {"fixed": "f2", "moving": "m", "field": "fields/disp_f2_m.nii.gz", "runtime_s": 1.0}]}))
+    scores = {}
+    for fov_only in (True, False):
+        out = tmp_path / f"fov_{fov_only}"
+        out.mkdir()
+        ctx = _ctx(out, {"dataset": dataset_dir, "methods": [method]}, fov_only=fov_only)
+        evaluate_stage(ctx)
+        by = {(r["method"], r["fixed"]): r for r in strict_json(ctx.out_dir / "report/metrics.json")["results"]}
+        scores[fov_only] = by[("truth", "f2")]["summary"]["dice_learn2reg"]["all13"]
+    assert scores[True] == 1.0  # the true field, scored where the slab has data
+    assert scores[False] < 0.8  # every organ voxel the field carries beyond the slab counted as a false positive
+
+
 def test_stage_through_the_runner_report_location(tmp_path, dataset_dir):
     toml = tmp_path / "p.toml"
     toml.write_text(f"""

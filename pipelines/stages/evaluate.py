@@ -10,8 +10,12 @@ Inputs
 Parameters
     ``labels`` (default 1..13), ``figure_pair`` (index into the dataset's pairs for the overlay and Jacobian
     figures, default 0), ``hd95`` (default true), ``body_threshold_hu`` (the field-error mask is the fixed
-    scan's body, :func:`slicreg.supervoxels.body_mask`, default -400 HU), ``title``, ``paper_table`` (default
-    false: add the SLIC-Reg paper's Table 1 layout with its published BTCV rows, :func:`slicreg.report.paper_table`).
+    scan's body, :func:`slicreg.supervoxels.body_mask`, default -400 HU), ``fov_only`` (default true: Dice and
+    HD95 inside the fixed scan's field of view when the dataset has its crop record -- the warped moving labels
+    outside it are cleared: there the fixed scan has no data, so its labels are unknown, not background; a slab
+    of 40 mm would otherwise count every organ the field carries beyond the slab as a false positive), ``title``,
+    ``paper_table`` (default false: add the SLIC-Reg paper's Table 1 layout with its published BTCV rows,
+    :func:`slicreg.report.paper_table`).
 
 Outputs (in the stage folder)
     ``report/index.md`` -- the page: summary (initial vs each method: Dice, HD95, Jacobian, field error,
@@ -101,13 +105,19 @@ def score_pair_files(item: dict[str, Any]) -> dict[str, Any]:
             raise InputError(f"pair {item['fixed']} <- {item['moving']}: label grids {fixed.shape} and "
                              f"{moving.shape} differ; the unregistered pair needs one shape")
         warped = moving.array
+    fov = None
+    if item.get("fixed_crop"):  # score inside the fixed field of view only (see the module docstring, fov_only)
+        from slicreg.geometry import load_fov_mask
+
+        fov = load_fov_mask(item["fixed_crop"], fixed.shape, f"fixed crop record of {item['fixed']}")
     truth = mask = None
     if item["gt_field"] is not None:
         truth = load_field(item["gt_field"], fixed=fixed).array
         if item["fixed_image"] is not None:
             mask = body_mask(load_image(item["fixed_image"]).array, threshold=float(item["body_threshold_hu"]))
     result = evaluate_pair(fixed.array, moving.array, warped, disp_vox=disp, labels=item["labels"],
-                           affine=fixed.affine, true_disp_vox=truth, error_mask=mask, hd95=bool(item["hd95"]))
+                           affine=fixed.affine, true_disp_vox=truth, error_mask=mask, hd95=bool(item["hd95"]),
+                           fov_mask=fov)
     result = {"method": item["method"], "fixed": item["fixed"], "moving": item["moving"],
               "runtime_s": item["runtime_s"], "field": item["field"], **result}
     atomic_write_text(cache, json.dumps(result, allow_nan=True))  # internal file: NaN / Infinity kept exactly
@@ -191,9 +201,9 @@ def _select_pairs(dataset: Any, methods: list[dict[str, Any]], choice: str, stag
 
 @stage(
     "evaluate",
-    version="1",
+    version="2",
     params={"labels": list(range(1, 14)), "figure_pair": 0, "hd95": True, "body_threshold_hu": -400.0,
-            "title": None, "pairs": "all", "paper_table": False},
+            "fov_only": True, "title": None, "pairs": "all", "paper_table": False},
     inputs={"dataset": True, "methods": False},
 )
 def evaluate_stage(ctx: StageContext) -> None:
@@ -231,7 +241,9 @@ def evaluate_stage(ctx: StageContext) -> None:
         common = {"fixed": pair.fixed, "moving": pair.moving, "fixed_labels": str(fs.labels),
                   "moving_labels": str(ms.labels), "gt_field": gt, "fixed_image": str(fs.image),
                   "labels": labels, "hd95": bool(ctx.params["hd95"]),
-                  "body_threshold_hu": float(ctx.params["body_threshold_hu"])}
+                  "body_threshold_hu": float(ctx.params["body_threshold_hu"]),
+                  "fixed_crop": str(dataset.path(fs.files["crop"])) if ctx.params["fov_only"] and fs.files.get("crop")
+                  else None}
         items.append({**common, "method": INITIAL, "field": None, "runtime_s": None,
                       "cache": str(ctx.path(f"pairs/{INITIAL}/{pair.fixed}__{pair.moving}.json"))})
         for m in methods:
