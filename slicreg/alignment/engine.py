@@ -1335,8 +1335,10 @@ def _check_affine(matrix: Any) -> np.ndarray | None:
         return None
     arr = np.asarray(matrix, dtype=np.float64)
     if arr.shape != (4, 4) or not np.all(np.isfinite(arr)) or not np.allclose(arr[3], [0, 0, 0, 1]):
+        what = f"shape {arr.shape}" if arr.shape != (4, 4) else \
+            "NaN or Inf values" if not np.all(np.isfinite(arr)) else f"last row {arr[3].tolist()}"
         raise InputError(f"register_pair: init_affine must be a finite (4, 4) affine matrix (last row 0 0 0 1), "
-                         f"got shape {arr.shape}")
+                         f"got {what}")
     return arr.copy()
 
 
@@ -1344,8 +1346,8 @@ def affine_from_field(disp_vox: np.ndarray, mask: np.ndarray | None = None, *, m
                       thin: Sequence[bool] = (False, False, False), step: int = 2) -> np.ndarray:
     """The affine map (4x4, fixed voxel -> moving voxel) closest to ``x + disp_vox(x)`` in the least-squares
     sense over the fixed voxels in ``mask`` (default every voxel; every ``step``-th voxel per axis) that the field
-    takes inside ``moving_mask`` (nearest voxel; default: inside the moving grid, when its shape is given by the
-    mask, else anywhere) -- where the field was measured rather than extrapolated.
+    takes inside ``moving_mask`` (its nearest voxel; without ``moving_mask``, or when fewer than 16 voxels land
+    inside it, all of them) -- where the field was measured rather than extrapolated.
 
     Along a ``thin`` axis (a slab, :func:`thin_axes`) the linear part's row and column stay those of the identity
     -- only the translation moves there -- as in the affine stages: a slab's field can not tell scaling, shear or
