@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    from tune_flow import add_pair_arguments
+    from tune_flow import add_pair_arguments, add_run_arguments, prepared_tuner, score_columns, write_outputs
 
     add_pair_arguments(ap, dataset=str(ROOT / "runs/helper-refine/work/prep/current"),
                        weights=str(ROOT / "weights/slicreg-cohort-v3"), cache=str(ROOT / "runs/helper-refine/cache"))
@@ -563,28 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partial", default=None,
                     help="rows of finished pairs, rewritten after each pair; a rerun with the same levers resumes "
                          "from it (default: runs/helper-levers/<out name>.partial.json)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--out", default=str(ROOT / "runs/helper-levers/init_levers"), help="output stem (.json, .md)")
+    add_run_arguments(ap, threads=1, out=str(ROOT / "runs/helper-levers/init_levers"))
     args = ap.parse_args(argv)
 
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    from tune_flow import Tuner, select_subjects
-
-    from slicreg.io import atomic_write_json, atomic_write_text, load_image
+    from slicreg.io import atomic_write_json, load_image
     from slicreg.registration import FLOW_DEFAULTS, refine_field
 
     names = list(dict.fromkeys(["baseline", *args.levers]))
     specs = {n: parse_lever(n) for n in names}
-    tuner = Tuner(argparse.Namespace(dataset=args.dataset, weights=args.weights, device=args.device,
-                                     cache=args.cache, eval_stride=args.eval_stride, seed=args.seed,
-                                     slab_seed=args.slab_seed, slab_mm=args.slab_mm))
-    subjects = select_subjects(tuner.dataset, args.ids, args.subjects)
-    tuner.prepare(subjects, subjects[: max(args.slabs, 0)])
+    tuner = prepared_tuner(args)
     ds = tuner.dataset
     lever_cache = Path(args.lever_cache)
     template_sv = tuner.template_sv
@@ -629,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             disp, info = run_lever(specs[name], prod, template_sv, feats, args.seed, args.device)
             sc = tuner._score_fields(pair, disp, full=True)
-            rows.append({"pair": pair.pid, "kind": pair.kind, "lever": name, "stage": "field", **_scores(sc), **info,
-                         "network_cpu_s": network_cpu(specs[name], prod)})
+            rows.append({"pair": pair.pid, "kind": pair.kind, "lever": name, "stage": "field", **score_columns(sc),
+                         **info, "network_cpu_s": network_cpu(specs[name], prod)})
             line.append((name, sc.get("field_error_mm"), sc["dice"]))
             del disp
         base_fe = line[0][1]
@@ -693,14 +682,15 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in names:  # not among the levers (a combination): its field scores too
                     sc = tuner._score_fields(pair, disp, full=True)
                     rows.append({"pair": pair.pid, "kind": pair.kind, "lever": name, "stage": "field",
-                                 **_scores(sc), **info, "network_cpu_s": network_cpu(specs[name], prod)})
+                                 **score_columns(sc), **info, "network_cpu_s": network_cpu(specs[name], prod)})
                 w, c = time.perf_counter(), time.process_time()
                 out, _ = refine_field(hu, template_hu, disp, preset="refine", fixed_mask=pair.fov,
                                       moving_mask=template_fov, seed=args.seed, device=args.device)
                 rcpu = time.process_time() - c
                 sc = tuner._score_fields(pair, np.asarray(out, dtype=np.float32), full=True)
-                rows.append({"pair": pair.pid, "kind": pair.kind, "lever": name, "stage": "refined", **_scores(sc),
-                             **info, "network_cpu_s": network_cpu(specs[name], prod), "refine_cpu_s": rcpu})
+                rows.append({"pair": pair.pid, "kind": pair.kind, "lever": name, "stage": "refined",
+                             **score_columns(sc), **info, "network_cpu_s": network_cpu(specs[name], prod),
+                             "refine_cpu_s": rcpu})
                 line.append(f"{name} {sc['dice']:.3f} / {_f(sc.get('field_error_mm'), 2)} mm")
             print(f"[refine {n}/{len(tuner.pairs)}] {pair.pid}: " + "; ".join(line)
                   + f"  [{time.perf_counter() - tp:.0f} s; {time.perf_counter() - w_start:.0f} s]", flush=True)
@@ -771,21 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Labels changed by the test-time shifts (mean % of stride-2 voxels x layers, per shift "
               f"{', '.join(str(s) for s in SHIFTS[1:])}): " + ", ".join(f"{v:.1f}" for v in changes), ""]
     text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out.with_suffix(".json"), {
+    write_outputs(args.out, {
         "argv": argv, "flow_defaults": FLOW_DEFAULTS, "bundle_sha256": tuner.bundle_sha, "shifts": SHIFTS,
         "levers": {nm: {k: v for k, v in specs[nm].items() if k != "name"} for nm in specs},
         "summary": summary, "refined_summary": refined_summary, "paying": paying, "combo": combo,
-        "diagnostics": diag, "rows": rows, "wall_min": wall_min, "network_time": net_time})
-    atomic_write_text(out.with_suffix(".md"), text)
-    print("\n" + text, flush=True)
-    print(f"wrote {out.with_suffix('.md')} and .json ({wall_min:.1f} min)", flush=True)
+        "diagnostics": diag, "rows": rows, "wall_min": wall_min, "network_time": net_time}, text, wall_min)
     return 0
-
-
-def _scores(sc: dict[str, Any]) -> dict[str, Any]:
-    return {k: sc.get(k) for k in ("dice", "dice_fov", "field_error_mm", "folding_percent", "det_min", "sdlogj")}
 
 
 if __name__ == "__main__":

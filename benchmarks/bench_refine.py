@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    from tune_flow import add_pair_arguments
+    from tune_flow import add_pair_arguments, add_run_arguments, prepared_tuner, score_columns, write_outputs
 
     add_pair_arguments(ap, dataset=str(ROOT / "runs/demo/prep/current"),
                        weights=str(ROOT / "weights/slicreg-cohort-v3"), cache=str(ROOT / "runs/flow_tuning_cache"))
@@ -151,20 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align", action="store_true",
                     help="also the built-in align (preset abdomen-ct from the identity, no supervoxel field) as a "
                          "reference row")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "runs/helper-refine/bench_refine"), help="output stem (.json, .md)")
+    add_run_arguments(ap, threads=0, out=str(ROOT / "runs/helper-refine/bench_refine"))
     args = ap.parse_args(argv)
 
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    from tune_flow import Tuner, select_subjects
-
     from slicreg.alignment import PRESETS
-    from slicreg.io import atomic_write_json, atomic_write_text
     from slicreg.registration import FLOW_DEFAULTS, refine_field, register_supervoxel_maps
 
     variants = [parse_variant(v) for v in (args.variant or ["new=refine"])]
@@ -191,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             return res.disp_vox, res.info
         methods.append(("align", align))
 
-    tuner = Tuner(argparse.Namespace(dataset=args.dataset, weights=args.weights, device=args.device,
-                                     cache=args.cache, eval_stride=args.eval_stride, seed=args.seed,
-                                     slab_seed=args.slab_seed, slab_mm=args.slab_mm))
-    subjects = select_subjects(tuner.dataset, args.ids, args.subjects)
-    tuner.prepare(subjects, subjects[: max(args.slabs, 0)])
+    tuner = prepared_tuner(args)
     ds = tuner.dataset
     from slicreg.io import load_image
 
@@ -216,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed_fov = None if args.no_masks else pair.fov
         base = {"pair": pair.pid, "kind": pair.kind}
         sc = tuner._score_fields(pair, flow.disp_vox, full=True)
-        rows.append({**base, "method": "slicreg (flow)", **_scores(sc), "wall_s": None, "cpu_s": None})
+        rows.append({**base, "method": "slicreg (flow)", **score_columns(sc), "wall_s": None, "cpu_s": None})
         order = methods[n % len(methods):] + methods[: n % len(methods)]
         line = []
         for name, run in order:
@@ -226,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             sc = tuner._score_fields(pair, np.asarray(disp, dtype=np.float32), full=True)
             its = [lv["iterations"] for lv in info.get("levels", [])] if name != "old" else \
                 [info["params"]["iterations"]]
-            rows.append({**base, "method": name, **_scores(sc), "wall_s": wall, "cpu_s": cpu, "iterations": its})
+            rows.append({**base, "method": name, **score_columns(sc), "wall_s": wall, "cpu_s": cpu, "iterations": its})
             line.append(f"{name} {sc['dice']:.3f} ({wall:.1f} s)")
         print(f"[{n + 1}/{len(tuner.pairs)}] {pair.pid}: flow {rows[-len(order) - 1]['dice']:.3f}; "
               + "; ".join(line) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
@@ -258,17 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         vals = {r["method"]: r["dice"] for r in rows if r["pair"] == pair.pid}
         lines.append(f"| {pair.pid} | " + " | ".join(_f(vals.get(nm), 3) for nm in names) + " |")
     text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    atomic_write_json(out.with_suffix(".json"), {"argv": argv, "rows": rows, "summary": summary,
-                                                  "flow_defaults": FLOW_DEFAULTS})
-    atomic_write_text(out.with_suffix(".md"), text)
-    print("\n" + text, flush=True)
-    print(f"wrote {out.with_suffix('.md')} and .json ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    write_outputs(args.out, {"argv": argv, "rows": rows, "summary": summary, "flow_defaults": FLOW_DEFAULTS}, text,
+                  (time.perf_counter() - t0) / 60)
     return 0
-
-
-def _scores(sc: dict[str, Any]) -> dict[str, Any]:
-    return {k: sc.get(k) for k in ("dice", "dice_fov", "field_error_mm", "folding_percent", "det_min", "sdlogj")}
 
 
 if __name__ == "__main__":

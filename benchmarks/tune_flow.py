@@ -284,6 +284,49 @@ def add_pair_arguments(ap: argparse.ArgumentParser, *, dataset: str, weights: st
     ap.add_argument("--eval-stride", type=int, default=2, help="field error on every s-th voxel")
 
 
+def add_run_arguments(ap: argparse.ArgumentParser, *, threads: int, out: str) -> None:
+    """The run arguments shared by the benchmarks built on :class:`Tuner`: seed, device, torch threads (0: torch's
+    default) and the output stem."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=threads,
+                    help=f"torch threads (0: torch's default; default {threads})")
+    ap.add_argument("--out", default=out, help="output stem (.json, .md)")
+
+
+def prepared_tuner(args: argparse.Namespace) -> Tuner:
+    """A :class:`Tuner` for the arguments of :func:`add_pair_arguments` and :func:`add_run_arguments`, with the
+    torch threads set and the chosen training subjects (and their simulated slabs) prepared."""
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    tuner = Tuner(argparse.Namespace(dataset=args.dataset, weights=args.weights, device=args.device,
+                                     cache=args.cache, eval_stride=args.eval_stride, seed=args.seed,
+                                     slab_seed=args.slab_seed, slab_mm=args.slab_mm))
+    subjects = select_subjects(tuner.dataset, args.ids, args.subjects)
+    tuner.prepare(subjects, subjects[: max(args.slabs, 0)])
+    return tuner
+
+
+def score_columns(scores: dict[str, Any]) -> dict[str, Any]:
+    """The columns of one field's :meth:`Tuner._score_fields` that the benchmarks' rows keep."""
+    return {k: scores.get(k) for k in ("dice", "dice_fov", "field_error_mm", "folding_percent", "det_min", "sdlogj")}
+
+
+def write_outputs(out: str | Path, doc: dict[str, Any], text: str, minutes: float) -> None:
+    """A benchmark's ``<out>.json`` (``doc``) and ``<out>.md`` (``text``), written atomically, and the text
+    printed."""
+    from slicreg.io import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.with_suffix(".json"), doc)
+    atomic_write_text(out.with_suffix(".md"), text)
+    print("\n" + text, flush=True)
+    print(f"wrote {out.with_suffix('.md')} and .json ({minutes:.1f} min)", flush=True)
+
+
 def select_subjects(dataset: Any, ids: Sequence[str] | None, n: int | None) -> list[str]:
     """The training subjects to tune on; exits on a test subject, the template or a non-training id."""
     test = set(dataset.test) | {sid for sid, sub in dataset.subjects.items() if sub.role == "test"}
