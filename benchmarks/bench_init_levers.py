@@ -360,39 +360,8 @@ def onehot_compressed(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def crop_fov(dataset: Any, sid: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The subject's field of view from its crop record (``None`` without one), as the ``register`` stage reads it
-    (the same as ``bench_refine.crop_fov``)."""
-    from tune_flow import fov_from_padding
-
-    from slicreg.io import read_json
-
-    crop = dataset.subject(sid).files.get("crop")
-    if crop is None:
-        return None
-    return fov_from_padding(shape, np.asarray(read_json(dataset.path(crop))["padded_vox"]))
-
-
-def fixed_image(tuner: Any, pair: Any) -> np.ndarray:
-    """The fixed scan in HU (a simulated slab from tune_flow's cache), as ``bench_refine.fixed_image``."""
-    from tune_flow import _load_npz, fmt_value
-
-    from slicreg.io import load_image
-
-    if pair.pid != pair.subject:
-        a = tuner.args
-        slab = _load_npz(tuner.cache / f"{pair.subject}-slab{fmt_value(float(a.slab_mm))}mm-seed{a.slab_seed}.npz")
-        return slab["image"].astype(np.float32)
-    ds = tuner.dataset
-    return np.asarray(load_image(ds.path(ds.subject(pair.subject).image)).array, dtype=np.float32)
-
-
 def cache_name(tuner: Any, pair: Any) -> str:
-    from tune_flow import fmt_value
-
-    a = tuner.args
-    return pair.subject if pair.pid == pair.subject else \
-        f"{pair.subject}-slab{fmt_value(float(a.slab_mm))}mm-seed{a.slab_seed}"
+    return pair.subject if pair.pid == pair.subject else tuner.slab_name(pair.subject)
 
 
 def network_cpu(spec: dict[str, Any], prod: dict[str, Any]) -> float:
@@ -608,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if not (r["pair"] == pair.pid and r["stage"] == "field")]
         tp = time.perf_counter()
         w, c = time.perf_counter(), time.process_time()
-        prod = network_products(tuner.bundle, fixed_image(tuner, pair), lever_cache, cache_name(tuner, pair),
+        prod = network_products(tuner.bundle, tuner.fixed_image(pair), lever_cache, cache_name(tuner, pair),
                                 tuner.bundle_sha)
         net_time["wall_s"] += time.perf_counter() - w
         net_time["cpu_s"] += time.process_time() - c
@@ -662,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             if nm is not None and nm not in specs:
                 specs[nm] = parse_lever(nm)
         template_hu = np.asarray(load_image(ds.path(ds.subject(ds.template).image)).array, dtype=np.float32)
-        template_fov = crop_fov(ds, ds.template, tuner.shape)
+        template_fov = tuner.crop_fov(ds.template)
         small = np.random.default_rng(0).normal(0, 200, (32, 32, 32)).astype(np.float32)
         refine_field(small, small, np.zeros((3, 32, 32, 32), np.float32), seed=args.seed, device=args.device)
         refined = list(dict.fromkeys(nm for nm in ["baseline", combo, *args.refine_extra] if nm is not None))
@@ -672,9 +641,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = [r for r in rows if not (r["pair"] == pair.pid and (r["stage"] == "refined" or (
                 r["stage"] == "field" and r["lever"] in refined and r["lever"] not in names)))]
             tp = time.perf_counter()
-            prod = network_products(tuner.bundle, fixed_image(tuner, pair), lever_cache, cache_name(tuner, pair),
+            prod = network_products(tuner.bundle, tuner.fixed_image(pair), lever_cache, cache_name(tuner, pair),
                                     tuner.bundle_sha)
-            hu = fixed_image(tuner, pair)
+            hu = tuner.fixed_image(pair)
             feats = {}
             line = []
             for name in refined:

@@ -88,32 +88,6 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     return name, preset, args, stage
 
 
-def crop_fov(dataset: Any, sid: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The subject's field of view from its crop record (``None`` without one), as the ``register`` stage reads it."""
-    from tune_flow import fov_from_padding
-
-    from slicreg.io import read_json
-
-    crop = dataset.subject(sid).files.get("crop")
-    if crop is None:
-        return None
-    return fov_from_padding(shape, np.asarray(read_json(dataset.path(crop))["padded_vox"]))
-
-
-def fixed_image(tuner: Any, pair: Any) -> np.ndarray:
-    """The fixed scan in HU (a simulated slab from tune_flow's cache)."""
-    from tune_flow import _load_npz, fmt_value
-
-    from slicreg.io import load_image
-
-    if pair.pid != pair.subject:  # a slab simulated by tune_flow
-        a = tuner.args
-        slab = _load_npz(tuner.cache / f"{pair.subject}-slab{fmt_value(float(a.slab_mm))}mm-seed{a.slab_seed}.npz")
-        return slab["image"].astype(np.float32)
-    ds = tuner.dataset
-    return np.asarray(load_image(ds.path(ds.subject(pair.subject).image)).array, dtype=np.float32)
-
-
 def _f(v: Any, nd: int) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
@@ -188,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from slicreg.io import load_image
 
     template_hu = np.asarray(load_image(ds.path(ds.subject(ds.template).image)).array, dtype=np.float32)
-    template_fov = None if args.no_masks else crop_fov(ds, ds.template, tuner.shape)
+    template_fov = None if args.no_masks else tuner.crop_fov(ds.template)
 
     # warm-up: every method once on a small volume (lazy imports, first-call kernels)
     rng = np.random.default_rng(0)
@@ -200,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for n, pair in enumerate(tuner.pairs):
         flow = register_supervoxel_maps(pair.fixed_sv, tuner.template_sv, device=args.device, seed=args.seed)
-        hu = fixed_image(tuner, pair)
+        hu = tuner.fixed_image(pair)
         fixed_fov = None if args.no_masks else pair.fov
         base = {"pair": pair.pid, "kind": pair.kind}
         sc = tuner._score_fields(pair, flow.disp_vox, full=True)

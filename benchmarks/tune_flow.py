@@ -497,6 +497,29 @@ class Tuner:
             print(f"note: no cohort transform for {sid} ({exc}); no field error", flush=True)
             return None
 
+    def slab_name(self, sid: str) -> str:
+        """The cache name of the slab simulated from subject ``sid`` (its ``.npz`` and its predictions)."""
+        return f"{sid}-slab{fmt_value(float(self.args.slab_mm))}mm-seed{self.args.slab_seed}"
+
+    def crop_fov(self, sid: str) -> np.ndarray | None:
+        """The subject's field of view on the preprocessed grid from its crop record (``None`` without one), as
+        the ``register`` stage reads it."""
+        from slicreg.io import read_json
+
+        crop = self.dataset.subject(sid).files.get("crop")
+        if crop is None:
+            return None
+        return fov_from_padding(self.shape, np.asarray(read_json(self.dataset.path(crop))["padded_vox"]))
+
+    def fixed_image(self, pair: PairData) -> np.ndarray:
+        """The fixed scan of a pair in HU (a simulated slab: from the cache)."""
+        from slicreg.io import load_image
+
+        if pair.pid != pair.subject:
+            return _load_npz(self.cache / f"{self.slab_name(pair.subject)}.npz")["image"].astype(np.float32)
+        return np.asarray(load_image(self.dataset.path(self.dataset.subject(pair.subject).image)).array,
+                          dtype=np.float32)
+
     def _predict(self, name: str, image_hu: np.ndarray) -> tuple[np.ndarray, float | None, bool]:
         """The predicted maps (cached), the network's wall seconds when made, and whether they came from the cache."""
         from slicreg.registration import predict_supervoxels
@@ -546,16 +569,11 @@ class Tuner:
                     continue
                 affine = np.asarray(image.affine, dtype=np.float64)
                 hu = np.asarray(image.array, dtype=np.float32)
-                fov = None
-                crop = sub.files.get("crop")
-                if crop is not None:  # the scan's own field of view inside the preprocessed grid
-                    from slicreg.io import read_json
-
-                    fov = fov_from_padding(self.shape, np.asarray(read_json(ds.path(crop))["padded_vox"]))
+                fov = self.crop_fov(sid)  # the scan's own field of view inside the preprocessed grid
                 pid, name = sid, sid
                 pkind = "slab" if real_slab else "full"
             else:
-                name = f"{sid}-slab{fmt_value(float(args.slab_mm))}mm-seed{args.slab_seed}"
+                name = self.slab_name(sid)
                 path = self.cache / f"{name}.npz"
                 slab = _load_npz(path)
                 if slab is None:
