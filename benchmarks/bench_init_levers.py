@@ -30,7 +30,11 @@ argmax maps. Levers (``--levers``, tokens joined by ``+`` combine):
    supervoxel-grid voxel ``2 q``, linear interpolation) instead of the label path's nearest upsampling, which
    puts it half a voxel (2 mm per axis) off -- in atlas mode the moving side (the template's own maps) does not
    share that offset, so it biases the field; ``centred``: the argmax one-hot with that geometry; ``shift=S``:
-   the baseline field plus ``S`` fine voxels on every axis (``shift=-1`` undoes the offset after the fact);
+   the baseline field plus ``S`` fine voxels on every axis (``shift=-1`` undoes the offset after the fact).
+   Since slicreg 0.5.0 the flow itself places the maps' content where the network read it
+   (``slicreg.flow.content_offset``), so the baseline no longer has the offset and these levers (``*centred``,
+   ``shift=-1``) now correct it twice: measured before 0.5.0 (results/init_levers_20261206.md), not to be read
+   as gains on today's baseline;
 3. test-time augmentation: ``tta3-vote`` / ``tta5-vote`` (per-voxel majority of the 3 / 5 passes' labels, ties
    to the unshifted pass) and ``tta3-soft`` / ``tta5-soft`` (voted labels, features from the averaged
    probabilities); ``tta5-soft-centred``: the latter with the centred geometry;
