@@ -176,6 +176,9 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
     # the linear upsampling's convention (coarse voxel q = fine voxel f q + (f - 1) / 2)
     up_f = lab_up_f if fix_is_labels else 1
     up_m = lab_up_m if mov_is_labels else 1
+    # how many times coarser than the sv grid each side's maps are, whatever their kind
+    coarse_f = lab_up_f if fix_is_labels else int(prob_upsample)
+    coarse_m = lab_up_m if mov_is_labels else int(prob_upsample)
 
     # keypoints (supervoxel grid)
     kp_factor = 1 if fix_is_labels else int(prob_upsample)
@@ -204,7 +207,6 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
     rejected: dict[str, int] = {}
     min_keep = max(int(min_keypoints), int(k) + 1)
     rule = "nearest" if fix_is_labels else "linear"  # how the fixed maps' grid relates to the sv grid
-    grid_up = up_f if fix_is_labels else int(prob_upsample)
 
     def drop(keep: torch.Tensor, name: str) -> None:
         nonlocal pts, init_disp, ids
@@ -222,7 +224,7 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
             del mov_labels
         spread = layer_spread(fix_labels, pts, (coarse_to_fine_vox(cf, factor=kp_factor), idf),
                               (coarse_to_fine_vox(cm, factor=1 if mov_is_labels else int(prob_upsample)), idm),
-                              upsample=grid_up, rule=rule)
+                              upsample=coarse_f, rule=rule)
         drop(keep_mask(spread, float(reject_spread), keep_above=False, min_keep=min_keep), "spread")
     if reject_confidence is not None:  # before the flow: the network is unsure there
         if fixed_confidence is not None:
@@ -231,16 +233,16 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
             conf_map = _torch().stack([p.max(dim=0).values.float() for p in fix]).mean(dim=0)
         else:
             raise InputError("reject_confidence: label maps need fixed_confidence (an (X, Y, Z) map on their grid)")
-        conf = confidence_at(conf_map, pts, upsample=grid_up, rule=rule)
+        conf = confidence_at(conf_map, pts, upsample=coarse_f, rule=rule)
         drop(keep_mask(conf, float(reject_confidence), keep_above=True, min_keep=min_keep), "confidence")
     timings["keypoints"], cpu["keypoints"] = time.perf_counter() - t0, time.process_time() - c0
 
     # features
     t1, c1 = time.perf_counter(), time.process_time()
     common = dict(seed=seed, n_channels=n_channels, include_background=include_background, device=device)
-    m_feat = supervoxel_features(mov, upsample=up_m if mov_is_labels else prob_upsample, **common)
+    m_feat = supervoxel_features(mov, upsample=coarse_m, **common)
     if fixed_features is None:
-        f_feat = supervoxel_features(fix, upsample=up_f if fix_is_labels else prob_upsample, **common)
+        f_feat = supervoxel_features(fix, upsample=coarse_f, **common)
     else:
         f_feat = _as_tensor(fixed_features, "fixed_features", device).float()
         if tuple(f_feat.shape) != tuple(m_feat.shape):
@@ -267,8 +269,7 @@ def supervoxel_flow(fixed_sv: Array, moving_sv: Array, *, keypoints: Literal["ce
 
     # where each side's content truly sits (content_offset): the fixed keypoints move by the fixed side's offset
     # and their displacements by the difference (0 when both sides are maps of the same kind)
-    off_f = content_offset(fix_is_labels, up_f if fix_is_labels else int(prob_upsample))
-    off_m = content_offset(mov_is_labels, up_m if mov_is_labels else int(prob_upsample))
+    off_f, off_m = content_offset(fix_is_labels, coarse_f), content_offset(mov_is_labels, coarse_m)
     if off_f:
         pts = pts + off_f
     if off_f != off_m:
