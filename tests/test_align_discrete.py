@@ -280,3 +280,26 @@ def test_the_cost_pass_in_slabs_gives_the_same_displacement(monkeypatch):
         out[voxels] = discrete_displacement(fixed, warped, radius=radius, pool=2, fixed_weight=wf, warped_weight=wm)
     for voxels in (400, 1):
         assert torch.equal(out[voxels], out[1 << 40])
+
+
+def test_the_cell_costs_are_the_squared_feature_differences():
+    """Without coupling the result is the smoothed per-cell minimum of the weighted mean of ``|F(y) - W(y + delta)|^2``
+    (the cost pass expands the square; a brute-force reference computes it directly)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    shape, radius, pool = (8, 6, 10), 1, 2
+    fixed = torch.rand(1, 12, *shape, generator=g)
+    warped = torch.rand(1, 12, *(n + 2 * radius for n in shape), generator=g)
+    wf = (torch.rand(1, 1, *shape, generator=g) > 0.2).float()
+    out = discrete_displacement(fixed, warped, radius=radius, pool=pool, fixed_weight=wf, couplings=())
+    offsets = displacement_offsets(radius)
+    costs = []
+    for dx, dy, dz in (offsets + radius).tolist():
+        w = warped[:, :, dx: dx + shape[0], dy: dy + shape[1], dz: dz + shape[2]]
+        ssd = ((fixed - w) ** 2).sum(1, keepdim=True)
+        costs.append(F.avg_pool3d(ssd * wf, pool) / F.avg_pool3d(wf, pool).clamp_min(1e-12))
+    best = offsets.float()[torch.cat(costs, 1)[0].argmin(0)]  # (cells..., 3)
+    ref = box_filter(box_filter(best.permute(3, 0, 1, 2)[None], 1), 1)
+    ref = F.interpolate(ref, size=shape, mode="trilinear", align_corners=False)
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -138,18 +138,23 @@ def discrete_displacement(fixed: torch.Tensor, warped: torch.Tensor, *, radius: 
     # slabs of whole cells along the first axis, ~_CHUNK_VOXELS each: every displacement's pass over a slab then
     # stays in the CPU's cache (the whole grid's buffers would not; ~1.7x faster, the same numbers)
     rows = max(pool, _CHUNK_VOXELS // (full[1] * full[2]) // pool * pool)
+    # sum_c (F_c - W_c)^2 = |F|^2 + |W|^2 - 2 sum_c F_c W_c: the squared norms once, then one multiply-add per
+    # channel and displacement (the difference and its square were two passes; ~1.15x faster, the same minima to
+    # float rounding)
+    wsq = warped_p.square().sum(0)
+    fsq = fixed_p.square().sum(0)
+    f2 = fixed_p * -2.0
     for x0 in range(0, full[0], rows):
         n = min(rows, full[0] - x0)
         c0, c1 = x0 // pool, (x0 + n) // pool
-        f_rows, wf_rows, wf_cells_rows = fixed_p[:, x0: x0 + n], wf_p[x0: x0 + n], wf_cells[c0:c1]
+        f2_rows, fsq_rows = f2[:, x0: x0 + n], fsq[x0: x0 + n]
+        wf_rows, wf_cells_rows = wf_p[x0: x0 + n], wf_cells[c0:c1]
         ssd = torch.empty((n, full[1], full[2]), device=device)
-        diff = torch.empty_like(ssd)
         for k, (dx, dy, dz) in enumerate((offsets + radius).tolist()):
             cut = (slice(x0 + dx, x0 + dx + n), slice(dy, dy + full[1]), slice(dz, dz + full[2]))
-            ssd.zero_()
-            for c in range(fixed_p.shape[0]):  # channel by channel into two buffers: no C-channel temporaries
-                torch.sub(f_rows[c], warped_p[(c, *cut)], out=diff)
-                ssd.addcmul_(diff, diff)
+            torch.add(fsq_rows, wsq[cut], out=ssd)
+            for c in range(fixed_p.shape[0]):
+                ssd.addcmul_(f2_rows[c], warped_p[(c, *cut)])
             if not weighted:
                 cost[k, c0:c1] = cell_sum(ssd)
                 continue
@@ -174,20 +179,24 @@ def discrete_displacement(fixed: torch.Tensor, warped: torch.Tensor, *, radius: 
         return box_filter(box_filter(d.reshape(1, 3, *cells), 1), 1).reshape(3, -1)
 
     has_data = informative.reshape(1, -1).float()
+    data_share = smooth(has_data.expand(3, -1)).clamp_min(1e-6)  # the same every round: once
     nearest = _nearest_informative(informative)
 
     def neighbours(d: torch.Tensor) -> torch.Tensor:  # the smoothed field of the cells with data, filled
-        v = smooth(d * has_data) / smooth(has_data.expand(3, -1)).clamp_min(1e-6)
+        v = smooth(d * has_data) / data_share
         return v if nearest is None else v[:, nearest]
 
-    d = off[cost.argmin(0)].T  # (3, n_cells)
+    # (min(0).indices: the first minimum, as argmin(0) gives it, and ~2.5x faster on CPU in this layout)
+    d = off[cost.min(0).indices].T  # (3, n_cells)
     if nearest is not None:
         d = d[:, nearest]
+    # |delta - v|^2 = |delta|^2 - 2 delta.v + |v|^2, the last term does not change the argmin: cost + theta (|delta|^2
+    # - 2 delta.v) is one matrix product added to the cost, [delta, |delta|^2] @ [-2 theta v; theta] (one pass)
+    off_sq = torch.cat([off, off.square().sum(1, keepdim=True)], dim=1)  # (K, 4)
     for theta in couplings:
         v = neighbours(d)
-        # |delta - v|^2 = |delta|^2 - 2 delta.v + |v|^2; the last term does not change the argmin
-        total = cost + float(theta) * (off.square().sum(1, keepdim=True) - 2.0 * off @ v)
-        d = off[total.argmin(0)].T
+        rhs = torch.cat([-2.0 * float(theta) * v, torch.full_like(v[:1], float(theta))])  # (4, n_cells)
+        d = off[torch.addmm(cost, off_sq, rhs).min(0).indices].T
     out = smooth(d if nearest is None else d[:, nearest]).reshape(1, 3, *cells)
     if pool == 1:
         return out
