@@ -362,7 +362,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
 
     The default preset compares MIND-SSC descriptors of both images (clipped to [-400, 600] HU, on the 8, 4 and
     2 mm pyramid levels; the features only on each field of view's box) by SSD, optimises a dense displacement on
-    nodes every 8 mm by Adam on a random
+    nodes every 16 mm (8 mm level) and 8 mm (4 and 2 mm levels) by Adam on a random
     sub-lattice of the level voxels per iteration, and penalises the diffusion of the change it makes
     (``penalise="increment"``): the result is ``init_disp_vox`` plus the upsampled change, so the initial field's
     fine detail is kept. With field-of-view masks the engine compares only fixed voxels inside ``fixed_mask``
@@ -385,7 +385,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
         init_disp_vox: ``(3, X, Y, Z)`` initial field, voxels, fixed -> moving (e.g. the supervoxel flow's).
         preset: an engine preset; its affine stages are skipped (the initial field holds the global alignment).
         iterations: Adam steps per level of the deformable stage (an int for every level or one per level);
-            default: the preset's (30, 25 and 10 for ``"refine"``).
+            default: the preset's (30, 25 and 20 for ``"refine"``).
         budget_s: optional wall-clock budget in seconds, honoured approximately: the engine scales the
             iterations per level (and drops the finest levels if needed) to fit it (``register_pair(budget_s=)``;
             ``iterations`` stays the upper limit).

@@ -269,8 +269,8 @@ _AFFINE_CT = StageConfig(
 )
 
 _REFINE = StageConfig(
-    model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 25, 10), lr=0.5, lr_final=0.1, weight=0.07,
-    grid_spacing=(1, 2, 4), subsample=(2, 4, 4), penalise="increment", eps=1e-2, mask_norm="grid", feature_fov=True,
+    model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 25, 20), lr=0.5, lr_final=0.1, weight=0.07,
+    grid_spacing=(2, 2, 4), subsample=(2, 4, 4), penalise="increment", eps=1e-2, mask_norm="grid", feature_fov=True,
     discrete=(0, 2, 0),
 )
 
@@ -289,9 +289,9 @@ PRESETS: dict[str, Preset] = {
     # Only the affine stage (initialisation, or pairs that differ by a global map).
     "affine": Preset(name="affine", clip_hu=(-400.0, 600.0), stages=(("affine", _AFFINE_CT),)),
     # The refinement of a given field (``init_disp``, e.g. slicreg's supervoxel flow; ``slicreg register
-    # --refine``): no affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 25 and 10 Adam steps), a dense
-    # displacement on nodes every 8 mm (a random 1/8, then 1/64 and 1/64 of the level voxels compared per
-    # iteration), the diffusion of the change only (the given field's own deformation and fine detail are kept),
+    # --refine``): no affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 25 and 20 Adam steps), a dense
+    # displacement on nodes every 16 mm on the 8 mm level and every 8 mm on the others (a random 1/8, then 1/64 and
+    # 1/64 of the level voxels compared per iteration), the diffusion of the change only (the given field's own deformation and fine detail are kept),
     # Adam's eps on the summed similarity so that noise-level gradients do not move an already aligned field,
     # masked similarity normalised over the whole grid (a slab held by the regulariser as a full scan is), MIND
     # features only on the fields of view's boxes (``feature_fov``; with the faster mind_ssc this is what makes the
@@ -313,6 +313,11 @@ PRESETS: dict[str, Preset] = {
     # The discrete search on the 4 mm level (``discrete=(0, 2, 0)``: +-2 level voxels = +-8 mm on 8 mm cells,
     # coupled, before that level's Adam steps), chosen on the training pairs against the same preset without it
     # (benchmarks/results/refine_discrete_20261206.md; docs/register.md, "Refinement").
+    # 0.6.0: 20 instead of 10 steps on the 2 mm level and 16 mm nodes on the 8 mm level (``iterations=(30, 25,
+    # 20)``, ``grid_spacing=(2, 2, 4)``): on the 20 training pairs 82.5 against 82.0 % Dice 13 and 3.68 against
+    # 3.89 mm field error (lower on 19 of 20 pairs), for ~11 % more CPU time; of a dozen variants (whole-field
+    # diffusion, levels, steps, weights, smoothing the starting field) the best on both
+    # (benchmarks/results/refine_steps_20261206.md).
     "refine": Preset(name="refine", clip_hu=(-400.0, 600.0), stages=(("deformable", _REFINE),)),
     # The refinement when a field of view is thin (a slab against a scan; slicreg.registration.refine_field picks
     # it): a slab's supervoxel field is right as a whole but wrong in its detail, so the deformable stage of
