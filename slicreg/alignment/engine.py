@@ -288,14 +288,14 @@ PRESETS: dict[str, Preset] = {
                              stages=(("affine", _AFFINE_CT), ("deformable", StageConfig(model="svf")))),
     # Only the affine stage (initialisation, or pairs that differ by a global map).
     "affine": Preset(name="affine", clip_hu=(-400.0, 600.0), stages=(("affine", _AFFINE_CT),)),
-    # The refinement of a given field (``init_disp``, e.g. slicreg's supervoxel flow; ``slicreg register
-    # --refine``): no affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 25 and 20 Adam steps), a dense
-    # displacement on nodes every 16 mm on the 8 mm level and every 8 mm on the others (a random 1/8, then 1/64 and
-    # 1/64 of the level voxels compared per iteration), the diffusion of the change only (the given field's own deformation and fine detail are kept),
-    # Adam's eps on the summed similarity so that noise-level gradients do not move an already aligned field,
-    # masked similarity normalised over the whole grid (a slab held by the regulariser as a full scan is), MIND
-    # features only on the fields of view's boxes (``feature_fov``; with the faster mind_ssc this is what makes the
-    # 2 mm level affordable). Chosen on the cohort's training pairs (benchmarks/bench_refine.py, docs/register.md,
+    # The refinement of a given field (``init_disp``, e.g. slicreg's supervoxel flow; ``slicreg register --refine``): no
+    # affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 25 and 20 Adam steps), a dense displacement on nodes
+    # every 16 mm on the 8 mm level and every 8 mm on the others (a random 1/8, then 1/64 and 1/64 of the level voxels
+    # compared per iteration), the diffusion of the change only (the given field's own deformation and fine detail are
+    # kept), Adam's eps on the summed similarity so that noise-level gradients do not move an already aligned field,
+    # masked similarity normalised over the whole grid (a slab held by the regulariser as a full scan is), MIND features
+    # only on the fields of view's boxes (``feature_fov``; with the faster mind_ssc this is what makes the 2 mm level
+    # affordable). Chosen on the cohort's training pairs (benchmarks/bench_refine.py, docs/register.md,
     # benchmarks/results/refine_levels_20261205.md): on the 20 training pairs 80.4 % Dice 13 and 4.99 mm field
     # error against 76.2 % and 5.93 mm for the previous 8 + 4 mm preset (30 + 15 steps), better on 20 of 20 pairs
     # and 4 of 4 simulated slabs (49.0 against 47.2 %), no folding, SDlogJ 0.045; ~2.4 s CPU on one thread, ~1.5x
