@@ -697,29 +697,22 @@ def select_pairs(dataset_dir: Path, n: int) -> tuple[Any, list[Any]]:
 
 
 def score(ds: Any, pair: Any, field_path: Path | None) -> dict[str, Any]:
-    """slicreg.metrics scores of one field (None = the unregistered pair), as the evaluate stage computes them."""
-    from slicreg.geometry import load_fov_mask
-    from slicreg.io import load_field, load_image, load_labels
-    from slicreg.metrics import evaluate_pair, warp_labels_learn2reg
-    from slicreg.supervoxels import body_mask
+    """slicreg.metrics scores of one field (None = the unregistered pair): the evaluate stage's own scoring
+    (:func:`pipelines.stages.evaluate.score_pair_files`: Dice and HD95 inside the fixed field of view, the field
+    error inside the fixed body), without its cache."""
+    from pipelines.stages.evaluate import score_pair_files
+    from slicreg.labels import BTCV_IDS
+    from slicreg.supervoxels import BODY_THRESHOLD_HU
 
     fs, ms = ds.subject(pair.fixed), ds.subject(pair.moving)
-    fixed = load_labels(ds.path(fs.labels))
-    moving = load_labels(ds.path(ms.labels))
-    disp = None
-    if field_path is None:
-        warped = moving.array
-    else:
-        disp = load_field(field_path, fixed=fixed).array.astype(np.float64)
-        warped = warp_labels_learn2reg(moving.array, disp)
-    truth = mask = None
-    if pair.ground_truth_field is not None:
-        truth = load_field(ds.path(pair.ground_truth_field), fixed=fixed).array
-        mask = body_mask(load_image(ds.path(fs.image)).array)
-    crop = fs.files.get("crop")  # Dice and HD95 inside the fixed field of view, as the stage's fov_only
-    fov = None if crop is None else load_fov_mask(ds.path(crop), fixed.shape, f"crop record of {pair.fixed}")
-    res = evaluate_pair(fixed.array, moving.array, warped, disp_vox=disp, affine=fixed.affine,
-                        true_disp_vox=truth, error_mask=mask, fov_mask=fov)
+    crop, truth = fs.files.get("crop"), pair.ground_truth_field
+    res = score_pair_files({
+        "method": None, "fixed": pair.fixed, "moving": pair.moving, "runtime_s": None, "cache": None,
+        "fixed_labels": str(ds.path(fs.labels)), "moving_labels": str(ds.path(ms.labels)),
+        "field": None if field_path is None else str(field_path),
+        "gt_field": None if truth is None else str(ds.path(truth)), "fixed_image": str(ds.path(fs.image)),
+        "fixed_crop": None if crop is None else str(ds.path(crop)), "labels": list(BTCV_IDS), "hd95": True,
+        "body_threshold_hu": BODY_THRESHOLD_HU})
     s = res["summary"]
     row = {"dice13": s["dice_learn2reg"]["all13"], "dice4": s["dice_learn2reg"]["large4"],
            "dice13_reference": s["dice_reference"]["all13"], "hd95_mm": s["hd95_mm"]["all13"],

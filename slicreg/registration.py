@@ -420,11 +420,12 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
     if clip_hu is not None:
         overrides["clip_hu"] = tuple(clip_hu)
     fixed_mask, moving_mask = _numpy(fixed_mask), _numpy(moving_mask)
+    init = np.asarray(init, dtype=np.float32)
     thin = _thin(fixed_mask, moving_mask, np.shape(fixed), np.shape(moving), slab_preset) if slab_preset else None
     if thin is not None and any(thin):
         from slicreg.alignment.engine import affine_from_field
 
-        start = affine_from_field(np.asarray(init, dtype=np.float32), fixed_mask, moving_mask=moving_mask, thin=thin)
+        start = affine_from_field(init, fixed_mask, moving_mask=moving_mask, thin=thin)
         slab_overrides = {"clip_hu": overrides["clip_hu"]} if "clip_hu" in overrides else {}
         result = register_pair(fixed, moving, init_affine=start, fixed_mask=fixed_mask, moving_mask=moving_mask,
                                preset=slab_preset, device=str(device), seed=int(seed), budget_s=budget_s,
@@ -432,7 +433,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
         result.info["slab"] = {"axes": [a for a in range(3) if thin[a]], "preset": slab_preset,
                                "init_affine": np.round(start, 6).tolist()}
     else:
-        result = register_pair(fixed, moving, init_disp=np.asarray(init, dtype=np.float32), fixed_mask=fixed_mask,
+        result = register_pair(fixed, moving, init_disp=init, fixed_mask=fixed_mask,
                                moving_mask=moving_mask, preset=preset, device=str(device), seed=int(seed),
                                budget_s=budget_s, **overrides)
     disp = result.disp_vox

@@ -79,7 +79,9 @@ def score_pair_files(item: dict[str, Any]) -> dict[str, Any]:
 
     ``item``: ``method``, ``fixed``, ``moving`` (ids), ``fixed_labels``, ``moving_labels``, ``field`` (or None),
     ``gt_field`` (or None), ``fixed_image`` (for the body mask, or None), ``labels``, ``hd95``,
-    ``body_threshold_hu``, ``runtime_s``, ``cache`` (per-pair JSON path). Returns the
+    ``body_threshold_hu``, ``runtime_s``, ``cache`` (per-pair JSON path, or None: no cache), ``fixed_crop`` (the
+    fixed crop record, or None: Dice and HD95 on the whole grid). Also what ``benchmarks/peers.py`` scores with.
+    Returns the
     :func:`slicreg.metrics.evaluate_pair` dict with ``method``, ``fixed``, ``moving``, ``runtime_s`` added."""
     import json
 
@@ -89,8 +91,8 @@ def score_pair_files(item: dict[str, Any]) -> dict[str, Any]:
     from slicreg.metrics import evaluate_pair, warp_labels_learn2reg
     from slicreg.supervoxels import body_mask
 
-    cache = Path(item["cache"])
-    if cache.is_file():
+    cache = None if item.get("cache") is None else Path(item["cache"])
+    if cache is not None and cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))
     fixed = load_labels(item["fixed_labels"])
     moving = load_labels(item["moving_labels"])
@@ -120,7 +122,8 @@ def score_pair_files(item: dict[str, Any]) -> dict[str, Any]:
                            fov_mask=fov)
     result = {"method": item["method"], "fixed": item["fixed"], "moving": item["moving"],
               "runtime_s": item["runtime_s"], "field": item["field"], **result}
-    atomic_write_text(cache, json.dumps(result, allow_nan=True))  # internal file: NaN / Infinity kept exactly
+    if cache is not None:
+        atomic_write_text(cache, json.dumps(result, allow_nan=True))  # internal file: NaN / Infinity kept exactly
     return result
 
 
