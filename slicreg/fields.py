@@ -66,7 +66,7 @@ __all__ = ["sample", "sample_affine", "BACKENDS", "warp_image", "warp_labels", "
 
 Interpolation = Literal["linear", "nearest", "round"]
 Padding = Literal["border", "zeros", "zero_voxels", "clamp"]
-Backend = Literal["gather", "grid_sample", "scipy", "channels_last"]
+Backend = Literal["gather", "grid_sample", "scipy", "channels_last", "separable"]
 
 _INTERPOLATIONS = ("linear", "nearest", "round")
 _PADDINGS = ("border", "zeros", "zero_voxels", "clamp")
@@ -77,6 +77,7 @@ BACKENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "grid_sample": (("linear", "nearest"), ("border", "zero_voxels")),
     "scipy": (("linear", "nearest"), ("border", "zeros")),
     "channels_last": (("linear",), ("border",)),
+    "separable": (("linear",), ("border",)),
 }
 
 _CHUNK = 1 << 23  # positions per gather pass (a 192 x 160 x 256 volume is one): bounds the temporaries
@@ -144,6 +145,8 @@ def sample(values: Any, coords_vox: Any, *, interpolation: Interpolation = "line
             batched and cshape[0] != np.shape(values)[0]):
         want = "(B, 3, ...) with the batch size of values" if batched else "(3, ...)"
         raise InputError(f"sample: coords_vox must be {want}, got {cshape} for values {tuple(np.shape(values))}")
+    if backend == "separable":
+        raise InputError("sample: backend 'separable' resamples onto a grid by an axis-aligned map; use sample_affine")
     if backend == "scipy":
         return _sample_scipy(values, coords_vox, interpolation, padding, fill, numpy_in)
     vals = values if not numpy_in else torch.from_numpy(np.ascontiguousarray(values))
@@ -305,16 +308,60 @@ def _sample_grid_sample(vol: Any, coords: Any, interpolation: str, padding: str,
 
 
 # ----------------------------------------------------------------------------------------- channels_last
+_TRILINEAR_FN = None
+
+
+def _trilinear_rows():
+    """The autograd function of the channels-last read (built on first use: torch is imported lazily here).
+
+    ``forward(corners (N, 8, C), frac (N, 3)) -> (N, C)``: the trilinear combination of each point's 8 corner rows
+    (corner ``(b0, b1, b2)`` at ``4 b0 + 2 b1 + b2``) with the weights of its fractions. ``backward`` gives the
+    gradient of the fractions only, from the corner rows directly (the differences of neighbouring corners times the
+    other two axes' weights): the values are data, not parameters. This replaces autograd's graph of the weight
+    products (~2x the forward's cost in broadcasts and reductions)."""
+    global _TRILINEAR_FN
+    if _TRILINEAR_FN is None:
+        torch = _torch()
+
+        def axis_weights(frac: Any) -> Any:  # (3, 2, N): (1 - f, f) per axis, points last (the faster layout)
+            f = frac.t()
+            return torch.stack([1.0 - f, f], dim=1)
+
+        class TrilinearRows(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, corners: Any, frac: Any) -> Any:
+                w = axis_weights(frac)
+                weights = (w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]).reshape(8, -1)
+                ctx.save_for_backward(corners, frac)
+                return torch.bmm(corners.transpose(1, 2), weights.t()[:, :, None])[:, :, 0]
+
+            @staticmethod
+            def backward(ctx: Any, grad_out: Any) -> Any:
+                corners, frac = ctx.saved_tensors
+                # dL/dw for each corner, then dw/df: along axis a the weight is (1 - f_a) or f_a, so dL/df_a is the
+                # difference of the upper and lower corners' dL/dw times the other two axes' weights
+                g = torch.bmm(corners, grad_out[:, :, None])[:, :, 0].t().reshape(2, 2, 2, -1)
+                w = axis_weights(frac)
+                gx = ((g[1] - g[0]) * (w[1][:, None] * w[2][None, :])).sum((0, 1))
+                gy = ((g[:, 1] - g[:, 0]) * (w[0][:, None] * w[2][None, :])).sum((0, 1))
+                gz = ((g[:, :, 1] - g[:, :, 0]) * (w[0][:, None] * w[1][None, :])).sum((0, 1))
+                return None, torch.stack([gx, gy, gz], dim=1)
+
+        _TRILINEAR_FN = TrilinearRows
+    return _TRILINEAR_FN
+
+
 def _sample_channels_last(vol: Any, coords: Any) -> Any:
     """``vol (C, X, Y, Z)`` (channels-last memory) at ``coords (3, *S)`` -> ``(C, *S)``, trilinear, border.
 
     Positions are clamped (border padding), so this is ``grid_sample(..., mode="bilinear",
-    padding_mode="border", align_corners=True)``; autograd flows through the positions."""
+    padding_mode="border", align_corners=True)``; autograd flows through the positions only (the values are
+    read as data: a gradient for them is never computed)."""
     torch = _torch()
     if not vol.dtype.is_floating_point or min(vol.shape[1:]) < 2:
         raise InputError(f"sample: backend 'channels_last' needs floating values with every spatial size >= 2, "
                          f"got {tuple(vol.shape)} {vol.dtype}")
-    feats_cl = vol.permute(1, 2, 3, 0)
+    feats_cl = vol.detach().permute(1, 2, 3, 0)
     if not feats_cl.is_contiguous():
         feats_cl = feats_cl.contiguous()
     out_shape = coords.shape[1:]
@@ -327,13 +374,15 @@ def _sample_channels_last(vol: Any, coords: Any) -> Any:
     lo = torch.minimum(torch.floor(pos.detach()), upper - 1)  # lo + 1 stays on the grid
     frac = pos - lo  # in [0, 1]; differentiable in pos
     strides = torch.tensor([size[1] * size[2], size[2], 1], dtype=torch.long, device=dev)
-    # corner (b0, b1, b2), b0 slowest: linear offset and trilinear weight
-    bits = torch.tensor([[(c >> (2 - a)) & 1 for a in range(3)] for c in range(8)], dtype=torch.long, device=dev)
-    idx = (lo.long() * strides).sum(dim=1, keepdim=True) + (bits * strides).sum(dim=1)[None]  # (N, 8)
-    w_axis = torch.stack([1.0 - frac, frac], dim=2)  # (N, 3, 2)
-    weights = (w_axis[:, 0, :, None, None] * w_axis[:, 1, None, :, None] * w_axis[:, 2, None, None, :])
-    corners = feats_cl.reshape(-1, n_ch).index_select(0, idx.reshape(-1)).reshape(-1, 8, n_ch)  # (N, 8, C)
-    out = torch.bmm(weights.reshape(-1, 1, 8), corners)[:, 0]  # (N, C)
+    # corners (b0, b1, b2), b0 slowest: the two corners along the last axis are neighbouring rows of C values in
+    # channels-last memory, so each (b0, b1) reads one row of 2 C values (4 reads per point instead of 8); lo + 1
+    # stays on the grid, so a row never runs past the end
+    bits = torch.tensor([[(c >> 1) & 1, c & 1] for c in range(4)], dtype=torch.long, device=dev)
+    idx = (lo.long() * strides).sum(dim=1, keepdim=True) + (bits * strides[:2]).sum(dim=1)[None]  # (N, 4)
+    flat = feats_cl.reshape(-1, n_ch)
+    pairs = flat.as_strided((flat.shape[0] - 1, 2 * n_ch), (n_ch, 1))  # row i: voxels i and i + 1
+    corners = pairs.index_select(0, idx.reshape(-1)).reshape(-1, 8, n_ch)  # (N, 8, C)
+    out = _trilinear_rows().apply(corners, frac)  # (N, C)
     return out.t() if len(out_shape) == 1 else out.t().reshape(n_ch, *out_shape)
 
 
@@ -418,6 +467,12 @@ def sample_affine(values: Any, index_map: Any, out_shape: Sequence[int], *, inte
         raise InputError(f"index_map: expected a finite (4, 4) matrix (or (B, 4, 4) for batched values), got "
                          f"{tuple(np.shape(index_map))}")
     numpy_in = not isinstance(values, torch.Tensor)
+    if backend == "separable":
+        vals = values if not numpy_in else torch.from_numpy(np.ascontiguousarray(values))
+        vol = vals[None, None] if ndim == 3 else (vals[None] if ndim == 4 else vals)
+        out = _affine_separable(vol, maps, out_shape)
+        out = out[0, 0] if ndim == 3 else (out[0] if ndim == 4 else out)
+        return out.cpu().numpy() if numpy_in else out
     if backend == "grid_sample":
         vals = values if not numpy_in else torch.from_numpy(np.ascontiguousarray(values))
         vol = vals[None, None] if ndim == 3 else (vals[None] if ndim == 4 else vals)
@@ -462,6 +517,35 @@ def _affine_one(vol: Any, matrix: np.ndarray, out_shape: tuple[int, int, int], i
         part = _sample_gather(vals, pos, interpolation, padding, fill)
         out[:, :, :, z0:z1] = part.reshape(vals.shape[0], out_shape[0], out_shape[1], z1 - z0)
     return out if isinstance(vol, torch.Tensor) else out.numpy()
+
+
+def _affine_separable(vol: Any, maps: np.ndarray, out_shape: tuple[int, int, int]) -> Any:
+    """``vol (B, C, X, Y, Z)`` resampled by axis-aligned maps ``(B, 4, 4)`` (one for all items): trilinear as three
+    one-dimensional linear interpolations, one axis after the other, each two ``index_select`` along that axis and
+    a weighted sum; border padding. Differentiable in the values (the align engine's parameter grid read at a
+    sub-lattice of the level voxels in every iteration: several times cheaper than ``grid_sample`` and its
+    backward there, docs/register.md "What each step costs")."""
+    torch = _torch()
+    if not np.allclose(maps, maps[0]) or not np.allclose(maps[0, :3, :3], np.diag(np.diag(maps[0, :3, :3]))):
+        raise InputError("sample_affine: backend 'separable' needs one axis-aligned map (a diagonal linear part) "
+                         "for the whole batch")
+    out = vol if vol.dtype.is_floating_point else vol.float()
+    for a in range(3):
+        dim, size = 2 + a, int(out.shape[2 + a])
+        pos = torch.arange(out_shape[a], dtype=torch.float64) * float(maps[0, a, a]) + float(maps[0, a, 3])
+        pos = pos.clamp(0, size - 1)
+        lo = torch.floor(pos).clamp(0, max(size - 2, 0))
+        frac = (pos - lo).to(out.dtype).to(out.device)
+        lo_i = lo.long().to(out.device)
+        shape = [1, 1, 1, 1, 1]
+        shape[dim] = -1
+        lower = out.index_select(dim, lo_i)
+        if size == 1:
+            out = lower
+            continue
+        upper = out.index_select(dim, lo_i + 1)
+        out = torch.lerp(lower, upper, frac.reshape(shape))
+    return out
 
 
 def _affine_grid_sample(vol: Any, maps: np.ndarray, out_shape: tuple[int, int, int], interpolation: str,

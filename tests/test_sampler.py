@@ -274,6 +274,30 @@ def test_sample_affine_batched_grid_sample_is_one_map_per_item(volume):
         sample_affine(vols, np.eye(3), SHAPE)
 
 
+def test_separable_is_the_gather_for_axis_aligned_maps_and_passes_gradients_to_the_values(volume):
+    """``backend="separable"`` (the align engine's parameter grid read on a sub-lattice in every iteration): the
+    same values as the reference gather for scaled and shifted axis-aligned maps reaching outside the grid (border
+    padding), and the gradient of the values that grid_sample's autograd gives; other maps are refused."""
+    vals = volume.double()
+    for scale, shift in (((0.25, 0.5, 1.0), (-0.375, 0.125, -1.5)), ((4.0, 2.0, 0.37), (1.0, -0.5, 2.25))):
+        m = np.diag([*scale, 1.0])
+        m[:3, 3] = shift
+        out_shape = (5, 6, 9)
+        ref = sample_affine(vals, m, out_shape, backend="gather")
+        torch.testing.assert_close(sample_affine(vals, m, out_shape, backend="separable"), ref, atol=1e-10, rtol=0)
+        a = vals.clone().requires_grad_(True)
+        b = vals.clone().requires_grad_(True)
+        w = torch.rand((vals.shape[0], *out_shape), generator=torch.Generator().manual_seed(1), dtype=vals.dtype)
+        (sample_affine(a, m, out_shape, backend="separable") * w).sum().backward()
+        coords = torch.from_numpy(map_points(m, Grid(out_shape).coords(dtype=np.float64)))
+        (sample(b, coords, backend="grid_sample") * w).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
+    with pytest.raises(InputError, match="axis-aligned"):
+        sample_affine(vals, _affine_map(), (4, 4, 4), backend="separable")
+    with pytest.raises(InputError, match="use sample_affine"):
+        sample(vals, torch.zeros(3, 4), backend="separable")
+
+
 def test_learn2reg_label_warp_is_map_coordinates_exactly(labels):
     disp = np.zeros((3, *SHAPE))
     disp[0] = 0.5  # exact ties everywhere along axis 0

@@ -49,7 +49,7 @@ from slicreg.alignment.transforms import (
     resize_field,
 )
 from slicreg.errors import InputError
-from slicreg.fields import jacobian_determinant
+from slicreg.fields import jacobian_determinant, sample, sample_affine
 from slicreg.grid import fov_index_map
 
 __all__ = [
@@ -585,11 +585,18 @@ class _Level:
                    for c, o in zip(cut, self.fixed_origin))
         return self.fixed_feat[(slice(None), slice(None), *shifted)]
 
-    def moving_features_at(self, moving_pos: torch.Tensor) -> torch.Tensor:
-        """The moving features at moving level positions ``(1, 3, ...)`` (trilinear, edges continued)."""
+    def moving_features_at(self, moving_pos: torch.Tensor, *, scattered: bool = False) -> torch.Tensor:
+        """The moving features at moving level positions ``(1, 3, ...)`` (trilinear, edges continued).
+
+        ``scattered``: the positions are the optimiser's sub-lattice (a small share of the grid): read by the
+        sampler's channels-last gather, which is faster than ``grid_sample`` and its backward there; the whole
+        grid (the discrete search) stays with ``grid_sample``, faster for dense positions (docs/register.md, "What
+        each step costs")."""
         if any(self.moving_origin):
             moving_pos = moving_pos - torch.as_tensor(self.moving_origin, dtype=moving_pos.dtype,
                                                       device=moving_pos.device).reshape(1, 3, 1, 1, 1)
+        if scattered and self.moving_feat.shape[0] == 1 and self.moving_feat.shape[1] > 1:
+            return sample(self.moving_feat[0], moving_pos[0], backend="channels_last")[None]
         return grid_warp(self.moving_feat, moving_pos, align_corners=True, padding_mode="border")
 
     def weight(self, cut: tuple[slice, ...] | None, moving_pos: torch.Tensor) -> torch.Tensor | None:
@@ -984,8 +991,6 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
     grid_mm = tuple(float(lv.spacing_mm[a] * shape[a] / grid_shape[a]) for a in range(3))
     r_f = torch.as_tensor(lv.r_fixed, dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
     to_grid_map = fov_index_map(shape, grid_shape)  # level voxel -> parameter-grid voxel (same field of view)
-    to_grid = torch.tensor(np.diag(to_grid_map)[:3], dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
-    to_grid_offset = torch.as_tensor(to_grid_map[:3, 3], dtype=torch.float32, device=device).reshape(1, 3, 1, 1, 1)
     stride = int(cfg.per_level("subsample", level))
     full_grid = identity_grid(shape, device=device)
     loss_kw = dict(lv.loss_kw)
@@ -998,6 +1003,18 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
     if state.base is not None:
         b = state.base.to(device)
         base = downsample(b, lv.factor) if tuple(b.shape[2:]) == lv.full_fixed else resize_field(b, shape)
+
+    def on_lattice(g: torch.Tensor, starts: Sequence[int], step: int, lattice: tuple[int, ...],
+                   to_grid_map: np.ndarray = to_grid_map) -> torch.Tensor:
+        """``g`` (on the parameter grid, or with the identity map on the level grid) at the level voxels
+        ``starts + step k``, k < ``lattice``: level voxel y -> parameter-grid voxel r y + (r - 1) / 2 with
+        r = n_grid / n_level (``fov_index_map``), an axis-aligned map, so the sampling is separable (much cheaper
+        than ``grid_sample`` and its backward in every iteration)."""
+        lattice_map = np.eye(4)
+        for a in range(3):
+            lattice_map[a, a] = step * to_grid_map[a, a]
+            lattice_map[a, 3] = starts[a] * to_grid_map[a, a] + to_grid_map[a, 3]
+        return sample_affine(g, lattice_map, lattice, backend="separable")
 
     def grid_field() -> torch.Tensor:
         d = model()
@@ -1013,12 +1030,15 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
             target = lv.fixed_at(cut)
         else:
             cut, y, target = None, full_grid, lv.fixed_feat
-        # level voxel y -> parameter-grid voxel r y + (r - 1) / 2, r = n_grid / n_level (fov_index_map)
-        d = g if cut is None and tuple(grid_shape) == tuple(shape) else grid_warp(g, y * to_grid + to_grid_offset)
+        if cut is None and tuple(grid_shape) == tuple(shape):
+            d = g
+        else:
+            d = on_lattice(g, [0, 0, 0] if cut is None else [int(c.start) for c in cut],
+                           1 if cut is None else int(cut[0].step or 1), tuple(y.shape[2:]))
         if base is not None:
             d = d + (base if cut is None else base[(slice(None), slice(None), *cut)])
         pos = _points(matrix, y + d / r_f)
-        warped = lv.moving_features_at(pos)
+        warped = lv.moving_features_at(pos, scattered=True)
         voxel_weight = lv.weight(cut, pos)
         if voxel_weight is None:
             value = lv.loss_fn(target, warped, **loss_kw)
@@ -1055,9 +1075,10 @@ def _run_deformable(state: _State, lv: _Level, cfg: StageConfig, level: int, dev
             loss_kw["generator"] = gen
     radius = int(cfg.per_level("discrete", level))
     if radius > 0 and iterations > 0:  # the discrete search starts the level (``dense`` model: validated)
-        def field_at(y: torch.Tensor) -> torch.Tensor:  # the current d (full-resolution voxels) at level voxels y
-            d = grid_warp(grid_field(), y * to_grid + to_grid_offset)
-            return d if base is None else d + grid_warp(base, y)
+        def field_at(starts: Sequence[int], lattice: tuple[int, ...]) -> torch.Tensor:
+            """The current d (full-resolution voxels) at the level voxels ``starts + k``, k < ``lattice``."""
+            d = on_lattice(grid_field(), starts, 1, lattice)
+            return d if base is None else d + on_lattice(base, starts, 1, lattice, np.eye(4))
 
         with torch.no_grad():
             delta = _discrete_start(lv, field_at, matrix, r_f, radius, cfg)
@@ -1083,7 +1104,7 @@ def _discrete_start(lv: _Level, field_at: Any, matrix: torch.Tensor, r_f: torch.
     axes = [torch.arange(o - radius, o + n + radius, device=device, dtype=torch.float32)
             for o, n in zip(lv.fixed_origin, shape)]
     y = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]  # the extent + radius voxels per side
-    pos = _points(matrix, y + field_at(y) / r_f)
+    pos = _points(matrix, y + field_at([o - radius for o in lv.fixed_origin], tuple(y.shape[2:])) / r_f)
     warped = lv.moving_features_at(pos)
     warped_weight = None if lv.moving_mask is None else \
         grid_warp(lv.moving_mask, pos, align_corners=True, padding_mode="border")
