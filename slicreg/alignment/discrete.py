@@ -122,12 +122,20 @@ def discrete_displacement(fixed: torch.Tensor, warped: torch.Tensor, *, radius: 
     wm_p = None if warped_weight is None else F.pad(warped_weight.float(), pad)[0, 0]
     full = tuple(c * pool for c in cells)
 
-    def cell_sum(x: torch.Tensor) -> torch.Tensor:  # (X', Y', Z') -> (cells): strided additions, the fastest on CPU
-        for axis in (2, 1, 0):
-            parts = [x.narrow(axis, j, x.shape[axis] - j)[(slice(None),) * axis + (slice(None, None, pool),)]
+    def cell_sum(x: torch.Tensor) -> torch.Tensor:  # (..., X', Y', Z') -> (..., cells): strided additions, fastest on CPU
+        for axis in (-1, -2, -3):
+            dim = x.ndim + axis
+            parts = [x.narrow(dim, j, x.shape[dim] - j)[(slice(None),) * dim + (slice(None, None, pool),)]
                      for j in range(pool)]
             x = torch.stack(parts).sum(0) if pool > 2 else (parts[0] + parts[1] if pool == 2 else parts[0])
         return x
+
+    side = 2 * radius + 1
+
+    def z_shifts(x: torch.Tensor) -> torch.Tensor:
+        """``(..., X', Y', full_z + 2 radius)`` -> ``(side, ..., X', Y', full_z)``: the ``side`` shifts along the last
+        axis as one view (no copy), so that one operation covers every z offset of a displacement's (x, y)."""
+        return x.as_strided((side, *x.shape[:-1], full[2]), (x.stride(-1), *x.stride()), x.storage_offset())
 
     offsets = displacement_offsets(radius, device)
     channels = float(fixed.shape[1])
@@ -135,13 +143,16 @@ def discrete_displacement(fixed: torch.Tensor, warped: torch.Tensor, *, radius: 
     weighted = fixed_weight is not None or wm_p is not None or any(extra)  # the padding has weight 0
     cost = torch.empty((len(offsets), *cells), device=device)
     valid = torch.ones_like(cost, dtype=torch.bool)
-    # slabs of whole cells along the first axis, ~_CHUNK_VOXELS each: every displacement's pass over a slab then
+    # slabs of whole cells along the first axis, ~_CHUNK_VOXELS fixed voxels each: every pass over a slab then
     # stays in the CPU's cache (the whole grid's buffers would not; ~1.7x faster, the same numbers)
     rows = max(pool, _CHUNK_VOXELS // (full[1] * full[2]) // pool * pool)
     # sum_c (F_c - W_c)^2 = |F|^2 + |W|^2 - 2 sum_c F_c W_c: the squared norms once, then one multiply-add per
     # channel and displacement (the difference and its square were two passes; ~1.15x faster, the same minima to
-    # float rounding)
-    wsq = warped_p.square().sum(0)
+    # float rounding); the displacements that differ only along z in one operation each (``z_shifts``: a fifth of
+    # the operations for radius 2, whose per-call overhead was a third of the pass)
+    warped_z = z_shifts(warped_p)  # (side, C, X', Y', full_z)
+    wsq_z = z_shifts(warped_p.square().sum(0))
+    wm_z = None if wm_p is None else z_shifts(wm_p)
     fsq = fixed_p.square().sum(0)
     f2 = fixed_p * -2.0
     for x0 in range(0, full[0], rows):
@@ -149,31 +160,35 @@ def discrete_displacement(fixed: torch.Tensor, warped: torch.Tensor, *, radius: 
         c0, c1 = x0 // pool, (x0 + n) // pool
         f2_rows, fsq_rows = f2[:, x0: x0 + n], fsq[x0: x0 + n]
         wf_rows, wf_cells_rows = wf_p[x0: x0 + n], wf_cells[c0:c1]
-        ssd = torch.empty((n, full[1], full[2]), device=device)
-        for k, (dx, dy, dz) in enumerate((offsets + radius).tolist()):
-            cut = (slice(x0 + dx, x0 + dx + n), slice(dy, dy + full[1]), slice(dz, dz + full[2]))
-            torch.add(fsq_rows, wsq[cut], out=ssd)
-            for c in range(fixed_p.shape[0]):
-                ssd.addcmul_(f2_rows[c], warped_p[(c, *cut)])
-            if not weighted:
-                cost[k, c0:c1] = cell_sum(ssd)
-                continue
-            w = wf_rows if wm_p is None else wf_rows * wm_p[cut]
-            den = wf_cells_rows if wm_p is None else cell_sum(w)
-            cost[k, c0:c1] = cell_sum(ssd.mul_(w)) / den.clamp_min(1e-12)
-            if wm_p is not None:
-                valid[k, c0:c1] = den >= 0.5 * wf_cells_rows
+        ssd = torch.empty((side, n, full[1], full[2]), device=device)
+        for dx in range(side):
+            for dy in range(side):
+                k = (dx * side + dy) * side  # the first of this (dx, dy)'s displacements in ``offsets``' order
+                cut = (slice(x0 + dx, x0 + dx + n), slice(dy, dy + full[1]))
+                torch.add(fsq_rows, wsq_z[(slice(None), *cut)], out=ssd)
+                for c in range(fixed_p.shape[0]):
+                    ssd.addcmul_(f2_rows[c], warped_z[(slice(None), c, *cut)])
+                if not weighted:
+                    cost[k: k + side, c0:c1] = cell_sum(ssd)
+                    continue
+                w = wf_rows if wm_z is None else wf_rows * wm_z[(slice(None), *cut)]
+                den = wf_cells_rows if wm_z is None else cell_sum(w)
+                cost[k: k + side, c0:c1] = cell_sum(ssd.mul_(w)) / den.clamp_min(1e-12)
+                if wm_z is not None:
+                    valid[k: k + side, c0:c1] = den >= 0.5 * wf_cells_rows
     if not weighted:
         cost /= wf_cells
     cost /= channels
     informative = wf_cells > 0
-    worst = torch.where(valid, cost, torch.zeros_like(cost)).amax(0)
-    cost = torch.where(valid, cost, worst)
-    cost = torch.where(informative, cost, torch.zeros_like(cost))
+    if not bool(valid.all()):  # (full scans: every displacement valid, every cell informative -- no passes)
+        worst = torch.where(valid, cost, torch.zeros_like(cost)).amax(0)
+        cost = torch.where(valid, cost, worst)
+    if not bool(informative.all()):
+        cost.mul_(informative)
     contrast = (cost.mean(0) - cost.amin(0))[informative]
     scale = float(contrast.mean()) if contrast.numel() and float(contrast.mean()) > 0 else 1.0
     off = offsets.float()  # (K, 3)
-    cost = cost.reshape(len(offsets), -1) / scale + _TIE * off.square().sum(1, keepdim=True)  # (K, n_cells)
+    cost = cost.reshape(len(offsets), -1).div_(scale).add_(_TIE * off.square().sum(1, keepdim=True))  # (K, n_cells)
 
     def smooth(d: torch.Tensor) -> torch.Tensor:  # (3, n_cells) -> (3, n_cells)
         return box_filter(box_filter(d.reshape(1, 3, *cells), 1), 1).reshape(3, -1)
