@@ -122,7 +122,7 @@ def discrete_displacement(fixed: torch.Tensor, warped: torch.Tensor, *, radius: 
     wm_p = None if warped_weight is None else F.pad(warped_weight.float(), pad)[0, 0]
     full = tuple(c * pool for c in cells)
 
-    def cell_sum(x: torch.Tensor) -> torch.Tensor:  # (..., X', Y', Z') -> (..., cells): strided additions, fastest on CPU
+    def cell_sum(x: torch.Tensor) -> torch.Tensor:  # (..., X', Y', Z') -> (..., cells) by strided additions
         for axis in (-1, -2, -3):
             dim = x.ndim + axis
             parts = [x.narrow(dim, j, x.shape[dim] - j)[(slice(None),) * dim + (slice(None, None, pool),)]
