@@ -145,6 +145,20 @@ def test_mind_descriptor_properties():
     assert torch.allclose(mind_ssc(5 * img + 3), d, atol=1e-4)
 
 
+def test_mind_in_channels_last_memory_is_the_same_descriptor(monkeypatch):
+    """``channels_last=True`` writes slab by slab (here 5 first-axis voxels per slab: several slabs and a partial
+    last one): the same values, in channels-last memory."""
+    import slicreg.alignment.similarity as sim
+
+    img = _t(_phantom())
+    d = mind_ssc(img)
+    assert img.shape[2] % 5 != 0
+    monkeypatch.setattr(sim, "_MIND_SLAB_VALUES", 5 * 12 * img.shape[3] * img.shape[4])
+    cl = mind_ssc(img, channels_last=True)
+    assert cl.shape == d.shape and cl.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(cl, d, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- regularisers
 def test_regularisers_analytic_values():
     shape = (8, 9, 10)

@@ -570,7 +570,7 @@ class _Level:
                     m, tuple(slice(int(lo), int(hi) + 1) for lo, hi in mask_box(inside).astype(int).T))
         with torch.no_grad():
             self.fixed_feat = sim.features(f, **feat_kw)
-            self.moving_feat = sim.features(m, **feat_kw)
+            self.moving_feat = sim.features(m, **feat_kw, **({"channels_last": True} if sim.channels_last else {}))
             if self.moving_feat.shape[1] > 1:
                 # the moving features are read at scattered positions in every iteration: with the channels of a
                 # voxel next to each other in memory, grid_sample's CPU kernel and its backward take ~40 % less

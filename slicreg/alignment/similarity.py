@@ -274,7 +274,11 @@ def _canonical(v: tuple[int, ...]) -> bool:
     return next(c for c in v if c != 0) > 0
 
 
-def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 1, eps: float = 1e-6) -> torch.Tensor:
+_MIND_SLAB_VALUES = 1 << 20  # values per slab of ``mind_ssc(channels_last=True)``: ~4 MB, cache-sized
+
+
+def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 1, eps: float = 1e-6,
+             channels_last: bool = False) -> torch.Tensor:
     """MIND-SSC self-similarity context descriptors.
 
     For the 12 pairs ``(p, q)`` of 6-neighbourhood offsets (scaled by ``dilation``) that lie ``sqrt(2)``
@@ -293,6 +297,10 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 1, eps: fl
         image: ``(B, 1, X, Y, Z)`` float tensor.
         radius: half-width of the patch box in voxels (default 1).
         dilation: neighbour distance in voxels (default 1).
+        channels_last: return the descriptors in channels-last memory (``torch.channels_last_3d``: a voxel's 12
+            values next to each other, as the align engine reads the moving image's), written slab by slab
+            instead of converting the whole tensor afterwards (one pass over ~380 MB fewer at 2 mm); the same
+            values.
 
     Returns:
         ``(B, 12, X, Y, Z)`` descriptors in (0, 1]. Not differentiable (features, computed once per image; in-place
@@ -340,12 +348,28 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 1, eps: fl
     mean_var = var.mean()
     var = var.clamp_(mean_var * 0.001 + eps, mean_var * 1000 + eps)
     scale = var.mul_(-k).reciprocal_()  # exp(-(D - min D) / V) with D in box sums
-    out = torch.empty((image.shape[0], len(channels), *size), dtype=image.dtype, device=image.device)
+    n_ch = len(channels)
+    if not channels_last:
+        out = torch.empty((image.shape[0], n_ch, *size), dtype=image.dtype, device=image.device)
+        _mind_channels(channels, low, scale, out, slice(None))
+        return out.exp_()
+    out_cl = torch.empty((image.shape[0], *size, n_ch), dtype=image.dtype, device=image.device)
+    rows = max(1, _MIND_SLAB_VALUES // max(1, n_ch * size[1] * size[2]))
+    tmp = torch.empty((image.shape[0], n_ch, rows, *size[1:]), dtype=image.dtype, device=image.device)
+    for x0 in range(0, size[0], rows):
+        part = tmp[:, :, : min(rows, size[0] - x0)]
+        _mind_channels(channels, low, scale, part, slice(x0, x0 + part.shape[2]))
+        out_cl[:, x0: x0 + part.shape[2]] = part.exp_().permute(0, 2, 3, 4, 1)
+    return out_cl.permute(0, 4, 1, 2, 3)
+
+
+def _mind_channels(channels: list[torch.Tensor], low: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+                   rows: slice) -> None:
+    """``out[:, i] = (D_i - min D) * scale`` for the first-axis voxels ``rows`` (the exponent of MIND-SSC)."""
     for i, c in enumerate(channels):
         o = out[:, i: i + 1]
-        torch.sub(c, low, out=o)
-        o.mul_(scale)
-    return out.exp_()
+        torch.sub(c[:, :, rows], low[:, :, rows], out=o)
+        o.mul_(scale[:, :, rows])
 
 
 def _box_sum_valid(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -383,12 +407,15 @@ class Similarity:
         loss: ``(fixed_features, warped_features, *, weight=None, **kwargs)`` -> scalar tensor, lower is better
             (``weight``: optional ``(B, 1, X, Y, Z)`` voxel weights, see the module docstring).
         feature_kwargs: names of config keys that go to ``features``; the others go to ``loss``.
+        channels_last: ``features`` takes ``channels_last=True`` and then returns channels-last memory itself
+            (cheaper than converting afterwards; the engine stores the moving features that way).
     """
 
     name: str
     features: Callable[..., torch.Tensor]
     loss: Callable[..., torch.Tensor]
     feature_kwargs: tuple[str, ...] = ()
+    channels_last: bool = False
 
     def split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         feat = {k: v for k, v in kwargs.items() if k in self.feature_kwargs}
@@ -406,7 +433,7 @@ SIMILARITIES: dict[str, Similarity] = {
     "lncc": Similarity("lncc", _identity, lncc_loss),
     "ngf": Similarity("ngf", _identity, ngf_loss),
     "mi": Similarity("mi", _identity, mi_loss),
-    "mind": Similarity("mind", mind_ssc, mind_loss, ("radius", "dilation")),
+    "mind": Similarity("mind", mind_ssc, mind_loss, ("radius", "dilation"), channels_last=True),
 }
 
 
