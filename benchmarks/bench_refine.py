@@ -69,7 +69,8 @@ def load_old_refine(rev: str) -> Any:
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
-    """``NAME=PRESET[:k=v;...]`` -> (name, preset, refine_field arguments, deformable stage fields)."""
+    """``NAME=PRESET[:k=v;...]`` -> (name, preset, refine_field arguments, deformable stage fields); ``slab.k=v``
+    sets a field of the slab preset's deformable stage (``refine_field(slab_deformable=)``)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise SystemExit(f"--variant {text!r}: expected NAME=PRESET[:key=value;...]")
@@ -84,7 +85,10 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed = value
-        (args if key in REFINE_ARGS else stage)[key] = parsed
+        if key.startswith("slab."):  # a field of the slab preset's deformable stage
+            args.setdefault("slab_deformable", {})[key[len("slab."):]] = parsed
+        else:
+            (args if key in REFINE_ARGS else stage)[key] = parsed
     return name, preset, args, stage
 
 

@@ -354,7 +354,8 @@ def _numpy(x: Any) -> Any:
 def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: str = REFINE_PRESET,
                  slab_preset: str | None = SLAB_PRESET,
                  iterations: int | tuple[int, ...] | None = None, budget_s: float | None = None,
-                 deformable: dict[str, Any] | None = None, clip_hu: tuple[float, float] | None = None,
+                 deformable: dict[str, Any] | None = None, slab_deformable: dict[str, Any] | None = None,
+                 clip_hu: tuple[float, float] | None = None,
                  fixed_mask: Any = None, moving_mask: Any = None, seed: int = 0,
                  device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
     """Instance refinement of a dense field: the align engine (:func:`slicreg.alignment.register_pair`) started from
@@ -377,7 +378,8 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
     field of view where it lands in the moving one (:func:`slicreg.alignment.engine.affine_from_field`; along the
     thin axis only a translation): a slab's supervoxel field places it well as a whole but is poor in its
     detail, which the ``"refine"`` preset keeps (docs/register.md, "Slabs"). ``info["slab"]`` then says so;
-    ``iterations`` and ``deformable`` apply to ``preset`` only. ``slab_preset=None``: always ``preset``.
+    ``iterations`` and ``deformable`` apply to ``preset`` only, ``slab_deformable`` to ``slab_preset``'s deformable
+    stage only. ``slab_preset=None``: always ``preset``.
 
     Args:
         fixed_hu: ``(X, Y, Z)`` fixed image in HU (preprocessed, 2 mm), numpy or torch.
@@ -391,6 +393,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
             ``iterations`` stays the upper limit).
         deformable: other :class:`slicreg.alignment.StageConfig` fields of the deformable stage, e.g.
             ``{"levels": (4, 2), "weight": 0.05}``.
+        slab_deformable: the same for ``slab_preset``'s deformable stage (when a field of view is thin).
         clip_hu: ``(lo, hi)`` intensity window (default: the preset's).
         fixed_mask, moving_mask: optional bool arrays of the images' shapes, True where the scan has data (e.g.
             :meth:`slicreg.geometry.CropRecord.fov_mask`); default None: everywhere.
@@ -426,7 +429,9 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
         from slicreg.alignment.engine import affine_from_field
 
         start = affine_from_field(init, fixed_mask, moving_mask=moving_mask, thin=thin)
-        slab_overrides = {"clip_hu": overrides["clip_hu"]} if "clip_hu" in overrides else {}
+        slab_overrides: dict[str, Any] = {"clip_hu": overrides["clip_hu"]} if "clip_hu" in overrides else {}
+        if slab_deformable:
+            slab_overrides["deformable"] = dict(slab_deformable)
         result = register_pair(fixed, moving, init_affine=start, fixed_mask=fixed_mask, moving_mask=moving_mask,
                                preset=slab_preset, device=str(device), seed=int(seed), budget_s=budget_s,
                                **slab_overrides)

@@ -259,6 +259,10 @@ def test_a_slab_is_refined_from_the_affine_map_closest_to_its_field(translated_p
     assert _error(rough, truth, cut) > 2.5
     assert _error(slab, truth, cut) < 1.0, _error(slab, truth, cut)
     assert _error(slab, truth, cut) < _error(plain, truth, cut)
+    # slab_deformable reaches the slab preset's deformable stage (and deformable does not)
+    _, info = refine_field(fixed, moving, rough, fixed_mask=mask, deformable={"iterations": 7},
+                           slab_deformable={"iterations": (3, 4, 5)})
+    assert [lv["iterations"] for lv in info["levels"]] == [3, 4, 5]
     # a full field of view never takes the slab path
     _, info = refine_field(fixed_full, moving, rough, fixed_mask=np.ones(SHAPE, bool), iterations=0)
     assert "slab" not in info

@@ -321,12 +321,15 @@ PRESETS: dict[str, Preset] = {
     "refine": Preset(name="refine", clip_hu=(-400.0, 600.0), stages=(("deformable", _REFINE),)),
     # The refinement when a field of view is thin (a slab against a scan; slicreg.registration.refine_field picks
     # it): a slab's supervoxel field is right as a whole but wrong in its detail, so the deformable stage of
-    # "abdomen-ct" (16, 8 and 4 mm levels, the whole displacement regularised) starts from the affine map
+    # "abdomen-ct" (8, 4 and 2 mm levels, the whole displacement regularised) starts from the affine map
     # closest to that field over the slab (affine_from_field; ``init_affine``), with the features on the fields
     # of view's boxes. Chosen on simulated 40 mm slabs of training subjects against the "refine" preset and the
-    # built-in align (docs/register.md, "Slabs").
+    # built-in align (docs/register.md, "Slabs"). 0.7.0: 100 instead of 60 Adam steps on the 2 mm level (a slab's
+    # 2 mm level is small): on 8 simulated training slabs 89.5 against 89.0 % Dice 13 in the slab and 4.21 against
+    # 4.41 mm field error (lower on 8 of 8; align 86.7 % and 6.23 mm), ~0.8 s more on one thread; 140 steps or more 4 mm
+    # steps no better (benchmarks/results/refine_slab_steps_20261206.md).
     "refine-slab": Preset(name="refine-slab", clip_hu=(-400.0, 600.0),
-                          stages=(("deformable", StageConfig(feature_fov=True)),)),
+                          stages=(("deformable", StageConfig(feature_fov=True, iterations=(80, 60, 100))),)),
 }
 
 
