@@ -45,10 +45,14 @@ Backends (``backend``); each implements the rules listed for it exactly (another
 - ``"scipy"`` (linear, nearest x border, zeros): ``scipy.ndimage.map_coordinates`` (``affine_transform`` in
   :func:`sample_affine`, without a coordinate array); numpy, float64 arithmetic: exactly Learn2Reg's label warp.
 - ``"channels_last"`` (linear x border): many channels at scattered points, e.g. the keypoint flow's 256
-  features at 2048 keypoints in every Adam iteration. Each point reads its 8 neighbouring rows of ``C``
-  contiguous values from channels-last memory and one batched 1 x 8 product combines them: several times faster
-  than ``grid_sample`` on a CPU with many channels (``benchmarks/bench_flow.py``), with the same values and
-  gradients (autograd flows through the positions, not the values).
+  features at 2048 keypoints in every Adam iteration, the align engine's 12 MIND-SSC channels at its sub-lattice.
+  Each point reads its 8 neighbours' ``C`` contiguous values from channels-last memory (the two along the last
+  axis as one row of ``2 C``) and one batched 1 x 8 product combines them: several times faster than
+  ``grid_sample`` on a CPU with many channels (``benchmarks/bench_flow.py``), with the same values and gradients;
+  the gradient flows to the positions only (the values are data).
+- ``"separable"`` (:func:`sample_affine` only; linear x border): an axis-aligned map (diagonal linear part) as three
+  matrix products with per-axis interpolation weights; differentiable in the values (the align engine's parameter
+  grid read at its sub-lattice in every iteration, the thin-plate spline's coarse grid upsampled).
 """
 
 from __future__ import annotations
@@ -519,33 +523,41 @@ def _affine_one(vol: Any, matrix: np.ndarray, out_shape: tuple[int, int, int], i
     return out if isinstance(vol, torch.Tensor) else out.numpy()
 
 
+def _linear_weights(positions: np.ndarray, size: int) -> np.ndarray:
+    """``(len(positions), size)`` one-dimensional linear interpolation weights at ``positions`` (voxels of a grid of
+    ``size``), border padding: positions clamped to ``[0, size - 1]``, each row ``1 - f`` and ``f`` on its two
+    neighbours (weights 0 and 1 exact, so integer positions read the stored values)."""
+    pos = np.clip(np.asarray(positions, dtype=np.float64), 0, size - 1)
+    rows = np.arange(len(pos))
+    mat = np.zeros((len(pos), int(size)), np.float64)
+    if size == 1:
+        mat[:, 0] = 1.0
+        return mat
+    lo = np.minimum(np.floor(pos).astype(np.int64), size - 2)
+    frac = pos - lo
+    mat[rows, lo] = 1.0 - frac
+    mat[rows, lo + 1] += frac
+    return mat
+
+
 def _affine_separable(vol: Any, maps: np.ndarray, out_shape: tuple[int, int, int]) -> Any:
     """``vol (B, C, X, Y, Z)`` resampled by axis-aligned maps ``(B, 4, 4)`` (one for all items): trilinear as three
-    one-dimensional linear interpolations, one axis after the other, each two ``index_select`` along that axis and
-    a weighted sum; border padding. Differentiable in the values (the align engine's parameter grid read at a
-    sub-lattice of the level voxels in every iteration: several times cheaper than ``grid_sample`` and its
-    backward there, docs/register.md "What each step costs")."""
+    matrix products with the per-axis interpolation weights (:func:`_linear_weights`), the last axis first; border
+    padding. Differentiable in the values. The align engine reads its parameter grid at a sub-lattice of the level
+    voxels this way in every iteration (several times cheaper than ``grid_sample`` and its backward there), and the
+    thin-plate spline's coarse grid is upsampled this way (:func:`slicreg.flow.tps.tps_dense_field`)."""
     torch = _torch()
     if not np.allclose(maps, maps[0]) or not np.allclose(maps[0, :3, :3], np.diag(np.diag(maps[0, :3, :3]))):
         raise InputError("sample_affine: backend 'separable' needs one axis-aligned map (a diagonal linear part) "
                          "for the whole batch")
-    out = vol if vol.dtype.is_floating_point else vol.float()
-    for a in range(3):
-        dim, size = 2 + a, int(out.shape[2 + a])
-        pos = torch.arange(out_shape[a], dtype=torch.float64) * float(maps[0, a, a]) + float(maps[0, a, 3])
-        pos = pos.clamp(0, size - 1)
-        lo = torch.floor(pos).clamp(0, max(size - 2, 0))
-        frac = (pos - lo).to(out.dtype).to(out.device)
-        lo_i = lo.long().to(out.device)
-        shape = [1, 1, 1, 1, 1]
-        shape[dim] = -1
-        lower = out.index_select(dim, lo_i)
-        if size == 1:
-            out = lower
-            continue
-        upper = out.index_select(dim, lo_i + 1)
-        out = torch.lerp(lower, upper, frac.reshape(shape))
-    return out
+    vals = vol if vol.dtype.is_floating_point else vol.float()
+    b, c, *size = vals.shape
+    wx, wy, wz = (torch.as_tensor(_linear_weights(np.arange(n) * maps[0, a, a] + maps[0, a, 3], size[a]),
+                                  dtype=vals.dtype, device=vals.device) for a, n in enumerate(out_shape))
+    t = vals @ wz.t()  # (B, C, X, Y, Z')
+    t = wy @ t  # (B, C, X, Y', Z')
+    out = wx @ t.reshape(b, c, size[0], -1)  # (B, C, X', Y' Z')
+    return out.reshape(b, c, *out_shape)
 
 
 def _affine_grid_sample(vol: Any, maps: np.ndarray, out_shape: tuple[int, int, int], interpolation: str,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from slicreg.errors import InputError
+from slicreg.fields import sample_affine
 from slicreg.flow._common import (
     DEFAULTS,
     Kernel,
@@ -179,31 +180,14 @@ def _tps_grid_r(tps: ThinPlateSpline, axes: Sequence[torch.Tensor], *, block: in
     return (affine + radial).float()
 
 
-def _interp_matrix(n_out: int, step: int, n_nodes: int, dtype: torch.dtype, device: Device) -> torch.Tensor:
-    """``(n_out, n_nodes)`` linear interpolation weights: output ``i`` at node position ``i / step``."""
-    torch = _torch()
-    pos = np.arange(int(n_out), dtype=np.float64) / int(step)
-    q = np.minimum(np.floor(pos).astype(np.int64), int(n_nodes) - 1)
-    frac = pos - q
-    mat = np.zeros((int(n_out), int(n_nodes)), np.float64)
-    mat[np.arange(int(n_out)), q] = 1.0 - frac
-    nxt = frac > 0
-    mat[np.arange(int(n_out))[nxt], q[nxt] + 1] = frac[nxt]
-    return torch.as_tensor(mat, dtype=dtype, device=device)
-
-
 def _upsample_separable(coarse: torch.Tensor, step: int, shape: Sequence[int]) -> torch.Tensor:
     """``(D, m0, m1, m2)`` node values -> ``(D, X, Y, Z)``, voxel ``i`` at node position ``i / step`` per axis.
 
     Trilinear interpolation (``interpolate(..., align_corners=True)`` on the grid of ``step * (m - 1) + 1``
-    voxels, cropped to ``shape``) as three matrix products with the per-axis weights, smallest result first,
-    the last one writing the output once; equal to it up to float32 rounding (tested)."""
-    d = coarse.shape[0]
-    mx, my, mz = (_interp_matrix(s, step, m, coarse.dtype, coarse.device) for s, m in zip(shape, coarse.shape[1:]))
-    t = coarse @ mz.t()  # (D, m0, m1, Z)
-    t = my @ t  # (D, m0, Y, Z)
-    out = mx @ t.reshape(d, t.shape[1], -1)  # (D, X, Y * Z)
-    return out.reshape(d, *shape)
+    voxels, cropped to ``shape``) as three matrix products with the per-axis weights: the one sampler's separable
+    backend (:func:`slicreg.fields.sample_affine`); equal to it up to float32 rounding (tested)."""
+    index_map = np.diag([1.0 / int(step)] * 3 + [1.0])
+    return sample_affine(coarse, index_map, tuple(int(n) for n in shape), backend="separable")
 
 
 def tps_dense_field(points_vox: Array, disp_vox: Array, shape: Sequence[int], *,
