@@ -696,6 +696,16 @@ def select_pairs(dataset_dir: Path, n: int) -> tuple[Any, list[Any]]:
     return ds, pairs[:n]
 
 
+def _portable(path: str | Path) -> str:
+    """A path as a results file records it: relative to the repository when inside it, else its folder name (no
+    machine paths in committed results)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(REPO.resolve()))
+    except ValueError:
+        return resolved.name
+
+
 def score(ds: Any, pair: Any, field_path: Path | None) -> dict[str, Any]:
     """slicreg.metrics scores of one field (None = the unregistered pair): the evaluate stage's own scoring
     (:func:`pipelines.stages.evaluate.score_pair_files`: Dice and HD95 inside the fixed field of view, the field
@@ -990,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = list(nib.load(str(ds.path(ds.subject(pairs[0].fixed).image))).shape)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": args.threads,
-        "seed": args.seed, "dataset": str(Path(args.dataset).resolve()), "dataset_name": ds.name, "shape": shape,
+        "seed": args.seed, "dataset": _portable(args.dataset), "dataset_name": ds.name, "shape": shape,
         "pairs": [[p.fixed, p.moving] for p in pairs], "unavailable": missing, "methods": {}}
     results: dict[str, Any] = {"initial": {"label": "initial (no registration)", "version": "", "settings":
                                            "identity field", "pairs": [], "check": None}}
@@ -1037,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"fixed": p.fixed, "moving": p.moving, "wall_s": cost["wall_s"] - float(rec.get("check_s", 0.0)),
                    "cpu_s": cost["cpu_s"], "peak_rss_mb": cost["peak_rss_mb"],
                    "registration_s": rec.get("registration_s"), "tool_agreement": rec.get("tool_agreement"),
-                   "field": str(field), **score(ds, p, field)}
+                   "field": Path(field).name, **score(ds, p, field)}
             res["pairs"].append(row)
             print(f"  {n}: {p.fixed} <- {p.moving}: Dice13 {100 * row['dice13']:.1f} %, field error "
                   f"{row.get('field_error_mm', float('nan')):.2f} mm, wall {row['wall_s']:.0f} s, "
