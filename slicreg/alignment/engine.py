@@ -325,9 +325,9 @@ PRESETS: dict[str, Preset] = {
     # closest to that field over the slab (affine_from_field; ``init_affine``), with the features on the fields
     # of view's boxes. Chosen on simulated 40 mm slabs of training subjects against the "refine" preset and the
     # built-in align (docs/register.md, "Slabs"). 0.7.0: 100 instead of 60 Adam steps on the 2 mm level (a slab's
-    # 2 mm level is small): on 8 simulated training slabs 89.5 against 89.0 % Dice 13 in the slab and 4.21 against
-    # 4.41 mm field error (lower on 8 of 8; align 86.7 % and 6.23 mm), ~0.8 s more on one thread; 140 steps or more 4 mm
-    # steps no better (benchmarks/results/refine_slab_steps_20261206.md).
+    # 2 mm level is small): on 8 simulated training slabs 89.5 (89.3 with 0.7.0's final code) against 89.0 % Dice 13
+    # in the slab and 4.21 against 4.41 mm field error (lower on 8 of 8; align 86.7 % and 6.23 mm), ~0.8 s more on
+    # one thread; 140 steps or more 4 mm steps no better (benchmarks/results/refine_slab_steps_20261206.md).
     "refine-slab": Preset(name="refine-slab", clip_hu=(-400.0, 600.0),
                           stages=(("deformable", StageConfig(feature_fov=True, iterations=(80, 60, 100))),)),
 }
@@ -593,8 +593,8 @@ class _Level:
 
         ``scattered``: the positions are the optimiser's sub-lattice (a small share of the grid): read by the
         sampler's channels-last gather, which is faster than ``grid_sample`` and its backward there; the whole
-        grid (the discrete search) stays with ``grid_sample``, faster for dense positions (docs/register.md, "What
-        each step costs")."""
+        grid (the discrete search) stays with ``grid_sample``, faster for dense positions (docs/register.md, "The
+        refinement made cheaper")."""
         if any(self.moving_origin):
             moving_pos = moving_pos - torch.as_tensor(self.moving_origin, dtype=moving_pos.dtype,
                                                       device=moving_pos.device).reshape(1, 3, 1, 1, 1)
