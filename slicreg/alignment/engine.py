@@ -269,7 +269,7 @@ _AFFINE_CT = StageConfig(
 )
 
 _REFINE = StageConfig(
-    model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 25, 20), lr=0.5, lr_final=0.1, weight=0.07,
+    model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 35, 30), lr=0.5, lr_final=0.1, weight=0.07,
     grid_spacing=(2, 2, 4), subsample=(2, 4, 4), penalise="increment", eps=1e-2, mask_norm="grid", feature_fov=True,
     discrete=(0, 2, 0),
 )
@@ -289,7 +289,7 @@ PRESETS: dict[str, Preset] = {
     # Only the affine stage (initialisation, or pairs that differ by a global map).
     "affine": Preset(name="affine", clip_hu=(-400.0, 600.0), stages=(("affine", _AFFINE_CT),)),
     # The refinement of a given field (``init_disp``, e.g. slicreg's supervoxel flow; ``slicreg register --refine``): no
-    # affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 25 and 20 Adam steps), a dense displacement on nodes
+    # affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 35 and 30 Adam steps), a dense displacement on nodes
     # every 16 mm on the 8 mm level and every 8 mm on the others (a random 1/8, then 1/64 and 1/64 of the level voxels
     # compared per iteration), the diffusion of the change only (the given field's own deformation and fine detail are
     # kept), Adam's eps on the summed similarity so that noise-level gradients do not move an already aligned field,
@@ -317,7 +317,10 @@ PRESETS: dict[str, Preset] = {
     # 20)``, ``grid_spacing=(2, 2, 4)``): on the 20 training pairs 82.5 against 82.0 % Dice 13 and 3.68 against
     # 3.89 mm field error (lower on 19 of 20 pairs), for ~11 % more CPU time; of a dozen variants (whole-field
     # diffusion, levels, steps, weights, smoothing the starting field) the best on both
-    # (benchmarks/results/refine_steps_20261206.md).
+    # (benchmarks/results/refine_steps_20261206.md). 0.7.0, with the cheaper iterations: 30 instead of 20 steps on
+    # the 2 mm level and 35 instead of 25 on the 4 mm one (``iterations=(30, 35, 30)``): on the 20 training pairs
+    # 82.7 against 82.5 % Dice 13 and 3.51 against 3.68 mm field error (lower on 20 of 20 pairs), ~9 % more CPU time
+    # (benchmarks/results/refine_slab_steps_20261206.md, last part).
     "refine": Preset(name="refine", clip_hu=(-400.0, 600.0), stages=(("deformable", _REFINE),)),
     # The refinement when a field of view is thin (a slab against a scan; slicreg.registration.refine_field picks
     # it): a slab's supervoxel field is right as a whole but wrong in its detail, so the deformable stage of
