@@ -13,12 +13,24 @@ The scripts are run as ``python benchmarks/<script>.py``, so this folder is on `
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SHAPE = (192, 160, 256)
 """The template grid (voxels, 2 mm)."""
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: str | os.PathLike) -> str | None:
+    """``path`` relative to the repository (forward slashes) when it lies inside it, else ``None``: how results and
+    the README name files, without this machine's paths."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return None
 
 
 def example_volumes(example_dir: str | os.PathLike | None = None) -> tuple[Any, Any, Any]:

@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = load_labels(prep / "labelsTr" / f"{pair}.nii.gz").array
         truth = load_field(prep / "ground_truth_fields" / f"disp_{pair}_{args.moving}.nii.gz", fixed=fixed).array
         body = body_mask(fixed.array, threshold=-400.0)
-        spacing = float(np.abs(np.linalg.det(fixed.affine[:3, :3]))) ** (1 / 3)
-        depth = ndi.distance_transform_edt(body) * spacing
+        depth = ndi.distance_transform_edt(body, sampling=fixed.spacing_mm)  # mm, per-axis voxel sizes
         masks = [body & (depth > lo) & (depth <= hi) for lo, hi in zip(BANDS_MM[:-1], BANDS_MM[1:])]
         masks += [body & (labels > 0), body]
         shares.append([m.sum() / body.sum() for m in masks])

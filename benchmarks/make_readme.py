@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _common import repo_relative
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -55,10 +57,7 @@ def _link(target: Path, where: Path) -> str:
 
 def _shown(path: Path) -> str:
     """``path`` relative to the repository if it is inside it."""
-    try:
-        return path.resolve().relative_to(REPO).as_posix()
-    except ValueError:
-        return str(path)
+    return repo_relative(path) or str(path)
 
 
 def section(results: Path = RESULTS, *, where: Path = DEFAULT_OUT, heading: str = "##") -> str:

@@ -87,6 +87,8 @@ from typing import Any
 
 import numpy as np
 
+from _common import repo_relative
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "peers"
@@ -696,16 +698,6 @@ def select_pairs(dataset_dir: Path, n: int) -> tuple[Any, list[Any]]:
     return ds, pairs[:n]
 
 
-def _portable(path: str | Path) -> str:
-    """A path as a results file records it: relative to the repository when inside it, else its folder name (no
-    machine paths in committed results)."""
-    resolved = Path(path).resolve()
-    try:
-        return str(resolved.relative_to(REPO.resolve()))
-    except ValueError:
-        return resolved.name
-
-
 def score(ds: Any, pair: Any, field_path: Path | None) -> dict[str, Any]:
     """slicreg.metrics scores of one field (None = the unregistered pair): the evaluate stage's own scoring
     (:func:`pipelines.stages.evaluate.score_pair_files`: Dice and HD95 inside the fixed field of view, the field
@@ -1000,7 +992,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = list(nib.load(str(ds.path(ds.subject(pairs[0].fixed).image))).shape)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "threads": args.threads,
-        "seed": args.seed, "dataset": _portable(args.dataset), "dataset_name": ds.name, "shape": shape,
+        "seed": args.seed, "dataset": repo_relative(args.dataset) or Path(args.dataset).resolve().name,
+        "dataset_name": ds.name, "shape": shape,
         "pairs": [[p.fixed, p.moving] for p in pairs], "unavailable": missing, "methods": {}}
     results: dict[str, Any] = {"initial": {"label": "initial (no registration)", "version": "", "settings":
                                            "identity field", "pairs": [], "check": None}}

@@ -471,16 +471,11 @@ def sample_affine(values: Any, index_map: Any, out_shape: Sequence[int], *, inte
         raise InputError(f"index_map: expected a finite (4, 4) matrix (or (B, 4, 4) for batched values), got "
                          f"{tuple(np.shape(index_map))}")
     numpy_in = not isinstance(values, torch.Tensor)
-    if backend == "separable":
+    if backend in ("separable", "grid_sample"):  # torch, the whole batch at once
         vals = values if not numpy_in else torch.from_numpy(np.ascontiguousarray(values))
         vol = vals[None, None] if ndim == 3 else (vals[None] if ndim == 4 else vals)
-        out = _affine_separable(vol, maps, out_shape)
-        out = out[0, 0] if ndim == 3 else (out[0] if ndim == 4 else out)
-        return out.cpu().numpy() if numpy_in else out
-    if backend == "grid_sample":
-        vals = values if not numpy_in else torch.from_numpy(np.ascontiguousarray(values))
-        vol = vals[None, None] if ndim == 3 else (vals[None] if ndim == 4 else vals)
-        out = _affine_grid_sample(vol, maps, out_shape, interpolation, padding, align_corners)
+        out = _affine_separable(vol, maps, out_shape) if backend == "separable" else \
+            _affine_grid_sample(vol, maps, out_shape, interpolation, padding, align_corners)
         out = out[0, 0] if ndim == 3 else (out[0] if ndim == 4 else out)
         return out.cpu().numpy() if numpy_in else out
     lead = np.shape(values)[:-3]
