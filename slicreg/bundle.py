@@ -547,8 +547,10 @@ def load_bundle(directory: str | os.PathLike, *, device: Any = "cpu", channels_l
     directory = Path(directory)
     card = verify_bundle(directory)
     kind = bundle_kind(card, directory / CARD_JSON)
-    model = build_model(seed=0, backward="native", model=kind.model, target=kind.target)
-    model.load_state_dict(_read_state(directory, kind, model.state_dict()))
+    # built without storage ("meta") and given the file's tensors (assign): no initialisation and no copy to
+    # overwrite, ~0.08 s of a command's start-up; the same network, output for output (test)
+    model = build_model(seed=0, backward="native", model=kind.model, target=kind.target, device="meta")
+    model.load_state_dict(_read_state(directory, kind, model.state_dict()), assign=True)
     dev = torch.device(device)
     model = model.to(dev).eval()
     if channels_last if channels_last is not None else dev.type == "cpu":

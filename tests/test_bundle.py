@@ -64,6 +64,8 @@ def test_round_trip_predicts_the_same(bundle_dir):
     assert b.card["parameters"]["total"] == 1_807_680
     assert b.template_supervoxels.array.shape == (16, 8, 8, 12) and b.template_supervoxels.array.dtype == np.uint8
     assert not b.model.training
+    # built on the meta device and given the file's tensors: nothing left without storage
+    assert all(t.device.type == "cpu" for t in [*b.model.parameters(), *b.model.buffers()])
     ref = build_model(seed=3, backward="eager")
     ref.load_state_dict(torch.load(bundle_dir / "model.pt", weights_only=True))
     x = np.random.default_rng(1).normal(0, 300, (8, 8, 12)).astype(np.float32)
