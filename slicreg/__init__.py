@@ -11,7 +11,7 @@ The package is layered; low floors know nothing of the floors above them:
 Heavy dependencies (torch, scikit-image) are imported by the modules that need them, not here.
 """
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 from slicreg.errors import ConfigError, InputError
 

@@ -387,7 +387,7 @@ def refine_field(fixed_hu: Any, moving_hu: Any, init_disp_vox: Any, *, preset: s
         init_disp_vox: ``(3, X, Y, Z)`` initial field, voxels, fixed -> moving (e.g. the supervoxel flow's).
         preset: an engine preset; its affine stages are skipped (the initial field holds the global alignment).
         iterations: Adam steps per level of the deformable stage (an int for every level or one per level);
-            default: the preset's (30, 35 and 30 for ``"refine"``).
+            default: the preset's (30, 35 and 40 for ``"refine"``).
         budget_s: optional wall-clock budget in seconds, honoured approximately: the engine scales the
             iterations per level (and drops the finest levels if needed) to fit it (``register_pair(budget_s=)``;
             ``iterations`` stays the upper limit).

@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--fast", "--no-refine", dest="refine", action="store_false",
                       help="the supervoxel field alone (network passes + keypoint flow): faster, coarser")
     p.add_argument("--refine-iterations", type=int, default=None,
-                   help="Adam steps of --refine on each of its levels (default 30 at 8 mm, 35 at 4 mm, 30 at 2 mm: "
+                   help="Adam steps of --refine on each of its levels (default 30 at 8 mm, 35 at 4 mm, 40 at 2 mm: "
                         "the align engine's preset 'refine', slicreg.alignment.PRESETS)")
     p.add_argument("--force", action="store_true", help="accept images that do not look like CT")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -269,7 +269,8 @@ _AFFINE_CT = StageConfig(
 )
 
 _REFINE = StageConfig(
-    model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 35, 30), lr=0.5, lr_final=0.1, weight=0.07,
+    model="dense", similarity="mind", levels=(4, 2, 1), iterations=(30, 35, 40), lr=(0.5, 1.0, 1.0), lr_final=0.1,
+    weight=0.07,
     grid_spacing=(2, 2, 4), subsample=(2, 4, 4), penalise="increment", eps=1e-2, mask_norm="grid", feature_fov=True,
     discrete=(0, 2, 0),
 )
@@ -289,13 +290,14 @@ PRESETS: dict[str, Preset] = {
     # Only the affine stage (initialisation, or pairs that differ by a global map).
     "affine": Preset(name="affine", clip_hu=(-400.0, 600.0), stages=(("affine", _AFFINE_CT),)),
     # The refinement of a given field (``init_disp``, e.g. slicreg's supervoxel flow; ``slicreg register --refine``): no
-    # affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 35 and 30 Adam steps), a dense displacement on nodes
-    # every 16 mm on the 8 mm level and every 8 mm on the others (a random 1/8, then 1/64 and 1/64 of the level voxels
-    # compared per iteration), the diffusion of the change only (the given field's own deformation and fine detail are
-    # kept), Adam's eps on the summed similarity so that noise-level gradients do not move an already aligned field,
-    # masked similarity normalised over the whole grid (a slab held by the regulariser as a full scan is), MIND features
-    # only on the fields of view's boxes (``feature_fov``; with the faster mind_ssc this is what makes the 2 mm level
-    # affordable). Chosen on the cohort's training pairs (benchmarks/bench_refine.py, docs/register.md,
+    # affine stage; MIND-SSC SSD on the 8, 4 and 2 mm levels (30, 35 and 40 Adam steps of 0.5, 1.0 and 1.0), a dense
+    # displacement on nodes every 16 mm on the 8 mm level and every 8 mm on the others (a random 1/8, then 1/64 and 1/64
+    # of the level voxels compared per iteration), the diffusion of the change only (the given field's own deformation
+    # and fine detail are kept), Adam's eps on the summed similarity so that noise-level gradients do not move an
+    # already aligned field, masked similarity normalised over the whole grid (a slab held by the regulariser as a full
+    # scan is), MIND features only on the fields of view's boxes (``feature_fov``; with the faster mind_ssc this is what
+    # makes the 2 mm level affordable).
+    # Chosen on the cohort's training pairs (benchmarks/bench_refine.py, docs/register.md,
     # benchmarks/results/refine_levels_20261205.md): on the 20 training pairs 80.4 % Dice 13 and 4.99 mm field
     # error against 76.2 % and 5.93 mm for the previous 8 + 4 mm preset (30 + 15 steps), better on 20 of 20 pairs
     # and 4 of 4 simulated slabs (49.0 against 47.2 %), no folding, SDlogJ 0.045; ~2.4 s CPU on one thread, ~1.5x
@@ -320,7 +322,12 @@ PRESETS: dict[str, Preset] = {
     # (benchmarks/results/refine_steps_20261206.md). 0.7.0, with the cheaper iterations: 30 instead of 20 steps on
     # the 2 mm level and 35 instead of 25 on the 4 mm one (``iterations=(30, 35, 30)``): on the 20 training pairs
     # 82.7 against 82.5 % Dice 13 and 3.51 against 3.68 mm field error (lower on 20 of 20 pairs), ~9 % more CPU time
-    # (benchmarks/results/refine_slab_steps_20261206.md, last part).
+    # (benchmarks/results/refine_slab_steps_20261206.md, last part). 0.8.0: Adam's step 1.0 instead of 0.5 on the 4
+    # and 2 mm levels and 40 steps on the 2 mm one (``lr=(0.5, 1.0, 1.0)``, ``iterations=(30, 35, 40)``): on the 20
+    # training pairs 82.9 against 82.7 % Dice 13 and 3.19 against 3.51 mm field error (lower on 20 of 20 pairs), ~0.4 s
+    # more CPU on one thread; the larger step alone 82.8 % / 3.28 mm at no cost, 50 steps 82.9 % / 3.11 mm for
+    # another ~0.4 s, a step of 2.0 on the 2 mm level 82.6 % / 3.24 mm
+    # (benchmarks/results/refine_lr_20261206.md).
     "refine": Preset(name="refine", clip_hu=(-400.0, 600.0), stages=(("deformable", _REFINE),)),
     # The refinement when a field of view is thin (a slab against a scan; slicreg.registration.refine_field picks
     # it): a slab's supervoxel field is right as a whole but wrong in its detail, so the deformable stage of
@@ -330,9 +337,14 @@ PRESETS: dict[str, Preset] = {
     # built-in align (docs/register.md, "Slabs"). 0.7.0: 100 instead of 60 Adam steps on the 2 mm level (a slab's
     # 2 mm level is small): on 8 simulated training slabs 89.5 (89.3 with 0.7.0's final code) against 89.0 % Dice 13
     # in the slab and 4.21 against 4.41 mm field error (lower on 8 of 8; align 86.7 % and 6.23 mm), ~0.8 s more on
-    # one thread; 140 steps or more 4 mm steps no better (benchmarks/results/refine_slab_steps_20261206.md).
+    # one thread; 140 steps or more 4 mm steps no better (benchmarks/results/refine_slab_steps_20261206.md). 0.8.0:
+    # Adam's step 1.0 instead of 0.5 on the 4 and 2 mm levels, decaying to 5 % instead of 10 % (``lr=(0.5, 1.0, 1.0)``,
+    # ``lr_final=0.05``): on the 8 simulated training slabs 89.4 against 89.3 % Dice 13 in the slab and 3.96 against
+    # 4.21 mm field error (lower on 7 of 8), the same time; the larger step without the longer decay 89.2 % / 3.94 mm,
+    # on the 2 mm level only 89.2 % / 4.06 mm (benchmarks/results/refine_lr_20261206.md).
     "refine-slab": Preset(name="refine-slab", clip_hu=(-400.0, 600.0),
-                          stages=(("deformable", StageConfig(feature_fov=True, iterations=(80, 60, 100))),)),
+                          stages=(("deformable", StageConfig(feature_fov=True, iterations=(80, 60, 100),
+                                                             lr=(0.5, 1.0, 1.0), lr_final=0.05)),)),
 }
 
 
