@@ -63,7 +63,7 @@ from typing import Any, Literal
 import numpy as np
 
 from slicreg.errors import InputError
-from slicreg.grid import Grid, identity_grid_vox, map_points, vox_to_normalised
+from slicreg.grid import Grid, displaced_positions, identity_grid_vox, map_points, vox_to_normalised
 
 __all__ = ["sample", "sample_affine", "BACKENDS", "warp_image", "warp_labels", "compose", "apply_affine_vox",
            "jacobian_determinant", "scaling_and_squaring"]
@@ -585,9 +585,8 @@ def _warp(moving: Any, disp_vox: Any, *, interpolation: Interpolation, padding: 
     if backend == "scipy":  # float64 positions, as scipy (and Learn2Reg, on get_fdata() arrays) computes them
         disp = np.asarray(_numpy(disp_vox), dtype=np.float64)
         _check_pair(tuple(np.shape(moving)), disp, "warp")
-        coords = identity_grid_vox(disp.shape[1:], dtype=np.float64)
-        coords += disp
-        out = sample(_numpy(moving), coords, interpolation=interpolation, padding=padding, backend="scipy")
+        out = sample(_numpy(moving), displaced_positions(disp), interpolation=interpolation, padding=padding,
+                     backend="scipy")
         return out if not isinstance(moving, torch.Tensor) else torch.from_numpy(out).to(moving.device)
     is_numpy = not isinstance(moving, torch.Tensor)
     mov = _to_tensor(moving, device)
@@ -595,9 +594,8 @@ def _warp(moving: Any, disp_vox: Any, *, interpolation: Interpolation, padding: 
     _check_pair(tuple(mov.shape), disp, "warp")
     if not disp.dtype.is_floating_point:
         disp = disp.float()
-    grid = torch.as_tensor(identity_grid_vox(disp.shape[1:], dtype=np.float32), device=device, dtype=disp.dtype)
     values = mov.to(disp.dtype) if backend == "grid_sample" and mov.dtype.is_floating_point else mov
-    out = sample(values, grid + disp, interpolation=interpolation, padding=padding, backend=backend,
+    out = sample(values, displaced_positions(disp), interpolation=interpolation, padding=padding, backend=backend,
                  align_corners=True)
     if interpolation == "linear" and mov.dtype.is_floating_point:
         out = out.to(mov.dtype)
@@ -650,8 +648,7 @@ def compose(first: Any, second: Any) -> Any:
     _check_pair(tuple(v.shape[1:]), u, "compose")
     if u.shape != v.shape:
         raise InputError(f"compose: fields must have the same shape, got {tuple(u.shape)} and {tuple(v.shape)}")
-    grid = torch.as_tensor(identity_grid_vox(u.shape[1:], dtype=np.float32), dtype=u.dtype, device=u.device)
-    out = u + sample(v, grid + u, interpolation="linear", padding="border")
+    out = u + sample(v, displaced_positions(u), interpolation="linear", padding="border")
     return out.numpy() if is_numpy else out
 
 

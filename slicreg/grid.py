@@ -75,6 +75,28 @@ def identity_grid_vox(shape: Sequence[int], *, dtype: Any = np.float32) -> np.nd
     return np.stack(np.meshgrid(*[np.arange(s, dtype=dtype) for s in shape], indexing="ij"))
 
 
+def displaced_positions(disp_vox: Any) -> Any:
+    """``identity_grid_vox + disp_vox``: the voxel position every voxel of a field ``(3, X, Y, Z)`` points to.
+
+    A numpy array or torch tensor in, the same type, dtype and device out (a new array; ``disp_vox`` is not changed):
+    a copy of the field with each axis' voxel index added in place along that axis -- the same numbers as adding the
+    identity grid, without making it (one copy and three in-place passes instead of building ``(3, X, Y, Z)`` indices
+    and adding them)."""
+    tensor = _is_tensor(disp_vox)
+    pos = disp_vox.clone() if tensor else np.array(disp_vox, copy=True)
+    if pos.ndim < 2 or pos.shape[0] != pos.ndim - 1:
+        raise InputError(f"disp_vox: expected a field (D, *S) with D spatial axes, got shape {tuple(pos.shape)}")
+    for a, n in enumerate(pos.shape[1:]):
+        shape = [n if b == a else 1 for b in range(pos.ndim - 1)]
+        if tensor:
+            import torch
+
+            pos[a] += torch.arange(n, dtype=pos.dtype, device=pos.device).reshape(shape)
+        else:
+            pos[a] += np.arange(n, dtype=pos.dtype).reshape(shape)
+    return pos
+
+
 def _diagonal_map(scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
     out = np.diag([*np.asarray(scale, dtype=np.float64), 1.0])
     out[:3, 3] = offset

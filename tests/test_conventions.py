@@ -10,6 +10,7 @@ from slicreg.conventions import (
     disp_normalised_to_vox,
     disp_vox_to_mm,
     disp_vox_to_normalised,
+    displaced_positions,
     downsample_affine,
     from_learn2reg_layout,
     identity_grid_vox,
@@ -52,6 +53,23 @@ def test_identity_grid_indexes_axes_in_order():
     g = identity_grid_vox(SHAPE)
     assert g.shape == (3, *SHAPE)
     assert g[0, 3, 4, 5] == 3 and g[1, 3, 4, 5] == 4 and g[2, 3, 4, 5] == 5
+
+
+@pytest.mark.parametrize("kind", ["numpy32", "numpy64", "torch"])
+def test_displaced_positions_are_identity_plus_field(kind):
+    # the position each voxel points to, warped(p) = moving(p + u(p)): the same numbers as the identity grid plus u,
+    # the input untouched, the type and dtype kept
+    u = np.random.default_rng(3).normal(0, 4, size=(3, *SHAPE)).astype(np.float64 if kind == "numpy64" else np.float32)
+    before = u.copy()
+    given = torch.from_numpy(u) if kind == "torch" else u
+    pos = displaced_positions(given)
+    assert type(pos) is type(given) and pos.dtype == given.dtype
+    pos = pos.numpy() if kind == "torch" else pos
+    np.testing.assert_array_equal(pos, identity_grid_vox(SHAPE, dtype=u.dtype) + u)
+    np.testing.assert_array_equal(u, before)
+    assert pos[0, 3, 4, 5] == 3 + u[0, 3, 4, 5] and pos[2, 3, 4, 5] == 5 + u[2, 3, 4, 5]
+    with pytest.raises(InputError, match="disp_vox"):
+        displaced_positions(np.zeros((2, *SHAPE), np.float32))
 
 
 def test_mm_round_trip_and_direction():
