@@ -483,7 +483,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, weights: str | Path | None 
             (DeepLab or U-Net) registers any pair; a displacement-regression bundle (the paper's Regression
             baseline, kind ``deeplab/displacement``) registers a scan to its template only (``atlas``): its network
             regresses the field, no supervoxels or flow (:func:`slicreg.registration.register_preprocessed`).
-        refine: polish the supervoxel field by a short MIND-SSC instance optimisation (default; ~3.5 s on 2
+        refine: polish the supervoxel field by a short MIND-SSC instance optimisation (default; ~4 s on 2
             cores); ``False``: the supervoxel field alone (``slicreg register --fast``).
         refine_iterations: Adam steps per level of the refinement (default: the align engine's preset
             :data:`slicreg.registration.REFINE_PRESET` in :data:`slicreg.alignment.PRESETS`).

@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--refine", dest="refine", action="store_true", default=True,
                       help="the default: the supervoxel field refined by a short instance optimisation on MIND-SSC "
-                           "features inside both fields of view (the align engine's preset 'refine', ~3.5 s more "
+                           "features inside both fields of view (the align engine's preset 'refine', ~4 s more "
                            "on 2 cores; docs/register.md)")
     mode.add_argument("--fast", "--no-refine", dest="refine", action="store_false",
                       help="the supervoxel field alone (network passes + keypoint flow): faster, coarser")
