@@ -141,6 +141,20 @@ def test_gzip_read_matches_nibabel_and_damage_is_one_error(tmp_path):
         load_volume(tmp_path / "flipped.nii.gz")
 
 
+def test_gzip_of_several_members_is_read_and_a_missing_member_is_truncation(tmp_path):
+    """gzip's trailer holds the last member's size only: a .nii.gz of several members (bgzip, files joined by cat)
+    is a whole file, read like any other; without its last member it is truncated, said in one error."""
+    data = np.random.default_rng(6).integers(-1000, 1500, size=SHAPE).astype(np.int16)
+    raw = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes()
+    third = len(raw) // 3
+    members = [gzip.compress(raw[:third]), gzip.compress(raw[third:2 * third]), gzip.compress(raw[2 * third:])]
+    (tmp_path / "members.nii.gz").write_bytes(b"".join(members))
+    np.testing.assert_array_equal(load_volume(tmp_path / "members.nii.gz").array, data)
+    (tmp_path / "short.nii.gz").write_bytes(b"".join(members[:2]))
+    with pytest.raises(InputError, match=r"short\.nii\.gz: the header declares .* holds only"):
+        load_volume(tmp_path / "short.nii.gz")
+
+
 @pytest.mark.parametrize("shape", [(10, 20), (4, 5, 6, 2, 3)])
 def test_wrong_dimensionality(tmp_path, shape):
     write(tmp_path / "bad.nii.gz", np.zeros(shape, np.float32))
