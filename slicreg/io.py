@@ -447,32 +447,36 @@ def _check_declared_size(img: Any, path: Path) -> None:
                          f"memory available")
 
 
+def _gzip_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or cut gzip stream raises: the standard library's errors and ISA-L's (``isal``)."""
+    try:
+        from isal.isal_zlib import error as isal_error
+    except ImportError:  # pragma: no cover - isal is a dependency
+        return EOFError, OSError, zlib.error
+    return EOFError, OSError, zlib.error, isal_error
+
+
 def _gunzipped_size(path: Path, limit: int) -> int:
     """The bytes the gzip file ``path`` decompresses to (every member), counted up to ``limit`` in 4 MiB blocks
     without keeping them; a damaged or cut stream ends the count."""
     try:
         from isal import igzip as gz
-        from isal.isal_zlib import error as isal_error
     except ImportError:  # pragma: no cover - isal is a dependency
-        gz, isal_error = gzip, zlib.error
+        gz = gzip
     n = 0
     try:
         with gz.open(path, "rb") as fh:
             while n < limit and (block := fh.read(min(1 << 22, limit - n))):
                 n += len(block)
-    except (EOFError, OSError, zlib.error, isal_error):
+    except _gzip_errors():
         pass
     return n
 
 
 def _read_data(img: Any, path: Path) -> np.ndarray:
     try:
-        from isal.isal_zlib import error as isal_error
-    except ImportError:  # pragma: no cover - isal is a dependency
-        isal_error = zlib.error
-    try:
         return np.asanyarray(img.dataobj)
-    except (EOFError, OSError, zlib.error, isal_error, gzip.BadGzipFile, ValueError) as exc:
+    except (*_gzip_errors(), ValueError) as exc:  # gzip.BadGzipFile is an OSError
         raise InputError(f"{path}: truncated or corrupt NIfTI data ({type(exc).__name__}: {exc})") from None
 
 
