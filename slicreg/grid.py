@@ -82,18 +82,18 @@ def displaced_positions(disp_vox: Any) -> Any:
     a copy of the field with each axis' voxel index added in place along that axis -- the same numbers as adding the
     identity grid, without making it (one copy and three in-place passes instead of building ``(3, X, Y, Z)`` indices
     and adding them)."""
-    tensor = _is_tensor(disp_vox)
-    pos = disp_vox.clone() if tensor else np.array(disp_vox, copy=True)
+    if _is_tensor(disp_vox):
+        import torch
+
+        pos = disp_vox.clone()
+        index = lambda n: torch.arange(n, dtype=pos.dtype, device=pos.device)  # noqa: E731
+    else:
+        pos = np.array(disp_vox, copy=True)
+        index = lambda n: np.arange(n, dtype=pos.dtype)  # noqa: E731
     if pos.ndim < 2 or pos.shape[0] != pos.ndim - 1:
         raise InputError(f"disp_vox: expected a field (D, *S) with D spatial axes, got shape {tuple(pos.shape)}")
     for a, n in enumerate(pos.shape[1:]):
-        shape = [n if b == a else 1 for b in range(pos.ndim - 1)]
-        if tensor:
-            import torch
-
-            pos[a] += torch.arange(n, dtype=pos.dtype, device=pos.device).reshape(shape)
-        else:
-            pos[a] += np.arange(n, dtype=pos.dtype).reshape(shape)
+        pos[a] += index(n).reshape([n if b == a else 1 for b in range(pos.ndim - 1)])
     return pos
 
 

@@ -386,16 +386,22 @@ def _open_nifti(path: Path) -> Any:
     return img
 
 
-def _gzip_reread(img: Any, path: Path) -> Any:
-    """The NIfTI image ``img`` (as ``nib.load`` opened it from the ``.nii.gz`` file ``path``), its voxel data to be
-    decompressed by ISA-L (``isal``; ~3x faster than the standard library's zlib on a 2 mm abdominal CT, the same
-    bytes) instead; ``img`` itself where ``isal`` is missing. The header is read again from the stream, the data
-    stays lazy (read by :func:`_read_data`)."""
+def _gzip_reader() -> Any:
+    """The module that reads gzip files: ISA-L's ``isal.igzip`` (~3x faster than the standard library's zlib on a
+    2 mm abdominal CT, the same bytes), or ``gzip`` where ``isal`` is missing."""
     try:
         from isal import igzip
-    except ImportError:  # pragma: no cover - isal is a dependency; a platform without its wheel keeps nibabel's
-        return img
-    return type(img).from_stream(igzip.open(path, "rb"))
+    except ImportError:  # pragma: no cover - isal is a dependency; a platform without its wheel falls back
+        return gzip
+    return igzip
+
+
+def _gzip_reread(img: Any, path: Path) -> Any:
+    """The NIfTI image ``img`` (as ``nib.load`` opened it from the ``.nii.gz`` file ``path``), its voxel data to be
+    decompressed by :func:`_gzip_reader` instead (``img`` itself if that is the standard library's, as nibabel's
+    own). The header is read again from the stream, the data stays lazy (read by :func:`_read_data`)."""
+    reader = _gzip_reader()
+    return img if reader is gzip else type(img).from_stream(reader.open(path, "rb"))
 
 
 def _available_memory() -> int | None:
@@ -459,13 +465,9 @@ def _gzip_errors() -> tuple[type[BaseException], ...]:
 def _gunzipped_size(path: Path, limit: int) -> int:
     """The bytes the gzip file ``path`` decompresses to (every member), counted up to ``limit`` in 4 MiB blocks
     without keeping them; a damaged or cut stream ends the count."""
-    try:
-        from isal import igzip as gz
-    except ImportError:  # pragma: no cover - isal is a dependency
-        gz = gzip
     n = 0
     try:
-        with gz.open(path, "rb") as fh:
+        with _gzip_reader().open(path, "rb") as fh:
             while n < limit and (block := fh.read(min(1 << 22, limit - n))):
                 n += len(block)
     except _gzip_errors():
